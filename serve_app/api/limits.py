@@ -1,0 +1,53 @@
+"""Per-request limits, enforced before any expensive work."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import OpenAIError, invalid
+
+
+class RequestLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_inputs_per_request: int = Field(default=2048, gt=0, description="OpenAI's limit is 2048.")
+    max_tokens_per_request: int = Field(default=300_000, gt=0, description="OpenAI's limit is 300 000.")
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing with 413 as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> OpenAIError:
+    return OpenAIError(413, f"Request body exceeds the limit of {limit} bytes.", None, "request_too_large")
+
+
+def check_counts(n_inputs: int, limits: RequestLimits) -> None:
+    if n_inputs > limits.max_inputs_per_request:
+        raise invalid(
+            f"Too many inputs: {n_inputs}. The maximum is {limits.max_inputs_per_request} inputs per request.",
+            "input",
+            "too_many_inputs",
+        )
+
+
+def check_tokens(n_tokens: int, limits: RequestLimits) -> None:
+    if n_tokens > limits.max_tokens_per_request:
+        raise invalid(
+            f"Too many tokens: the inputs hold {n_tokens} tokens, but a request may hold at most "
+            f"{limits.max_tokens_per_request}.",
+            "input",
+            "too_many_tokens",
+        )

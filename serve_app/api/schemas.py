@@ -1,0 +1,101 @@
+"""The OpenAI embeddings request, plus our extensions for instruction models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
+
+from .errors import OpenAIError, invalid
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A request's `input`, as exactly one of: texts, or token-id sequences."""
+
+    texts: list[str] | None = None
+    token_ids: list[list[int]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts if self.texts is not None else self.token_ids)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr
+    input: Any
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+    user: StrictStr | None = None
+    # Extensions: which side of a retrieval pair this is, and the task for query instructions.
+    input_type: Literal["query", "document"] | None = None
+    instruction: Annotated[StrictStr, Field(min_length=1)] | None = None
+    truncate: StrictBool = False
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _parse_input(cls, value: Any) -> Inputs:
+        return parse_inputs(value)
+
+    @property
+    def inputs(self) -> Inputs:
+        return self.input
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_inputs(value: Any) -> Inputs:
+    """Accept a string, a list of strings, a list of token ids, or a list of token-id lists."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("input must not be an empty string")
+        return Inputs(texts=[value])
+    if not isinstance(value, list) or not value:
+        raise ValueError(
+            "input must be a non-empty string, array of strings, array of token ids, "
+            "or array of arrays of token ids"
+        )
+    if all(isinstance(item, str) for item in value):
+        empty = next((i for i, item in enumerate(value) if not item), None)
+        if empty is not None:
+            raise ValueError(f"input[{empty}] is an empty string; every input must have content")
+        return Inputs(texts=value)
+    if all(_is_token(item) for item in value):
+        return Inputs(token_ids=[value])
+    if all(isinstance(item, list) for item in value):
+        for i, seq in enumerate(value):
+            if not seq:
+                raise ValueError(f"input[{i}] is an empty array of token ids")
+            if not all(_is_token(t) for t in seq):
+                raise ValueError(f"input[{i}] must contain only integer token ids")
+        return Inputs(token_ids=value)
+    raise ValueError(
+        "input must be a string, an array of strings, an array of integer token ids, or an "
+        "array of arrays of integer token ids (no mixing)"
+    )
+
+
+def parse_request(payload: Any) -> EmbeddingRequest:
+    """Validate a decoded JSON body, turning pydantic's errors into one OpenAI error."""
+    if not isinstance(payload, dict):
+        raise invalid("The request body must be a JSON object.", code="invalid_request")
+    try:
+        return EmbeddingRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise _describe(exc.errors()[0]) from None
+
+
+def _describe(error: dict) -> OpenAIError:
+    loc = [str(part) for part in error.get("loc", ())]
+    param = loc[0] if loc else None
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return invalid(f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
+    if kind == "missing":
+        return invalid(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+    message = error.get("msg", "invalid value").removeprefix("Value error, ")
+    return invalid(f"Invalid value for '{param}': {message}", param)

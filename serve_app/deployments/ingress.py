@@ -1,0 +1,162 @@
+"""HTTP entry point: OpenAI schema in, tokenizer and embedder fan-out, OpenAI response out."""
+
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request, Response
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.api.encoding import apply_dimensions, render_embeddings
+from serve_app.api.errors import OpenAIError, install_error_handlers, invalid
+from serve_app.api.limits import RequestLimits, check_counts, check_tokens, read_body
+from serve_app.api.schemas import EmbeddingRequest, parse_request
+from serve_app.engine.errors import InputError
+from serve_app.engine.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+TOKENIZE_SLICE = 256  # inputs per tokenizer call: large requests spread over tokenizer replicas
+HEALTH_TIMEOUT_S = 10.0
+
+api = FastAPI(title="Embeddings (OpenAI-compatible)", version="0.1.0")
+install_error_handlers(api)
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
+@serve.ingress(api)
+class Ingress:
+    def __init__(
+        self,
+        models: list[dict],
+        tokenizers: dict[str, DeploymentHandle],
+        embedders: dict[str, DeploymentHandle],
+        limits: dict,
+    ):
+        self.specs = {m["name"]: ModelSpec.model_validate(m) for m in models}
+        self.tokenizers = tokenizers
+        self.embedders = embedders
+        self.limits = RequestLimits.model_validate(limits)
+        self.created = int(time.time())
+        self._described: dict[str, dict] = {}
+
+    @api.post("/v1/embeddings")
+    async def create_embeddings(self, request: Request) -> Response:
+        body = await read_body(request, self.limits.max_request_bytes)
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise invalid("The request body is not valid JSON.", None, "invalid_json") from None
+        req = parse_request(payload)
+        spec = self._spec(req.model)
+        info = await self._describe(spec.name)
+        check_counts(len(req.inputs), self.limits)
+        if req.dimensions is not None and req.dimensions > info["dimensions"]:
+            raise invalid(
+                f"dimensions must be at most {info['dimensions']} for model '{spec.name}'.", "dimensions"
+            )
+        ids = await self._tokenize(spec, req)
+        n_tokens = sum(len(seq) for seq in ids)
+        check_tokens(n_tokens, self.limits)
+        vectors = await self._embed(spec.name, ids, info["max_batch_tokens"])
+        vectors = apply_dimensions(vectors, req.dimensions, info["normalize"])
+        return Response(
+            render_embeddings(vectors, spec.name, n_tokens, req.encoding_format),
+            media_type="application/json",
+        )
+
+    @api.get("/v1/models")
+    async def list_models(self) -> dict:
+        return {"object": "list", "data": [self._model_card(name) for name in self.specs]}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def get_model(self, model_id: str) -> dict:
+        return self._model_card(self._spec(model_id).name)
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        """Ready only when every tokenizer and embedder has loaded its model and answers."""
+        checks = [h.ready.remote() for h in self.tokenizers.values()]
+        checks += [self._describe(name) for name in self.embedders]
+        try:
+            await asyncio.wait_for(asyncio.gather(*checks), HEALTH_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 — any failure means "not ready"
+            logger.warning("health check failed: %s", type(exc).__name__)
+            return OpenAIError(503, "Not ready: a deployment has not loaded its model.", code="not_ready").response()
+        return Response(orjson.dumps({"status": "ready", "models": list(self.specs)}), media_type="application/json")
+
+    def _spec(self, name: str) -> ModelSpec:
+        spec = self.specs.get(name)
+        if spec is None:
+            raise OpenAIError(
+                404,
+                f"The model '{name}' does not exist. Available models: {', '.join(self.specs)}.",
+                "model",
+                "model_not_found",
+            )
+        return spec
+
+    def _model_card(self, name: str) -> dict:
+        card = {"id": name, "object": "model", "created": self.created, "owned_by": "self-hosted"}
+        info = self._described.get(name)
+        if info:
+            card.update(dimensions=info["dimensions"], max_input_tokens=info["max_input_tokens"])
+        return card
+
+    async def _describe(self, name: str) -> dict:
+        if name not in self._described:
+            self._described[name] = await self.embedders[name].describe.remote()
+        return self._described[name]
+
+    async def _tokenize(self, spec: ModelSpec, req: EmbeddingRequest) -> list[list[int]]:
+        task = req.instruction or (spec.query_instruction if req.input_type == "query" else None)
+        inputs = req.inputs
+        handle = self.tokenizers[spec.name]
+        if inputs.texts is not None:
+            items, call = inputs.texts, handle.tokenize
+            extra = (task, req.truncate)
+        else:
+            if task is not None:
+                raise invalid(
+                    "An instruction cannot be applied to token-id inputs; send text, or put the "
+                    "instruction's tokens in the ids yourself.",
+                    "instruction" if req.instruction else "input_type",
+                )
+            items, call = inputs.token_ids, handle.check_token_ids
+            extra = (req.truncate,)
+        slices = [items[i : i + TOKENIZE_SLICE] for i in range(0, len(items), TOKENIZE_SLICE)]
+        calls = [call.remote(s, *extra, k * TOKENIZE_SLICE) for k, s in enumerate(slices)]
+        results = await self._gather(calls)
+        return [ids for part in results for ids in part]
+
+    async def _embed(self, name: str, ids: list[list[int]], budget: int) -> np.ndarray:
+        """Split into chunks that each fit one batch, run them concurrently, keep input order."""
+        chunks, current, tokens = [], [], 0
+        for seq in ids:
+            if current and tokens + len(seq) > budget:
+                chunks.append(current)
+                current, tokens = [], 0
+            current.append(seq)
+            tokens += len(seq)
+        chunks.append(current)
+        handle = self.embedders[name]
+        parts = await self._gather([handle.embed.remote(chunk) for chunk in chunks])
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    @staticmethod
+    async def _gather(calls) -> list:
+        """Await Serve calls, mapping replica-side input errors and overload to OpenAI errors."""
+        try:
+            return await asyncio.gather(*calls)
+        except InputError as exc:
+            cause = getattr(exc, "cause", exc)  # Ray wraps remote exceptions; the cause has our fields
+            raise invalid(cause.message, cause.param, cause.code) from None
+        except BackPressureError:
+            raise OpenAIError(
+                503, "The service is overloaded; retry shortly.", None, "overloaded", {"Retry-After": "1"}
+            ) from None

@@ -1,0 +1,41 @@
+"""Planning forward passes: group sequences so that padding stays small and memory bounded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    indices: list[int]  # positions in the caller's list, longest first
+    width: int  # padded length of every row
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.width * len(self.indices)
+
+
+def plan_micro_batches(lengths: list[int], max_tokens: int, max_rows: int = 512) -> list[MicroBatch]:
+    """Sort by length and cut greedily so no micro-batch exceeds `max_tokens` padded tokens.
+
+    Sorting first means each row is padded only to the longest of its neighbours in length,
+    not to the longest of the whole batch (which is what FIFO batching pays for).
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+    batches: list[MicroBatch] = []
+    current: list[int] = []
+    for index in order:
+        width = lengths[current[0]] if current else lengths[index]
+        if current and (width * (len(current) + 1) > max_tokens or len(current) >= max_rows):
+            batches.append(MicroBatch(current, lengths[current[0]]))
+            current = []
+        current.append(index)
+    if current:
+        batches.append(MicroBatch(current, lengths[current[0]]))
+    return batches
+
+
+def padding_ratio(lengths: list[int], batches: list[MicroBatch]) -> float:
+    """Share of computed tokens that were padding (0.0 = none)."""
+    padded = sum(batch.padded_tokens for batch in batches)
+    return 1.0 - sum(lengths) / padded if padded else 0.0

@@ -1,0 +1,108 @@
+"""Token ids → pooled, normalized float32 vectors. No Ray, no HTTP: benchmarkable on its own."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from .batching import padding_ratio, plan_micro_batches
+from .loading import ResolvedSpec, load_model, load_tokenizer, resolve_spec
+from .spec import ModelSpec
+from .tokenization import InputTokenizer
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def pick_dtype(requested: str, device: str) -> torch.dtype:
+    if requested == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return _DTYPES[requested]
+
+
+def load_input_tokenizer(spec: ModelSpec) -> InputTokenizer:
+    tokenizer = load_tokenizer(spec)
+    return InputTokenizer(tokenizer, resolve_spec(spec, tokenizer))
+
+
+class EmbeddingEngine:
+    """Runs a model over batches of token-id sequences.
+
+    Rows are right-padded: with a causal model the real tokens never attend to the padding
+    after them, and positions start at 0 as for a lone text, so a text's vector does not
+    depend on its batch-mates. Pooling reads each row at its own length.
+    """
+
+    def __init__(self, resolved: ResolvedSpec, model, device: str):
+        self.resolved = resolved
+        self.model = model
+        self.device = device
+        self.dimensions = int(model.config.hidden_size)
+        self.max_batch_tokens = resolved.spec.max_batch_tokens
+        self.pin_memory = device.startswith("cuda")
+        # Running totals for metrics and benchmarks.
+        self.real_tokens = 0
+        self.padded_tokens = 0
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> "EmbeddingEngine":
+        tokenizer = load_tokenizer(spec)
+        resolved = resolve_spec(spec, tokenizer)
+        device = pick_device(spec.device)
+        model = load_model(resolved, device, pick_dtype(spec.dtype, device))
+        return cls(resolved, model, device)
+
+    @torch.inference_mode()
+    def embed(self, sequences: list[list[int]]) -> np.ndarray:
+        """One float32 row per sequence, in the order given."""
+        lengths = [len(ids) for ids in sequences]
+        plan = plan_micro_batches(lengths, self.max_batch_tokens)
+        out = np.empty((len(sequences), self.dimensions), dtype=np.float32)
+        for batch in plan:
+            rows = [sequences[i] for i in batch.indices]
+            vectors = self._forward([lengths[i] for i in batch.indices], rows, batch.width)
+            out[batch.indices] = vectors.cpu().numpy()
+        self.real_tokens += sum(lengths)
+        self.padded_tokens += sum(b.padded_tokens for b in plan)
+        return out
+
+    def padding_ratio_of(self, lengths: list[int]) -> float:
+        return padding_ratio(lengths, plan_micro_batches(lengths, self.max_batch_tokens))
+
+    def _forward(self, lengths: list[int], rows: list[list[int]], width: int) -> torch.Tensor:
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (row, n) in enumerate(zip(rows, lengths)):
+            ids[r, :n] = torch.as_tensor(row, dtype=torch.long)
+            mask[r, :n] = 1
+        if self.pin_memory:
+            ids, mask = ids.pin_memory(), mask.pin_memory()
+        ids = ids.to(self.device, non_blocking=True)
+        mask = mask.to(self.device, non_blocking=True)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = pool(hidden, mask, self.resolved.pooling)
+        if self.resolved.spec.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+        return pooled
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool right-padded hidden states in float32."""
+    if mode == "last_token":
+        last = mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+    if mode == "cls":
+        return hidden[:, 0].float()
+    if mode == "mean":
+        weights = mask.unsqueeze(-1).to(torch.float32)
+        return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+    raise ValueError(f"unknown pooling mode {mode!r}")

@@ -1,0 +1,82 @@
+"""What one served model is: the typed contract shared by the configs, the engine and the graph."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Pooling = Literal["last_token", "mean", "cls"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ModelSpec(BaseModel):
+    """One entry of the app's `models` list. Unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="What clients send as `model`.")
+    source: str = Field(
+        description="Hub id, local directory, or `package:<python_package>/<subdir>` "
+        "for a model shipped inside an installed Python package."
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    adapter: str | None = Field(
+        default=None, description="PEFT LoRA adapter (hub id, directory or package:), merged at load."
+    )
+    adapter_revision: str | None = None
+    pooling: Pooling | None = Field(
+        default=None,
+        description="Default: the model's sentence-transformers Pooling config, else last_token.",
+    )
+    normalize: bool = Field(default=True, description="L2-normalize every vector.")
+    append_eos: bool | None = Field(
+        default=None,
+        description="Append the EOS token to every input (what SFR/e5-mistral were trained "
+        "with). Default: true for last_token pooling.",
+    )
+    max_input_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="Longest input in tokens. Default: sentence-transformers max_seq_length, "
+        "else the tokenizer's model_max_length, else 512.",
+    )
+    dtype: DType = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    query_instruction: str | None = Field(
+        default=None,
+        description="Task applied to inputs sent with input_type=query, as "
+        "'Instruct: {task}\\nQuery: {text}'.",
+    )
+    max_batch_tokens: int = Field(
+        default=16384,
+        gt=0,
+        description="Token budget of one embedder batch (padded tokens of one forward pass).",
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.005, ge=0, description="How long a replica waits for a batch to fill."
+    )
+    trust_remote_code: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_simple(cls, name: str) -> str:
+        # Names become part of Serve deployment names and URLs.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", name):
+            raise ValueError("model name must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+        return name
+
+    @model_validator(mode="after")
+    def _budget_holds_one_input(self) -> "ModelSpec":
+        if self.max_input_tokens is not None and self.max_input_tokens > self.max_batch_tokens:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must be at least "
+                f"max_input_tokens ({self.max_input_tokens})"
+            )
+        return self
+
+
+def format_query(task: str, text: str) -> str:
+    """The instruction format SFR-Embedding-Mistral and e5-mistral were trained with."""
+    return f"Instruct: {task}\nQuery: {text}"
