@@ -12,11 +12,11 @@ def apply_dimensions(vectors: np.ndarray, dimensions: int | None, normalize: boo
     """Keep the first `dimensions` components, then re-normalize so cosine stays meaningful."""
     if dimensions is None or dimensions >= vectors.shape[1]:
         return vectors
-    cut = np.ascontiguousarray(vectors[:, :dimensions])
-    if normalize:
+    cut = vectors[:, :dimensions]
+    if normalize:  # out of place: arrays from Ray's object store are read-only
         norms = np.linalg.norm(cut, axis=1, keepdims=True)
-        cut /= np.maximum(norms, np.finfo(np.float32).tiny)
-    return cut
+        return cut / np.maximum(norms, np.finfo(np.float32).tiny)
+    return np.ascontiguousarray(cut)
 
 
 def render_embeddings(

@@ -1,0 +1,702 @@
+"""GPU benchmark of the engine layer (`serve_app.engine.embedder.EmbeddingEngine`) on the
+SFR-Embedding-Mistral architecture, with random weights and random token ids.
+
+No Ray, no tokenizer, no downloads: the device machine has torch, transformers and
+sentence-transformers but no Ray and no internet. Speed does not depend on the weight values,
+so the 7 B model is built on the `meta` device, materialised on the GPU and filled with
+small random normals; a tokenizer is not needed because the engine takes token ids.
+
+What it measures, all in one run on the same model and data:
+  * three workloads: docs (512 tokens each), mixed (log-uniform 16–2048 tokens), queries (32);
+  * our engine vs sentence-transformers `encode` (batch_size=32) vs a naive FIFO loop
+    (batches of 32 in arrival order, each padded to its longest row);
+  * tokens/s, texts/s, model FLOP utilisation against the bf16 matmul peak measured here and
+    against the H100 SXM datasheet, padding ratio, peak GPU memory;
+  * correctness: the engine's bf16 vectors against an fp32 one-text-at-a-time reference.
+
+Usage (repo root):
+  python bench/gpu_engine.py --out bench/results/gpu          # H100, ~2 min
+  python bench/gpu_engine.py --small --device cpu --out /tmp/x  # CPU smoke run of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# The script runs as `python bench/gpu_engine.py` from the repo root, with or without PYTHONPATH.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+try:
+    from serve_app.engine.embedder import EmbeddingEngine, pick_dtype
+    from serve_app.engine.loading import ResolvedSpec
+    from serve_app.engine.spec import ModelSpec
+except ImportError as exc:  # e.g. pydantic missing on a bare GPU image: say so plainly
+    sys.exit(f"cannot import serve_app.engine ({exc}); run from the repo root with its dependencies")
+
+H100_SXM_DENSE_BF16_TFLOPS = 989.0  # NVIDIA H100 SXM datasheet, dense (no sparsity)
+BOS_ID, EOS_ID = 1, 2  # Mistral's <s> and </s>
+BASELINE_BATCH = 32  # sentence-transformers' default batch_size, also used by the naive loop
+
+FLOP_FORMULA = (
+    "model FLOPs of a text of L real tokens = 2·N·L + 2·n_layers·d·L², "
+    "N = non-embedding parameters, d = hidden size; the attention term is "
+    "4·n_layers·L·d per token (QKᵀ and AV), halved because the kernel is causal. "
+    "Padding is not counted: MFU is useful work / time / peak."
+)
+
+
+# --------------------------------------------------------------------------- model building
+
+
+def mistral_config(kind: str):
+    from transformers import MistralConfig
+
+    common = dict(
+        vocab_size=32000,
+        max_position_embeddings=32768,
+        sliding_window=4096,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+    )
+    sizes = {
+        # SFR-Embedding-Mistral's config.json
+        "sfr": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8),
+        # --small: lets the script itself be checked on a CPU
+        "small": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2),
+        # correctness check: small enough for an fp32 per-text reference, same 4:1 GQA ratio
+        "check": dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2),
+    }
+    return MistralConfig(**common, **sizes[kind])
+
+
+@torch.no_grad()
+def build_random_model(config, device: str, dtype: torch.dtype, seed: int):
+    """MistralModel with random N(0, 0.02) weights, without slow CPU initialisation.
+
+    Constructing on `meta` allocates nothing; `to_empty` allocates uninitialised storage on
+    the target device, where filling 7 B values takes well under a second.
+    """
+    from transformers import AutoModel
+
+    # Parameters take the default dtype at construction; setting it (rather than passing
+    # `dtype=`, called `torch_dtype=` before transformers 4.56) works with any version.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = AutoModel.from_config(config, attn_implementation="sdpa")
+    finally:
+        torch.set_default_dtype(previous)
+    assert next(model.parameters()).dtype == dtype, "model was not built in the requested dtype"
+    model = model.to_empty(device=device)
+    torch.manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() == 1:  # RMSNorm gains: 1 as in a trained model, so activations stay sane
+            param.fill_(1.0)
+        else:
+            param.normal_(mean=0.0, std=0.02)
+    # RoPE's inverse frequencies are non-persistent buffers computed in __init__: to_empty left
+    # them as garbage, so build the rotary module again, directly on the device (in float32).
+    model.rotary_emb = type(model.rotary_emb)(config=model.config).to(device)
+    return model.eval()
+
+
+def non_embedding_params(model) -> int:
+    embedding = model.get_input_embeddings().weight.numel()
+    return sum(p.numel() for p in model.parameters()) - embedding
+
+
+def make_engine(model, device: str, max_batch_tokens: int) -> EmbeddingEngine:
+    """Our engine around an in-memory model: a ResolvedSpec stands in for files and tokenizer."""
+    spec = ModelSpec(name="sfr-random", source="random", max_batch_tokens=max_batch_tokens)
+    resolved = ResolvedSpec(
+        spec=spec, path="", pooling="last_token", append_eos=True, max_input_tokens=4096
+    )
+    return EmbeddingEngine(resolved, model, device)
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def random_text(rng: np.random.Generator, length: int, vocab: int) -> list[int]:
+    """What the tokenizer stage hands the engine: <s>, body ids, and the appended </s>."""
+    body = rng.integers(3, vocab, size=length - 2).tolist()
+    return [BOS_ID, *body, EOS_ID]
+
+
+def log_uniform_lengths(rng: np.random.Generator, n: int, low: int, high: int) -> list[int]:
+    # Log-uniform: as many 16–128 token texts as 256–2048 ones, like a real mixed corpus.
+    return np.exp(rng.uniform(math.log(low), math.log(high), size=n)).astype(int).tolist()
+
+
+def make_workloads(rng: np.random.Generator, vocab: int, scale: str) -> dict[str, list[list[int]]]:
+    """Counts sized so each workload takes a few seconds per method on an H100 (~40 k tok/s)."""
+    counts = {
+        "full": dict(docs=256, mixed=384, queries=4096),  # ~131 k, ~160 k, ~131 k tokens
+        "quick": dict(docs=128, mixed=192, queries=2048),
+        "small": dict(docs=32, mixed=48, queries=512),  # CPU smoke run
+    }[scale]
+    return {
+        "docs": [random_text(rng, 512, vocab) for _ in range(counts["docs"])],
+        "mixed": [
+            random_text(rng, n, vocab) for n in log_uniform_lengths(rng, counts["mixed"], 16, 2048)
+        ],
+        "queries": [random_text(rng, 32, vocab) for _ in range(counts["queries"])],
+    }
+
+
+# --------------------------------------------------------------------------- the three methods
+
+
+@dataclass
+class RunStats:
+    """What one method reports for one call, beyond its vectors."""
+
+    real_tokens: int = 0
+    padded_tokens: int = 0
+
+
+def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Right-padded rows: the last real position holds the EOS the model pools on."""
+    last = mask.sum(dim=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+
+
+def pad_right(rows: list[list[int]], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def run_engine(engine: EmbeddingEngine, seqs: list[list[int]]) -> tuple[np.ndarray, RunStats]:
+    # The engine keeps running totals only, so take the difference around the call.
+    real0, padded0 = engine.real_tokens, engine.padded_tokens
+    vectors = engine.embed(seqs)
+    return vectors, RunStats(engine.real_tokens - real0, engine.padded_tokens - padded0)
+
+
+@torch.inference_mode()
+def run_naive(model, seqs: list[list[int]], device: str) -> tuple[np.ndarray, RunStats]:
+    """FIFO batches of 32, each padded to its longest row: what a plain request loop does."""
+    stats, out = RunStats(), []
+    for start in range(0, len(seqs), BASELINE_BATCH):
+        rows = seqs[start : start + BASELINE_BATCH]
+        ids, mask = pad_right(rows, device)
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = torch.nn.functional.normalize(last_token_pool(hidden, mask), dim=-1)
+        out.append(pooled.cpu().numpy())
+        stats.real_tokens += sum(len(r) for r in rows)
+        stats.padded_tokens += ids.numel()
+    return np.concatenate(out), stats
+
+
+def ids_to_text(ids: list[int]) -> str:
+    """Token ids as a string, so sentence-transformers can sort by characters as it does for text.
+
+    Ids are written in decimal (mostly 5 characters each), so character length tracks token
+    length about as closely as real text does; parsing them back stands in for tokenizing.
+    """
+    return " ".join(map(str, ids))
+
+
+def _st_classes():
+    """Pooling and InputModule across sentence-transformers versions (None where absent)."""
+    try:  # v6 layout
+        from sentence_transformers.sentence_transformer.modules import InputModule, Pooling
+    except ImportError:
+        from sentence_transformers import models
+
+        Pooling = models.Pooling
+        InputModule = getattr(models, "InputModule", None)
+    return InputModule, Pooling
+
+
+def build_sentence_transformer(model, device: str, stats: RunStats):
+    """A real `SentenceTransformer` from modules: an id-parsing input module wrapping our model,
+    then the library's own last-token Pooling (what SFR's modules.json configures).
+
+    `models.Transformer` cannot be used: it loads config and tokenizer from a path, and saving
+    14 GB of random weights to build one is not worth it. Everything else — sorting by length,
+    batching, padding, pooling, normalising, moving to CPU — is the library's `encode`.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    InputModule, Pooling = _st_classes()
+    base = InputModule if InputModule is not None else torch.nn.Module
+
+    class TokenIdInput(base):
+        """Parses 'id id id' strings, right-pads to the batch's longest, runs the model."""
+
+        save_in_root = True
+        modalities = ["text"]
+
+        def __init__(self, inner):
+            torch.nn.Module.__init__(self)
+            self.inner = inner
+
+        def preprocess(self, inputs, prompt=None, **kwargs):
+            rows = [[int(t) for t in text.split()] for text in inputs]
+            ids, mask = pad_right(rows, "cpu")
+            stats.real_tokens += int(mask.sum())
+            stats.padded_tokens += ids.numel()
+            return {"input_ids": ids, "attention_mask": mask}
+
+        tokenize = preprocess  # the name sentence-transformers < 5 calls
+
+        def forward(self, features, **kwargs):
+            hidden = self.inner(
+                input_ids=features["input_ids"], attention_mask=features["attention_mask"]
+            ).last_hidden_state
+            features["token_embeddings"] = hidden
+            return features
+
+        def save(self, *args, **kwargs):
+            raise NotImplementedError("benchmark-only module")
+
+    pooling = Pooling(int(model.config.hidden_size), pooling_mode="lasttoken")
+    return SentenceTransformer(modules=[TokenIdInput(model), pooling], device=device)
+
+
+@dataclass
+class Method:
+    """A way to embed a workload. `prepare` shapes the inputs and is not timed."""
+
+    name: str
+    run: object  # prepared inputs -> (vectors, RunStats)
+    prepare: object = lambda seqs: seqs
+
+
+def make_st_method(model, device: str) -> Method:
+    """The real sentence-transformers encode, else a faithful emulation (the name says which)."""
+    stats = RunStats()
+    try:
+        st_model = build_sentence_transformer(model, device, stats)
+    except Exception as exc:  # an incompatible library version: emulate and say so
+        print(f"[st] could not build a SentenceTransformer ({exc!r}); emulating encode()")
+        return Method("sentence-transformers (emulated)", lambda seqs: run_st_emulated(model, seqs, device))
+
+    def run(texts: list[str]):
+        stats.real_tokens = stats.padded_tokens = 0
+        vectors = st_model.encode(
+            texts, batch_size=BASELINE_BATCH, normalize_embeddings=True, convert_to_numpy=True
+        )
+        return np.asarray(vectors, dtype=np.float32), RunStats(stats.real_tokens, stats.padded_tokens)
+
+    import sentence_transformers
+
+    name = f"sentence-transformers {sentence_transformers.__version__} encode (real)"
+    return Method(name, run, prepare=lambda seqs: [ids_to_text(s) for s in seqs])
+
+
+@torch.inference_mode()
+def run_st_emulated(model, seqs: list[list[int]], device: str) -> tuple[np.ndarray, RunStats]:
+    """What sentence-transformers encode does: sort by character length, batches of 32,
+    pad each to its longest, last-token pool, normalise, restore input order."""
+    order = np.argsort([-len(ids_to_text(s)) for s in seqs], kind="stable")
+    vectors, stats = run_naive(model, [seqs[i] for i in order], device)
+    out = np.empty_like(vectors)
+    out[order] = vectors
+    return out, stats
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reset_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+
+
+def timed(method: Method, seqs, device: str):
+    """Wall time of one call, GPU work included (synchronised before and after)."""
+    inputs = method.prepare(seqs)
+    reset_memory(device)
+    synchronize(device)
+    start = time.perf_counter()
+    vectors, stats = method.run(inputs)
+    synchronize(device)
+    return vectors, stats, time.perf_counter() - start, peak_memory_gib(device)
+
+
+@torch.inference_mode()
+def measure_matmul_peak(device: str, dtype: torch.dtype, n: int, iters: int) -> float:
+    """TFLOP/s of an n×n×n matmul: the practical ceiling MFU is measured against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.matmul(a, b)
+    if device.startswith("cuda"):
+        start_evt = torch.cuda.Event(enable_timing=True)
+        end_evt = torch.cuda.Event(enable_timing=True)
+        start_evt.record()
+        for _ in range(iters):
+            torch.matmul(a, b)
+        end_evt.record()
+        torch.cuda.synchronize()
+        seconds = start_evt.elapsed_time(end_evt) / 1000
+    else:
+        start = time.perf_counter()
+        for _ in range(iters):
+            torch.matmul(a, b)
+        seconds = time.perf_counter() - start
+    return 2 * n**3 * iters / seconds / 1e12
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+@torch.inference_mode()
+def correctness_check(device: str, seed: int, n_texts: int = 64) -> dict:
+    """Engine in bf16, mixed lengths in shared padded micro-batches, vs fp32 one text at a time.
+
+    The reference takes the hidden state at each text's last position (the EOS) of an
+    unpadded forward pass, so any padding leak, wrong pooled position or batch dependence
+    shows up as a low cosine. The control (cosine between different texts) shows the
+    threshold is not met trivially.
+    """
+    config = mistral_config("check")
+    reference = build_random_model(config, device, torch.float32, seed)
+    bf16_model = build_random_model(config, device, torch.bfloat16, seed)
+    bf16_model.load_state_dict(reference.state_dict())  # same weights, rounded to bf16
+
+    rng = np.random.default_rng(seed + 1)
+    seqs = [random_text(rng, n, config.vocab_size) for n in log_uniform_lengths(rng, n_texts, 4, 1024)]
+    engine = make_engine(bf16_model, device, max_batch_tokens=4096)  # several padded micro-batches
+    ours, stats = run_engine(engine, seqs)
+
+    ref = []
+    for seq in seqs:
+        ids = torch.tensor([seq], device=device)
+        hidden = reference(input_ids=ids).last_hidden_state[0, -1]
+        ref.append(torch.nn.functional.normalize(hidden.float(), dim=-1).cpu().numpy())
+    ref = np.stack(ref)
+
+    cos = cosine_rows(ours, ref)
+    control = cosine_rows(ref, np.roll(ref, 1, axis=0))
+    del reference, bf16_model, engine
+    reset_memory(device)
+    return {
+        "texts": n_texts,
+        "lengths": [min(map(len, seqs)), max(map(len, seqs))],
+        "padding_ratio": 1 - stats.real_tokens / stats.padded_tokens,
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+        "control_mean_cosine_between_texts": float(np.abs(control).mean()),
+        "threshold": 0.999,
+        "passed": bool(cos.min() >= 0.999),
+    }
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+@dataclass
+class Row:
+    workload: str
+    method: str
+    texts: int
+    real_tokens: int
+    padded_tokens: int
+    seconds: float
+    tokens_per_s: float
+    texts_per_s: float
+    model_tflops: float
+    mfu_measured_peak: float
+    mfu_datasheet: float | None
+    padding_ratio: float
+    peak_mem_gib: float | None
+    ours_over_this: float | None = None
+    min_cosine_vs_ours: float | None = None
+
+
+@dataclass
+class Context:
+    device: str
+    device_name: str
+    dtype: str
+    n_layers: int
+    hidden: int
+    non_embedding_params: int
+    matmul_peak_tflops: float
+    rows: list[Row] = field(default_factory=list)
+
+
+def model_flops(seqs: list[list[int]], ctx: Context) -> float:
+    lengths = np.array([len(s) for s in seqs], dtype=np.float64)
+    linear = 2.0 * ctx.non_embedding_params * lengths.sum()
+    attention = 2.0 * ctx.n_layers * ctx.hidden * (lengths**2).sum()  # causal half of 4·l·L·d
+    return float(linear + attention)
+
+
+def make_row(workload, method, seqs, stats: RunStats, seconds, peak, ctx: Context) -> Row:
+    flops = model_flops(seqs, ctx)
+    achieved = flops / seconds / 1e12
+    on_cuda = ctx.device.startswith("cuda")
+    return Row(
+        workload=workload,
+        method=method,
+        texts=len(seqs),
+        real_tokens=stats.real_tokens,
+        padded_tokens=stats.padded_tokens,
+        seconds=seconds,
+        tokens_per_s=stats.real_tokens / seconds,
+        texts_per_s=len(seqs) / seconds,
+        model_tflops=achieved,
+        mfu_measured_peak=achieved / ctx.matmul_peak_tflops,
+        mfu_datasheet=achieved / H100_SXM_DENSE_BF16_TFLOPS if on_cuda else None,
+        padding_ratio=1 - stats.real_tokens / stats.padded_tokens,
+        peak_mem_gib=peak,
+    )
+
+
+def warm_up(methods: list[Method], workloads: dict, device: str) -> None:
+    """One short pass per method: CUDA context, cuBLAS handles, SDPA kernels, allocator pools."""
+    sample = workloads["mixed"][:32] + workloads["queries"][:64] + workloads["docs"][:8]
+    for method in methods:
+        method.run(method.prepare(sample))
+    synchronize(device)
+
+
+def benchmark(ctx: Context, methods: list[Method], workloads: dict, out_dir: Path, meta: dict) -> None:
+    """Every method on every workload; the first method is ours, the others are compared to it."""
+    for workload, seqs in workloads.items():
+        results = []
+        for method in methods:
+            vectors, stats, seconds, peak = timed(method, seqs, ctx.device)
+            row = make_row(workload, method.name, seqs, stats, seconds, peak, ctx)
+            results.append((row, vectors))
+            ctx.rows.append(row)
+            print(
+                f"  {workload:8s} {method.name[:44]:44s} {seconds:7.2f} s  {row.tokens_per_s:10.0f} tok/s"
+                f"  pad {row.padding_ratio:6.1%}",
+                flush=True,
+            )
+        ours_row, ours_vectors = results[0]
+        for row, vectors in results:
+            row.ours_over_this = ours_row.tokens_per_s / row.tokens_per_s
+            # Same model and data, different batching: the vectors must agree (bf16 noise only).
+            row.min_cosine_vs_ours = float(cosine_rows(vectors, ours_vectors).min())
+        write_results(ctx, meta, out_dir)  # after every workload: a timeout still leaves data
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def fmt(value, spec: str, none: str = "n/a") -> str:
+    return none if value is None else format(value, spec)
+
+
+def markdown(ctx: Context, meta: dict) -> str:
+    check = meta.get("correctness", {})
+    lines = [
+        f"# Engine benchmark on {ctx.device_name}",
+        "",
+        f"- Device: **{ctx.device_name}** (`{ctx.device}`), dtype {ctx.dtype}, attention sdpa",
+        f"- Model: random-weight {meta['model']} — {ctx.n_layers} layers, hidden {ctx.hidden}, "
+        f"{ctx.non_embedding_params / 1e9:.3f} B non-embedding parameters",
+        f"- Engine: `EmbeddingEngine`, max_batch_tokens {meta['max_batch_tokens']}; "
+        f"baselines: {meta['st_label']}, batch_size {BASELINE_BATCH}; naive FIFO loop, "
+        f"batches of {BASELINE_BATCH} padded to their longest row",
+        f"- Measured matmul peak: **{ctx.matmul_peak_tflops:.1f} TFLOP/s** "
+        f"({meta['matmul']}, timed with {meta['matmul_timer']})",
+        f"- Datasheet: H100 SXM dense bf16 {H100_SXM_DENSE_BF16_TFLOPS:.0f} TFLOP/s"
+        + ("" if ctx.device.startswith("cuda") else " (not applicable on CPU)"),
+        f"- FLOPs: {FLOP_FORMULA}",
+        "- Times are wall clock around the whole call (synchronised), after a warm-up pass; "
+        "sentence-transformers' time includes parsing the id strings (its stand-in for tokenizing).",
+        f"- Versions: torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}, "
+        f"sentence-transformers {meta['versions']['sentence_transformers']}, python {meta['versions']['python']}",
+        "",
+        "| workload | method | texts | real tokens | s | tokens/s | texts/s | model TFLOP/s "
+        "| MFU vs measured peak | MFU vs datasheet | padding | peak mem GiB | ours ÷ this "
+        "| min cos vs ours |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in ctx.rows:
+        lines.append(
+            f"| {r.workload} | {r.method} | {r.texts} | {r.real_tokens} | {r.seconds:.2f} "
+            f"| {r.tokens_per_s:,.0f} | {r.texts_per_s:,.1f} | {r.model_tflops:.3g} "
+            f"| {r.mfu_measured_peak:.1%} | {fmt(r.mfu_datasheet, '.1%')} | {r.padding_ratio:.1%} "
+            f"| {fmt(r.peak_mem_gib, '.2f')} | {fmt(r.ours_over_this, '.2f')}× "
+            f"| {fmt(r.min_cosine_vs_ours, '.5f')} |"
+        )
+    if check:
+        verdict = "PASS" if check["passed"] else "FAIL"
+        lines += [
+            "",
+            f"**Correctness: {verdict}** — engine bf16 vs fp32 per-text reference on a random "
+            f"Mistral (4 layers, hidden 512), {check['texts']} texts of {check['lengths'][0]}–"
+            f"{check['lengths'][1]} tokens in padded micro-batches (padding {check['padding_ratio']:.1%}): "
+            f"min cosine {check['min_cosine']:.6f} (threshold {check['threshold']}), mean "
+            f"{check['mean_cosine']:.6f}; control, |cosine| between different texts: "
+            f"{check['control_mean_cosine_between_texts']:.3f}.",
+        ]
+    lines += ["", f"Total run time {meta.get('total_s', float('nan')):.1f} s "
+              f"(model init {meta.get('init_s', float('nan')):.1f} s)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(ctx: Context, meta: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = {**meta, **{k: v for k, v in asdict(ctx).items() if k != "rows"},
+            "h100_sxm_datasheet_tflops": H100_SXM_DENSE_BF16_TFLOPS, "flop_formula": FLOP_FORMULA,
+            "rows": [asdict(r) for r in ctx.rows]}
+    (out_dir / "gpu_engine.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out_dir / "gpu_engine.md").write_text(markdown(ctx, meta))
+
+
+def write_chart(ctx: Context, out_dir: Path) -> None:
+    """tokens/s per workload and method, if matplotlib happens to be installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    workloads = list(dict.fromkeys(r.workload for r in ctx.rows))
+    methods = list(dict.fromkeys(r.method for r in ctx.rows))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4 * len(workloads), 4))
+    for ax, workload in zip(np.atleast_1d(axes), workloads):
+        rows = [r for r in ctx.rows if r.workload == workload]
+        ax.bar(range(len(rows)), [r.tokens_per_s for r in rows])
+        ax.set_xticks(range(len(rows)), [m.split(" ")[0] for m in methods], rotation=20)
+        ax.set_title(workload)
+        ax.set_ylabel("tokens/s")
+    fig.suptitle(f"Engine vs baselines — {ctx.device_name}")
+    fig.tight_layout()
+    fig.savefig(out_dir / "gpu_engine.png", dpi=100)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="tiny model and workloads (CPU check)")
+    parser.add_argument("--quick", action="store_true", help="half-size workloads")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO_ROOT / "bench" / "results"))
+    parser.add_argument("--max-batch-tokens", type=int, default=16384, help="engine token budget")
+    parser.add_argument("--no-baselines", action="store_true", help="only our engine")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def versions() -> dict:
+    import transformers
+
+    try:
+        import sentence_transformers
+
+        st_version = sentence_transformers.__version__
+    except ImportError:
+        st_version = "not installed"
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "sentence_transformers": st_version, "python": platform.python_version()}
+
+
+def main() -> None:
+    args = parse_args()
+    t0 = time.perf_counter()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = pick_dtype("auto", device)  # the engine's rule: bf16 on CUDA, fp32 on CPU
+    out_dir = Path(args.out)
+    name = device_name(device)
+    print(f"device: {name}; dtype {dtype}; out: {out_dir}", flush=True)
+
+    print("correctness check ...", flush=True)
+    check = correctness_check(device, args.seed)
+    print(f"  min cosine {check['min_cosine']:.6f} -> {'PASS' if check['passed'] else 'FAIL'}", flush=True)
+
+    matmul_n = 8192 if device.startswith("cuda") else 1024
+    peak = measure_matmul_peak(device, dtype, matmul_n, iters=20 if device.startswith("cuda") else 5)
+    print(f"matmul peak {peak:.2f} TFLOP/s ({matmul_n}³ {dtype})", flush=True)
+
+    config = mistral_config("small" if args.small else "sfr")
+    t_init = time.perf_counter()
+    model = build_random_model(config, device, dtype, args.seed)
+    synchronize(device)
+    init_s = time.perf_counter() - t_init
+    print(f"model built in {init_s:.1f} s", flush=True)
+
+    ctx = Context(device=device, device_name=name, dtype=str(dtype).replace("torch.", ""),
+                  n_layers=config.num_hidden_layers, hidden=config.hidden_size,
+                  non_embedding_params=non_embedding_params(model), matmul_peak_tflops=peak)
+    engine = make_engine(model, device, args.max_batch_tokens)
+    methods = [Method("ours (EmbeddingEngine)", lambda seqs: run_engine(engine, seqs))]
+    st_label = "none (--no-baselines)"
+    if not args.no_baselines:
+        st_method = make_st_method(model, device)
+        st_label = st_method.name
+        methods += [st_method,
+                    Method(f"naive FIFO-{BASELINE_BATCH}", lambda seqs: run_naive(model, seqs, device))]
+
+    scale = "small" if args.small else "quick" if args.quick else "full"
+    workloads = make_workloads(np.random.default_rng(args.seed), config.vocab_size, scale)
+    meta = {
+        "model": "tiny Mistral (--small)" if args.small else "SFR-Embedding-Mistral architecture",
+        "scale": scale, "max_batch_tokens": args.max_batch_tokens, "st_label": st_label,
+        "matmul": f"{matmul_n}³ torch.matmul in {ctx.dtype}",
+        "matmul_timer": "CUDA events" if device.startswith("cuda") else "perf_counter",
+        "versions": versions(), "correctness": check, "init_s": init_s,
+    }
+
+    print("warm-up ...", flush=True)
+    warm_up(methods, workloads, device)
+    print("benchmark:", flush=True)
+    benchmark(ctx, methods, workloads, out_dir, meta)
+
+    meta["total_s"] = time.perf_counter() - t0
+    write_results(ctx, meta, out_dir)
+    write_chart(ctx, out_dir)
+    print()
+    print(markdown(ctx, meta))
+    print(f"wrote {out_dir / 'gpu_engine.md'} and {out_dir / 'gpu_engine.json'}")
+    if not check["passed"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

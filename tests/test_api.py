@@ -1,0 +1,95 @@
+"""The API layer on its own: request parsing, errors, encoding."""
+
+import base64
+
+import numpy as np
+import orjson
+import pytest
+
+from serve_app.api.encoding import apply_dimensions, render_embeddings
+from serve_app.api.errors import OpenAIError
+from serve_app.api.schemas import parse_request
+
+
+def parse(**fields):
+    return parse_request({"model": "m"} | fields)
+
+
+@pytest.mark.parametrize(
+    "value, texts, token_ids",
+    [
+        ("hi", ["hi"], None),
+        (["a", "b"], ["a", "b"], None),
+        ([1, 2, 3], None, [[1, 2, 3]]),
+        ([[1, 2], [3]], None, [[1, 2], [3]]),
+    ],
+)
+def test_every_openai_input_form(value, texts, token_ids):
+    inputs = parse(input=value).inputs
+    assert (inputs.texts, inputs.token_ids) == (texts, token_ids)
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"input": ""}, "input"),
+        ({"input": []}, "input"),
+        ({"input": ["ok", ""]}, "input"),
+        ({"input": [[]]}, "input"),
+        ({"input": [1, "a"]}, "input"),
+        ({"input": [1.5]}, "input"),
+        ({"input": [True]}, "input"),
+        ({"input": [[1], [2.0]]}, "input"),
+        ({"input": {"text": "a"}}, "input"),
+        ({"input": None}, "input"),
+        ({}, "input"),
+        ({"input": "a", "encoding_format": "int8"}, "encoding_format"),
+        ({"input": "a", "dimensions": 0}, "dimensions"),
+        ({"input": "a", "dimensions": "8"}, "dimensions"),
+        ({"input": "a", "input_type": "passage"}, "input_type"),
+        ({"input": "a", "instruction": ""}, "instruction"),
+        ({"input": "a", "truncate": "yes"}, "truncate"),
+        ({"input": "a", "frobnicate": 1}, "frobnicate"),
+    ],
+)
+def test_bad_requests_are_400_with_the_param_named(fields, param):
+    with pytest.raises(OpenAIError) as err:
+        parse(**fields)
+    assert err.value.status == 400 and err.value.param == param
+    body = err.value.body()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["type"] == "invalid_request_error"
+
+
+def test_missing_model_and_non_object_body():
+    with pytest.raises(OpenAIError, match="model"):
+        parse_request({"input": "a"})
+    with pytest.raises(OpenAIError, match="JSON object"):
+        parse_request(["a"])
+
+
+def test_dimensions_truncate_then_renormalize():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(3, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors[:1].setflags(write=False)
+    vectors.setflags(write=False)  # as arrays that come out of Ray's object store are
+    cut = apply_dimensions(vectors[:1], 4, normalize=True)
+    np.testing.assert_allclose(np.linalg.norm(cut, axis=1), 1.0, rtol=1e-6)
+    cut = apply_dimensions(vectors, 4, normalize=True)
+    expected = vectors[:, :4] / np.linalg.norm(vectors[:, :4], axis=1, keepdims=True)
+    np.testing.assert_allclose(cut, expected, rtol=1e-6)
+    assert apply_dimensions(vectors, None, True) is vectors
+    np.testing.assert_array_equal(apply_dimensions(vectors, 4, normalize=False), vectors[:, :4])
+
+
+def test_float_and_base64_encode_the_same_float32_values():
+    vectors = np.array([[0.1, -0.2, 1e-8], [3.0, 0.0, -1.5]], dtype=np.float32)
+    as_float = orjson.loads(render_embeddings(vectors, "m", 7, "float"))
+    as_b64 = orjson.loads(render_embeddings(vectors, "m", 7, "base64"))
+    assert as_float["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
+    assert as_float["object"] == "list" and as_float["model"] == "m"
+    for i, (f, b) in enumerate(zip(as_float["data"], as_b64["data"])):
+        assert f["index"] == b["index"] == i and f["object"] == "embedding"
+        decoded = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
+        np.testing.assert_array_equal(decoded, vectors[i])
+        np.testing.assert_array_equal(np.array(f["embedding"], dtype=np.float32), vectors[i])

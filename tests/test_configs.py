@@ -1,0 +1,43 @@
+"""The shipped Serve configs parse with the app's typed args and name real deployments."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.deployments.app import AppArgs, deployment_names
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "config.yaml"])
+def test_config_is_a_valid_serve_config_with_valid_args(name):
+    config = yaml.safe_load((ROOT / "deploy" / name).read_text())
+    ServeDeploySchema.model_validate(config)  # Serve's own schema
+    (app,) = config["applications"]
+    assert app["import_path"] == "serve_app.deployments.app:build_app"
+    args = AppArgs.model_validate(app["args"])
+    expected = {"Ingress"}
+    for model in args.models:
+        expected.update(deployment_names(model.name, len(args.models)))
+    assert {d["name"] for d in app["deployments"]} == expected
+
+
+def test_production_config_serves_sfr_correctly():
+    config = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())
+    (app,) = config["applications"]
+    (sfr,) = AppArgs.model_validate(app["args"]).models
+    assert sfr.source == "Salesforce/SFR-Embedding-Mistral"
+    assert (sfr.pooling, sfr.append_eos, sfr.normalize, sfr.max_input_tokens) == ("last_token", True, True, 4096)
+    assert sfr.query_instruction == "Given a web search query, retrieve relevant passages that answer the query"
+    embedder = next(d for d in app["deployments"] if d["name"] == "Embedder")
+    assert embedder["ray_actor_options"]["num_gpus"] == 1
+    assert embedder["autoscaling_config"]["max_replicas"] > embedder["autoscaling_config"]["min_replicas"]
+
+
+def test_unknown_arg_keys_are_errors():
+    with pytest.raises(ValueError):
+        AppArgs.model_validate({"models": [{"name": "m", "source": "s"}], "batch_size": 3})
+    with pytest.raises(ValueError):
+        AppArgs.model_validate({"models": [{"name": "m", "source": "s"}, {"name": "m", "source": "t"}]})

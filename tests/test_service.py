@@ -1,0 +1,239 @@
+"""End to end: a real Serve instance over HTTP, called with the official openai client and httpx.
+
+Vectors are checked against the independent per-text references in tests/reference.py.
+"""
+
+import asyncio
+import base64
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import yaml
+
+from tests.conftest import SFR_TASK, TINY_MAX_TOKENS
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_REQUEST_BYTES = 1 << 20
+MAX_REQUEST_TOKENS = 20_000
+WORDS = "the quick brown fox jumps over lazy dog cat sleeps in warm sun search vectors".split()
+
+
+def local_config_model() -> dict:
+    """The model entry of deploy/local.yaml, so the test serves exactly what users start."""
+    config = yaml.safe_load((ROOT / "deploy/local.yaml").read_text())
+    return config["applications"][0]["args"]["models"][0]
+
+
+@pytest.fixture(scope="module")
+def base_url(ray_session, tiny_family):
+    from ray import serve
+
+    from serve_app.deployments.app import build_app
+
+    args = {
+        "models": [
+            {
+                "name": "tiny-sfr",
+                "source": str(tiny_family["base"]),
+                "query_instruction": SFR_TASK,
+                "max_input_tokens": TINY_MAX_TOKENS,
+                "max_batch_tokens": 512,  # small, so large requests fan out over many chunks
+            },
+            {
+                "name": "tiny-sfr-lora",
+                "source": str(tiny_family["base"]),
+                "adapter": str(tiny_family["adapter"]),
+                "max_input_tokens": TINY_MAX_TOKENS,
+            },
+            local_config_model(),
+        ],
+        "limits": {"max_request_bytes": MAX_REQUEST_BYTES, "max_tokens_per_request": MAX_REQUEST_TOKENS},
+    }
+    serve.run(build_app(args), name="embeddings", route_prefix="/")
+    yield ray_session
+    serve.delete("embeddings")
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(base_url):
+    with httpx.Client(base_url=base_url, timeout=60) as c:
+        yield c
+
+
+def texts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 30)))) + f" {i}" for i in range(n)]
+
+
+def vectors(response) -> np.ndarray:
+    assert [d.index for d in response.data] == list(range(len(response.data)))
+    return np.array([d.embedding for d in response.data], dtype=np.float32)
+
+
+def test_health_and_models(http):
+    assert http.get("/health").json()["status"] == "ready"
+    models = http.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny-sfr", "tiny-sfr-lora", "all-MiniLM-L6-v2"]
+    assert http.get("/v1/models/tiny-sfr").json()["id"] == "tiny-sfr"
+    assert http.get("/v1/models/nope").status_code == 404
+
+
+def test_openai_client_default_base64_equals_reference(client, base_reference):
+    batch = texts(8)
+    response = client.embeddings.create(model="tiny-sfr", input=batch)  # the client asks for base64
+    np.testing.assert_allclose(vectors(response), base_reference.embed(batch), atol=1e-5)
+    assert response.model == "tiny-sfr"
+    expected_tokens = sum(len(base_reference.token_ids(t)) for t in batch)
+    assert response.usage.prompt_tokens == response.usage.total_tokens == expected_tokens
+
+
+def test_float_and_base64_carry_the_same_vectors(http):
+    body = {"model": "tiny-sfr", "input": ["how do cats sleep", "x"]}
+    as_float = http.post("/v1/embeddings", json=body | {"encoding_format": "float"}).json()
+    as_b64 = http.post("/v1/embeddings", json=body | {"encoding_format": "base64"}).json()
+    for f, b in zip(as_float["data"], as_b64["data"]):
+        decoded = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
+        np.testing.assert_array_equal(np.array(f["embedding"], dtype=np.float32), decoded)
+
+
+def test_every_input_form(client, base_reference):
+    text = "how do cats sleep"
+    ids = base_reference.tokenizer(text)["input_ids"]  # what a user's tokenizer returns: no EOS
+    expected = base_reference.embed([text])[0]
+    for value in (text, [text], ids, [ids, ids]):
+        got = vectors(client.embeddings.create(model="tiny-sfr", input=value, encoding_format="float"))
+        np.testing.assert_allclose(got, np.broadcast_to(expected, got.shape), atol=1e-5)
+
+
+def test_query_instruction_and_custom_instruction(http, base_reference):
+    query = ["how do cats sleep", "why do dogs dream"]
+    default = http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": query, "input_type": "query"}).json()
+    np.testing.assert_allclose(
+        [d["embedding"] for d in default["data"]], base_reference.embed(query, SFR_TASK), atol=1e-5
+    )
+    task = "Retrieve code that answers the question"
+    custom = http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": query, "instruction": task}).json()
+    np.testing.assert_allclose([d["embedding"] for d in custom["data"]], base_reference.embed(query, task), atol=1e-5)
+    assert custom["usage"]["prompt_tokens"] == sum(len(base_reference.token_ids(q, task)) for q in query)
+    document = http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": query, "input_type": "document"})
+    np.testing.assert_allclose([d["embedding"] for d in document.json()["data"]], base_reference.embed(query), atol=1e-5)
+
+
+def test_dimensions_truncate_and_renormalize(client, base_reference):
+    full = base_reference.embed(["how do cats sleep"])[0][:16]
+    got = vectors(client.embeddings.create(model="tiny-sfr", input="how do cats sleep", dimensions=16))[0]
+    np.testing.assert_allclose(got, full / np.linalg.norm(full), atol=1e-5)
+
+
+def test_truncate_cuts_to_the_limit(http, base_reference):
+    long_text = "the quick brown fox " * 40
+    refused = http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": long_text})
+    assert refused.status_code == 400 and f"maximum input length is {TINY_MAX_TOKENS}" in refused.json()["error"]["message"]
+    cut = http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": long_text, "truncate": True}).json()
+    assert cut["usage"]["prompt_tokens"] == TINY_MAX_TOKENS
+    np.testing.assert_allclose(cut["data"][0]["embedding"], base_reference.embed([long_text])[0], atol=1e-5)
+
+
+def test_500_inputs_come_back_in_order(client, base_reference):
+    batch = texts(500, seed=1)
+    got = vectors(client.embeddings.create(model="tiny-sfr", input=batch))
+    np.testing.assert_allclose(got, base_reference.embed(batch), atol=1e-5)
+
+
+def test_64_concurrent_requests_each_get_their_own_vectors(base_url, base_reference):
+    requests = [texts(int(n), seed=100 + k) for k, n in enumerate(np.random.default_rng(2).integers(1, 6, size=64))]
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        responses = await asyncio.gather(*(client.embeddings.create(model="tiny-sfr", input=r) for r in requests))
+        await client.close()
+        return responses
+
+    for batch, response in zip(requests, asyncio.run(run())):
+        np.testing.assert_allclose(vectors(response), base_reference.embed(batch), atol=1e-5)
+
+
+def test_base_plus_adapter_serves_the_merged_model(client, merged_reference):
+    batch = texts(5, seed=3)
+    got = vectors(client.embeddings.create(model="tiny-sfr-lora", input=batch))
+    np.testing.assert_allclose(got, merged_reference.embed(batch), atol=1e-5)
+
+
+def test_local_config_model_matches_sentence_transformers(client):
+    from tests.reference import minilm_reference
+
+    batch = ["A man is eating food.", "A man is riding a horse.", "embeddings for search"]
+    got = vectors(client.embeddings.create(model="all-MiniLM-L6-v2", input=batch))
+    np.testing.assert_allclose(got, minilm_reference(batch), atol=1e-5)
+
+
+BAD_REQUESTS = [
+    (b"{not json", 400, "invalid_json"),
+    (b"[1, 2]", 400, "invalid_request"),
+    ({"model": "tiny-sfr"}, 400, "missing_required_parameter"),
+    ({"input": "hi"}, 400, "missing_required_parameter"),
+    ({"model": "tiny-sfr", "input": ""}, 400, None),
+    ({"model": "tiny-sfr", "input": []}, 400, None),
+    ({"model": "tiny-sfr", "input": ["ok", ""]}, 400, None),
+    ({"model": "tiny-sfr", "input": [1, 2.5]}, 400, None),
+    ({"model": "tiny-sfr", "input": [[1, 2], ["a"]]}, 400, None),
+    ({"model": "tiny-sfr", "input": [1, 99999]}, 400, "invalid_token_id"),
+    ({"model": "tiny-sfr", "input": [[-3]]}, 400, "invalid_token_id"),
+    ({"model": "tiny-sfr", "input": ["x"] * 2049}, 400, "too_many_inputs"),
+    ({"model": "tiny-sfr", "input": ["the quick brown fox " * 12] * 500}, 400, "too_many_tokens"),
+    ({"model": "tiny-sfr", "input": "the quick brown fox " * 40}, 400, "context_length_exceeded"),
+    ({"model": "tiny-sfr", "input": "x", "encoding_format": "int8"}, 400, None),
+    ({"model": "tiny-sfr", "input": "x", "dimensions": 0}, 400, None),
+    ({"model": "tiny-sfr", "input": "x", "dimensions": 65}, 400, None),
+    ({"model": "tiny-sfr", "input": "x", "dimensions": 1.5}, 400, None),
+    ({"model": "tiny-sfr", "input": [1, 2], "instruction": "task"}, 400, None),
+    ({"model": "tiny-sfr", "input": "x", "bogus": True}, 400, "unknown_parameter"),
+    ({"model": "no-such-model", "input": "x"}, 404, "model_not_found"),
+]
+
+
+@pytest.mark.parametrize("body, status, code", BAD_REQUESTS, ids=range(len(BAD_REQUESTS)))
+def test_bad_input_gets_an_openai_error(http, body, status, code):
+    content = body if isinstance(body, bytes) else None
+    response = http.post("/v1/embeddings", content=content, json=None if content else body,
+                         headers={"content-type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code
+
+
+def test_oversized_body_is_413(http):
+    body = b'{"model": "tiny-sfr", "input": "' + b"a" * MAX_REQUEST_BYTES + b'"}'
+    response = http.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+def test_unknown_routes_and_methods_are_openai_shaped(http):
+    for response in (http.get("/v1/nothing"), http.get("/v1/embeddings")):
+        assert response.status_code in (404, 405) and "error" in response.json()
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="no-such-model", input="x")
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="tiny-sfr", input="")
+
+
+def test_service_is_healthy_and_correct_after_bad_input(http, client, base_reference):
+    for body, _, _ in BAD_REQUESTS:
+        http.post("/v1/embeddings", content=body if isinstance(body, bytes) else None,
+                  json=None if isinstance(body, bytes) else body)
+    assert http.get("/health").status_code == 200
+    got = vectors(client.embeddings.create(model="tiny-sfr", input=["still correct"]))
+    np.testing.assert_allclose(got, base_reference.embed(["still correct"]), atol=1e-5)

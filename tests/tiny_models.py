@@ -1,0 +1,106 @@
+"""Builds a tiny SFR-like model family on disk: tokenizer, base model, LoRA adapter, merged model.
+
+The tokenizer mimics SFR-Embedding-Mistral's files: `tokenizer_config.json` claims
+`add_eos_token: true`, but the `tokenizer.json` post-processor adds only `<s>`, so with
+transformers 5 `tokenizer(text)` yields no EOS — the trap the service must not fall into.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+CORPUS = [
+    "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: ",
+    "the quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun",
+    "embeddings turn text into vectors so that search and retrieval can compare meaning",
+    "how many hours a day do cats sleep, and why do dogs dream about chasing rabbits",
+    "Ray Serve batches requests on the GPU and autoscales replicas across a cluster",
+    "numbers 0 1 2 3 4 5 6 7 8 9 and punctuation . , ; : ? ! ' \" - ( ) [ ] / are common",
+]
+ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:?!'\"-()[]/\n") + ["▁"]
+
+
+def build_tokenizer(directory: Path) -> None:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=ALPHABET
+    )
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    # Like SFR's tokenizer.json: only <s> is added, whatever tokenizer_config.json says.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": True,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "</s>",
+        "padding_side": "right",
+        "model_max_length": 1000000000000000019884624838656,
+        "tokenizer_class": "LlamaTokenizer",
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def write_sentence_transformers_files(directory: Path) -> None:
+    """SFR ships Transformer + last-token Pooling modules and no Normalize module."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (directory / "modules.json").write_text(json.dumps(modules))
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    (directory / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 64, "pooling_mode_lasttoken": True, "pooling_mode_mean_tokens": False})
+    )
+
+
+def build_family(root: Path) -> dict[str, Path]:
+    """root/base (model + tokenizer), root/adapter (LoRA), root/merged (base+adapter, merged)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, MistralConfig, MistralModel
+
+    base, adapter, merged = root / "base", root / "adapter", root / "merged"
+    build_tokenizer(base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        sliding_window=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = MistralModel(config).eval()
+    model.save_pretrained(base)
+    write_sentence_transformers_files(base)
+
+    torch.manual_seed(1)
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        init_lora_weights=False,  # random A and B, so the adapter really changes the vectors
+    )
+    peft_model = get_peft_model(MistralModel.from_pretrained(base), lora)
+    peft_model.save_pretrained(adapter)
+    merged_model = peft_model.merge_and_unload()
+    merged_model.save_pretrained(merged)
+    build_tokenizer(merged)
+    write_sentence_transformers_files(merged)
+    return {"base": base, "adapter": adapter, "merged": merged}
