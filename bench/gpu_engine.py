@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -250,7 +251,7 @@ def build_sentence_transformer(model, device: str, stats: RunStats):
         modalities = ["text"]
 
         def __init__(self, inner):
-            torch.nn.Module.__init__(self)
+            super().__init__()
             self.inner = inner
 
         def preprocess(self, inputs, prompt=None, **kwargs):
@@ -281,8 +282,8 @@ class Method:
     """A way to embed a workload. `prepare` shapes the inputs and is not timed."""
 
     name: str
-    run: object  # prepared inputs -> (vectors, RunStats)
-    prepare: object = lambda seqs: seqs
+    run: Callable[[list], tuple[np.ndarray, RunStats]]
+    prepare: Callable[[list[list[int]]], list] = lambda seqs: seqs
 
 
 def make_st_method(model, device: str) -> Method:
@@ -590,12 +591,11 @@ def write_chart(ctx: Context, out_dir: Path) -> None:
     except ImportError:
         return
     workloads = list(dict.fromkeys(r.workload for r in ctx.rows))
-    methods = list(dict.fromkeys(r.method for r in ctx.rows))
     fig, axes = plt.subplots(1, len(workloads), figsize=(4 * len(workloads), 4))
     for ax, workload in zip(np.atleast_1d(axes), workloads):
         rows = [r for r in ctx.rows if r.workload == workload]
         ax.bar(range(len(rows)), [r.tokens_per_s for r in rows])
-        ax.set_xticks(range(len(rows)), [m.split(" ")[0] for m in methods], rotation=20)
+        ax.set_xticks(range(len(rows)), [r.method.split(" ")[0] for r in rows], rotation=20)
         ax.set_title(workload)
         ax.set_ylabel("tokens/s")
     fig.suptitle(f"Engine vs baselines — {ctx.device_name}")
@@ -651,7 +651,7 @@ def main() -> None:
     print(f"  min cosine {check['min_cosine']:.6f} -> {'PASS' if check['passed'] else 'FAIL'}", flush=True)
 
     matmul_n = 8192 if device.startswith("cuda") else 1024
-    peak = measure_matmul_peak(device, dtype, matmul_n, iters=20 if device.startswith("cuda") else 5)
+    peak = measure_matmul_peak(device, dtype, matmul_n, iters=50 if device.startswith("cuda") else 5)
     print(f"matmul peak {peak:.2f} TFLOP/s ({matmul_n}³ {dtype})", flush=True)
 
     config = mistral_config("small" if args.small else "sfr")

@@ -42,6 +42,7 @@ def ray_session():
     from ray import serve
 
     ray.init(
+        address="local",  # always a fresh instance of our own, never a cluster found on the machine
         num_cpus=8,
         include_dashboard=False,
         log_to_driver=False,
