@@ -151,7 +151,7 @@ def make_workloads(rng: np.random.Generator, vocab: int, scale: str) -> dict[str
     counts = {
         "full": dict(docs=256, mixed=384, queries=4096),  # ~131 k, ~160 k, ~131 k tokens
         "quick": dict(docs=128, mixed=192, queries=2048),
-        "small": dict(docs=32, mixed=48, queries=512),  # CPU smoke run
+        "small": dict(docs=16, mixed=32, queries=256),  # CPU smoke run: checks the script only
     }[scale]
     longest = 1024 if scale == "small" else 2048  # CPU attention over 32×2048 padded rows is slow
     return {

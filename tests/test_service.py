@@ -17,7 +17,7 @@ from tests.conftest import SFR_TASK, TINY_MAX_TOKENS
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_REQUEST_BYTES = 1 << 20
-MAX_REQUEST_TOKENS = 20_000
+MAX_REQUEST_TOKENS = 2048 * TINY_MAX_TOKENS  # exactly the worst case of tiny-sfr
 WORDS = "the quick brown fox jumps over lazy dog cat sleeps in warm sun search vectors".split()
 
 
@@ -46,7 +46,7 @@ def base_url(ray_session, tiny_family):
                 "name": "tiny-sfr-lora",
                 "source": str(tiny_family["base"]),
                 "adapter": str(tiny_family["adapter"]),
-                "max_input_tokens": TINY_MAX_TOKENS,
+                "max_input_tokens": 1024,
             },
             local_config_model(),
         ],
@@ -148,6 +148,18 @@ def test_500_inputs_come_back_in_order(client, base_reference):
     np.testing.assert_allclose(got, base_reference.embed(batch), atol=1e-5)
 
 
+def test_worst_case_request_fans_out_and_completes(client, base_reference):
+    """2048 inputs at the length limit: 256 chunks of one full batch each, in order."""
+    rng = np.random.default_rng(4)
+    vocab = len(base_reference.tokenizer)
+    ids = [[1] + [int(t) for t in rng.integers(3, vocab, size=TINY_MAX_TOKENS - 2)] for _ in range(2048)]
+    response = client.embeddings.create(model="tiny-sfr", input=ids)
+    assert len(response.data) == 2048 and response.usage.prompt_tokens == MAX_REQUEST_TOKENS
+    got = vectors(response)
+    for i in (0, 1, 777, 2047):
+        np.testing.assert_allclose(got[i], base_reference.embed_ids(ids[i] + [2]), atol=1e-5)
+
+
 def test_64_concurrent_requests_each_get_their_own_vectors(base_url, base_reference):
     requests = [texts(int(n), seed=100 + k) for k, n in enumerate(np.random.default_rng(2).integers(1, 6, size=64))]
 
@@ -188,7 +200,7 @@ BAD_REQUESTS = [
     ({"model": "tiny-sfr", "input": [1, 99999]}, 400, "invalid_token_id"),
     ({"model": "tiny-sfr", "input": [[-3]]}, 400, "invalid_token_id"),
     ({"model": "tiny-sfr", "input": ["x"] * 2049}, 400, "too_many_inputs"),
-    ({"model": "tiny-sfr", "input": ["the quick brown fox " * 12] * 500}, 400, "too_many_tokens"),
+    ({"model": "tiny-sfr-lora", "input": [[7] * 1000] * 132}, 400, "too_many_tokens"),
     ({"model": "tiny-sfr", "input": "the quick brown fox " * 40}, 400, "context_length_exceeded"),
     # Large enough to be tokenized by the Tokenizer deployment rather than in the ingress:
     ({"model": "tiny-sfr", "input": ["a sentence with some words"] * 400 + ["the quick brown fox " * 40]},
