@@ -1,4 +1,5 @@
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,8 +42,10 @@ def ray_session():
     import ray
     from ray import serve
 
+    metrics_port = free_port()
     ray.init(
-        address="local",  # always a fresh instance of our own, never a cluster found on the machine
+        address="local",
+        _metrics_export_port=metrics_port,  # Prometheus endpoint, checked by the metrics test  # always a fresh instance of our own, never a cluster found on the machine
         num_cpus=8,
         include_dashboard=False,
         log_to_driver=False,
@@ -50,6 +53,6 @@ def ray_session():
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
     serve.shutdown()
     ray.shutdown()

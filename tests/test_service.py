@@ -5,6 +5,9 @@ Vectors are checked against the independent per-text references in tests/referen
 
 import asyncio
 import base64
+import json
+import re
+import time
 from pathlib import Path
 
 import httpx
@@ -53,7 +56,7 @@ def base_url(ray_session, tiny_family):
         "limits": {"max_request_bytes": MAX_REQUEST_BYTES, "max_tokens_per_request": MAX_REQUEST_TOKENS},
     }
     serve.run(build_app(args), name="embeddings", route_prefix="/")
-    yield ray_session
+    yield ray_session.url
     serve.delete("embeddings")
 
 
@@ -253,3 +256,29 @@ def test_service_is_healthy_and_correct_after_bad_input(http, client, base_refer
     assert http.get("/health").status_code == 200
     got = vectors(client.embeddings.create(model="tiny-sfr", input=["still correct"]))
     np.testing.assert_allclose(got, base_reference.embed(["still correct"]), atol=1e-5)
+
+
+def test_request_id_is_returned(http):
+    given = http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": "x"}, headers={"X-Request-ID": "abc-123"})
+    assert given.headers["x-request-id"] == "abc-123"
+    created = http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": "x"})
+    assert created.headers.get("x-request-id")
+
+
+def test_every_metric_the_grafana_dashboard_plots_exists(http, ray_session):
+    """After traffic (the tests above), Ray's Prometheus endpoint exports every plotted series."""
+    dashboard = json.loads((ROOT / "deploy/grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    wanted = {name for expr in exprs for name in re.findall(r"\bray_[a-z_]+", expr)}
+    assert len(wanted) >= 10
+    http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": "fresh traffic"})
+    missing = wanted
+    deadline = time.monotonic() + 60  # metrics reach the exporter every few seconds
+    while missing and time.monotonic() < deadline:
+        text = httpx.get(ray_session.metrics_url, timeout=10).text
+        exported = set(re.findall(r"^(ray_[a-z_]+)", text, flags=re.M))
+        missing = wanted - exported
+        if missing:
+            time.sleep(2)
+    assert not missing, f"plotted but not exported: {sorted(missing)}"
+    assert 'status="400"' in text and 'model="tiny-sfr"' in text

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import numpy as np
 import torch
 from ray import serve
 
+from serve_app.deployments.autoscaling import BACKLOG_REQUESTS, BACKLOG_TOKENS
+from serve_app.deployments.metrics import EmbedderMetrics
 from serve_app.engine.embedder import EmbeddingEngine
 from serve_app.engine.spec import ModelSpec
 
 
 def count_tokens(chunks: list[list[list[int]]]) -> int:
     return sum(len(ids) for chunk in chunks for ids in chunk)
+
+
+def count_queued_tokens(items: list[tuple[list[list[int]], float]]) -> int:
+    return count_tokens([chunk for chunk, _ in items])
 
 
 @serve.deployment(name="Embedder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
@@ -28,16 +35,45 @@ class Embedder:
         self.engine = EmbeddingEngine.load(self.spec)
         self._embed_batch.set_max_batch_size(self.spec.max_batch_tokens)
         self._embed_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        # Work held by this replica (queued in the batcher or in the forward pass).
+        self.backlog_tokens = 0
+        self.backlog_requests = 0
+        self.metrics = EmbedderMetrics()
+        self.metrics_tags = {"model": self.spec.name}
 
     async def embed(self, chunk: list[list[int]]) -> np.ndarray:
         """Vectors for one chunk (whose tokens fit the batch budget), in order."""
-        return await self._embed_batch(chunk)
+        tokens = sum(len(ids) for ids in chunk)
+        self._change_backlog(tokens, 1)
+        try:
+            return await self._embed_batch((chunk, time.perf_counter()))
+        finally:
+            self._change_backlog(-tokens, -1)
 
-    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, batch_size_fn=count_tokens)
-    async def _embed_batch(self, chunks: list[list[list[int]]]) -> list[np.ndarray]:
+    def _change_backlog(self, tokens: int, requests: int) -> None:
+        self.backlog_tokens += tokens
+        self.backlog_requests += requests
+        self.metrics.backlog_tokens.set(self.backlog_tokens, self.metrics_tags)
+        self.metrics.backlog_requests.set(self.backlog_requests, self.metrics_tags)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Read by Serve's autoscaler; see autoscaling.TokenBacklogPolicy."""
+        return {BACKLOG_TOKENS: self.backlog_tokens, BACKLOG_REQUESTS: self.backlog_requests}
+
+    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, batch_size_fn=count_queued_tokens)
+    async def _embed_batch(self, items: list[tuple[list[list[int]], float]]) -> list[np.ndarray]:
+        started = time.perf_counter()
+        for _, queued_at in items:
+            self.metrics.queue_wait.observe(started - queued_at, self.metrics_tags)
+        chunks = [chunk for chunk, _ in items]
         flat = [ids for chunk in chunks for ids in chunk]
+        real, padded = self.engine.real_tokens, self.engine.padded_tokens
         # Off the event loop, so new requests keep queueing (and batches fill) while it runs.
         vectors = await asyncio.to_thread(self.engine.embed, flat)
+        self.metrics.forward.observe(time.perf_counter() - started, self.metrics_tags)
+        real, padded = self.engine.real_tokens - real, self.engine.padded_tokens - padded
+        self.metrics.batch_tokens.observe(real, self.metrics_tags)
+        self.metrics.padding_ratio.observe(1.0 - real / padded if padded else 0.0, self.metrics_tags)
         bounds = np.cumsum([len(chunk) for chunk in chunks])[:-1]
         return np.split(vectors, bounds)
 

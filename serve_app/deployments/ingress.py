@@ -10,6 +10,7 @@ import numpy as np
 import orjson
 from fastapi import FastAPI, Request, Response
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -18,11 +19,14 @@ from serve_app.api.errors import OpenAIError, install_error_handlers, invalid
 from serve_app.api.limits import RequestLimits, check_counts, check_tokens, read_body
 from serve_app.api.schemas import EmbeddingRequest, parse_request
 from serve_app.deployments.embedder import count_tokens
+from serve_app.deployments.metrics import IngressMetrics
 from serve_app.engine.embedder import load_input_tokenizer
 from serve_app.engine.errors import InputError
 from serve_app.engine.spec import ModelSpec
 
-logger = logging.getLogger(__name__)
+# Serve formats this logger's lines (JSON with `logging_config.encoding: JSON`) and stamps
+# each with the request id it took from, or created for, the X-Request-ID header.
+logger = logging.getLogger("ray.serve")
 
 TOKENIZE_SLICE = 256  # inputs per tokenizer call: large requests spread over tokenizer replicas
 # Requests up to this size are tokenized in the ingress itself: for short queries the
@@ -37,6 +41,17 @@ def _is_small(inputs) -> bool:
     if inputs.texts is not None:
         return sum(len(text) for text in inputs.texts) <= LOCAL_TOKENIZE_MAX_CHARS
     return sum(len(ids) for ids in inputs.token_ids) <= LOCAL_CHECK_MAX_IDS
+
+
+class _StageTimer:
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = now - self._last
+        self._last = now
 
 
 # Module-level helpers must be defined above the deployment class: Serve pickles the class
@@ -60,6 +75,7 @@ class Ingress:
         self.embedders = embedders
         self.limits = RequestLimits.model_validate(limits)
         self.created = int(time.time())
+        self.metrics = IngressMetrics()
         self._described: dict[str, dict] = {}
         # Tokenizer files only (no weights): small requests are tokenized here.
         self.local_tokenizers = {name: load_input_tokenizer(spec) for name, spec in self.specs.items()}
@@ -69,6 +85,22 @@ class Ingress:
 
     @api.post("/v1/embeddings")
     async def create_embeddings(self, request: Request) -> Response:
+        started = time.perf_counter()
+        # Only configured names become metric labels: clients can send any string as model.
+        labels = {"model": "unknown", "key": "anonymous"}
+        status = 500
+        try:
+            response = await self._create_embeddings(request, labels)
+            status = 200
+            return response
+        except OpenAIError as exc:
+            status = exc.status
+            raise
+        finally:
+            self.metrics.requests.inc(tags=labels | {"status": str(status)})
+            self.metrics.latency.observe(time.perf_counter() - started, tags={"model": labels["model"]})
+
+    async def _create_embeddings(self, request: Request, labels: dict[str, str]) -> Response:
         body = await read_body(request, self.limits.max_request_bytes)
         try:
             payload = orjson.loads(body)
@@ -76,21 +108,34 @@ class Ingress:
             raise invalid("The request body is not valid JSON.", None, "invalid_json") from None
         req = parse_request(payload)
         spec = self._spec(req.model)
+        labels["model"] = spec.name
         info = await self._describe(spec.name)
         check_counts(len(req.inputs), self.limits)
         if req.dimensions is not None and req.dimensions > info["dimensions"]:
             raise invalid(
                 f"dimensions must be at most {info['dimensions']} for model '{spec.name}'.", "dimensions"
             )
+        timer = _StageTimer()
         ids = await self._tokenize(spec, req)
         n_tokens = sum(len(seq) for seq in ids)
         check_tokens(n_tokens, self.limits)
+        timer.lap("tokenize")
         vectors = await self._embed(spec.name, ids, info["max_batch_tokens"])
+        timer.lap("embed")
         vectors = apply_dimensions(vectors, req.dimensions, info["normalize"])
-        return Response(
-            render_embeddings(vectors, spec.name, n_tokens, req.encoding_format),
-            media_type="application/json",
+        body = render_embeddings(vectors, spec.name, n_tokens, req.encoding_format)
+        timer.lap("encode")
+        self.metrics.input_tokens.inc(n_tokens, tags=labels)
+        self.metrics.inputs.inc(len(ids), tags=labels)
+        for stage, seconds in timer.laps.items():
+            self.metrics.stage.observe(seconds, tags={"model": spec.name, "stage": stage})
+        # Counts and timings only: input text never goes to the logs.
+        logger.info(
+            "embeddings %s",
+            orjson.dumps({"model": spec.name, "inputs": len(ids), "tokens": n_tokens}
+                         | {f"{k}_ms": round(v * 1000, 2) for k, v in timer.laps.items()}).decode(),
         )
+        return Response(body, media_type="application/json")
 
     @api.get("/v1/models")
     async def list_models(self) -> dict:
@@ -190,13 +235,21 @@ class Ingress:
         calls = []
         for name, positions in by_model.items():
             flat = [ids for p in positions for ids in items[p][1]]
-            calls.append(self.embedders[name].embed.remote(flat))
+            calls.append(self._call_embedder(name, flat))
         results: list[np.ndarray] = [None] * len(items)  # type: ignore[list-item]
         for positions, vectors in zip(by_model.values(), await self._gather(calls)):
             bounds = np.cumsum([len(items[p][1]) for p in positions])[:-1]
             for p, part in zip(positions, np.split(vectors, bounds)):
                 results[p] = part
         return results
+
+    async def _call_embedder(self, name: str, sequences: list[list[int]]) -> np.ndarray:
+        """Embedding is idempotent: if the replica dies mid-batch, retry once on another."""
+        try:
+            return await self.embedders[name].embed.remote(sequences)
+        except (RayActorError, ActorUnavailableError) as exc:
+            logger.warning("Embedder replica lost (%s); retrying the chunk once", type(exc).__name__)
+            return await self.embedders[name].embed.remote(sequences)
 
     @staticmethod
     async def _gather(calls) -> list:
