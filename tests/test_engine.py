@@ -142,6 +142,13 @@ def test_micro_batches_respect_the_budget_and_cover_every_input():
     assert padding_ratio(lengths, plan) < 0.1  # sorting keeps padding small
 
 
+def test_short_rows_are_not_padded_to_long_neighbours():
+    lengths = [200] * 8 + [20] * 64
+    plan = plan_micro_batches(lengths, max_tokens=8192)
+    assert {batch.width for batch in plan} == {200, 20}
+    assert padding_ratio(lengths, plan) == 0.0
+
+
 def test_spec_rejects_unknown_keys_and_impossible_budgets():
     with pytest.raises(ValueError, match="extra"):
         ModelSpec(name="m", source="s", pooling_mode="mean")

@@ -83,7 +83,7 @@ class Embedder:
             "dimensions": self.engine.dimensions,
             "max_input_tokens": resolved.max_input_tokens,
             "max_batch_tokens": self.spec.max_batch_tokens,
-            "pooling": resolved.pooling,
+            "pooling": self.engine.pooling,
             "normalize": self.spec.normalize,
             "device": self.engine.device,
         }

@@ -15,18 +15,24 @@ class MicroBatch:
         return self.width * len(self.indices)
 
 
-def plan_micro_batches(lengths: list[int], max_tokens: int, max_rows: int = 512) -> list[MicroBatch]:
+def plan_micro_batches(
+    lengths: list[int], max_tokens: int, max_rows: int = 512, max_stretch: float = 1.5
+) -> list[MicroBatch]:
     """Sort by length and cut greedily so no micro-batch exceeds `max_tokens` padded tokens.
 
     Sorting first means each row is padded only to the longest of its neighbours in length,
-    not to the longest of the whole batch (which is what FIFO batching pays for).
+    not to the longest of the whole batch (which is what FIFO batching pays for). A batch is
+    also cut where the next row is more than `max_stretch` times shorter than its widest row,
+    once the batch is big enough (an eighth of the budget) to keep the device busy on its own.
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
     batches: list[MicroBatch] = []
     current: list[int] = []
     for index in order:
         width = lengths[current[0]] if current else lengths[index]
-        if current and (width * (len(current) + 1) > max_tokens or len(current) >= max_rows):
+        full = width * (len(current) + 1) > max_tokens or len(current) >= max_rows
+        wasteful = width > max_stretch * lengths[index] and width * len(current) >= max_tokens // 8
+        if current and (full or wasteful):
             batches.append(MicroBatch(current, lengths[current[0]]))
             current = []
         current.append(index)

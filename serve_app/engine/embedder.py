@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import torch
 
-from .batching import padding_ratio, plan_micro_batches
-from .loading import ResolvedSpec, load_model, load_tokenizer, resolve_spec
+from .batching import plan_micro_batches
+from .loading import load_model, load_tokenizer, resolve_spec
 from .spec import ModelSpec
 from .tokenization import InputTokenizer
 
@@ -42,13 +42,15 @@ class EmbeddingEngine:
     depend on its batch-mates. Pooling reads each row at its own length.
     """
 
-    def __init__(self, resolved: ResolvedSpec, model, device: str):
-        self.resolved = resolved
-        self.model = model
+    def __init__(self, model, device: str, pooling: str, normalize: bool, max_batch_tokens: int):
+        self.model = model.eval()
         self.device = device
+        self.pooling = pooling
+        self.normalize = normalize
+        self.max_batch_tokens = max_batch_tokens
         self.dimensions = int(model.config.hidden_size)
-        self.max_batch_tokens = resolved.spec.max_batch_tokens
         self.pin_memory = device.startswith("cuda")
+        self.resolved = None  # what load() decided from the model's files, when it loaded them
         # Running totals for metrics and benchmarks.
         self.real_tokens = 0
         self.padded_tokens = 0
@@ -59,38 +61,39 @@ class EmbeddingEngine:
         resolved = resolve_spec(spec, tokenizer)
         device = pick_device(spec.device)
         model = load_model(resolved, device, pick_dtype(spec.dtype, device))
-        return cls(resolved, model, device)
+        engine = cls(model, device, resolved.pooling, spec.normalize, spec.max_batch_tokens)
+        engine.resolved = resolved
+        return engine
 
     @torch.inference_mode()
     def embed(self, sequences: list[list[int]]) -> np.ndarray:
         """One float32 row per sequence, in the order given."""
         lengths = [len(ids) for ids in sequences]
         plan = plan_micro_batches(lengths, self.max_batch_tokens)
-        out = np.empty((len(sequences), self.dimensions), dtype=np.float32)
+        out = torch.empty((len(sequences), self.dimensions), dtype=torch.float32, device=self.device)
         for batch in plan:
             rows = [sequences[i] for i in batch.indices]
             vectors = self._forward([lengths[i] for i in batch.indices], rows, batch.width)
-            out[batch.indices] = vectors.cpu().numpy()
+            index = torch.as_tensor(batch.indices, device=self.device)
+            out.index_copy_(0, index, vectors)
+        # One device-to-host copy per call: the loop above only queues GPU work, so the host
+        # prepares the next micro-batch while the device runs the previous one.
         self.real_tokens += sum(lengths)
         self.padded_tokens += sum(b.padded_tokens for b in plan)
-        return out
-
-    def padding_ratio_of(self, lengths: list[int]) -> float:
-        return padding_ratio(lengths, plan_micro_batches(lengths, self.max_batch_tokens))
+        return out.cpu().numpy()
 
     def _forward(self, lengths: list[int], rows: list[list[int]], width: int) -> torch.Tensor:
         ids = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, (row, n) in enumerate(zip(rows, lengths)):
-            ids[r, :n] = torch.as_tensor(row, dtype=torch.long)
-            mask[r, :n] = 1
+        for r, row in enumerate(rows):
+            ids[r, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        mask = (torch.arange(width) < torch.as_tensor(lengths).unsqueeze(1)).long()
         if self.pin_memory:
             ids, mask = ids.pin_memory(), mask.pin_memory()
         ids = ids.to(self.device, non_blocking=True)
         mask = mask.to(self.device, non_blocking=True)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = pool(hidden, mask, self.resolved.pooling)
-        if self.resolved.spec.normalize:
+        pooled = pool(hidden, mask, self.pooling)
+        if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
         return pooled
 
