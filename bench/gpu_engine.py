@@ -42,8 +42,6 @@ sys.path.insert(0, str(REPO_ROOT))
 
 try:
     from serve_app.engine.embedder import EmbeddingEngine, pick_dtype
-    from serve_app.engine.loading import ResolvedSpec
-    from serve_app.engine.spec import ModelSpec
 except ImportError as exc:  # e.g. pydantic missing on a bare GPU image: say so plainly
     sys.exit(f"cannot import serve_app.engine ({exc}); run from the repo root with its dependencies")
 
@@ -107,13 +105,13 @@ def build_random_model(config, device: str, dtype: torch.dtype, seed: int):
     assert next(model.parameters()).dtype == dtype, "model was not built in the requested dtype"
     model = model.to_empty(device=device)
     torch.manual_seed(seed)
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.dim() == 1:  # RMSNorm gains: 1 as in a trained model, so activations stay sane
             param.fill_(1.0)
         else:
             param.normal_(mean=0.0, std=0.02)
     # RoPE's inverse frequencies are non-persistent buffers computed in __init__: to_empty left
-    # them as garbage, so build the rotary module again, directly on the device (in float32).
+    # them as garbage, so build the rotary module again (float32, as from_pretrained keeps it).
     model.rotary_emb = type(model.rotary_emb)(config=model.config).to(device)
     return model.eval()
 
@@ -124,12 +122,8 @@ def non_embedding_params(model) -> int:
 
 
 def make_engine(model, device: str, max_batch_tokens: int) -> EmbeddingEngine:
-    """Our engine around an in-memory model: a ResolvedSpec stands in for files and tokenizer."""
-    spec = ModelSpec(name="sfr-random", source="random", max_batch_tokens=max_batch_tokens)
-    resolved = ResolvedSpec(
-        spec=spec, path="", pooling="last_token", append_eos=True, max_input_tokens=4096
-    )
-    return EmbeddingEngine(resolved, model, device)
+    """Our engine around an in-memory model (SFR's pooling: last token, L2-normalized)."""
+    return EmbeddingEngine(model, device, "last_token", True, max_batch_tokens)
 
 
 # --------------------------------------------------------------------------- workloads
