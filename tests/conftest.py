@@ -1,7 +1,9 @@
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -10,6 +12,9 @@ from tests.reference import SFRReference  # noqa: E402
 from tests.tiny_models import build_family  # noqa: E402
 
 TINY_MAX_TOKENS = 64
+ROOT = Path(__file__).resolve().parent.parent
+MAX_REQUEST_BYTES = 1 << 20
+MAX_REQUEST_TOKENS = 2048 * TINY_MAX_TOKENS  # exactly the worst case of tiny-sfr
 SFR_TASK = "Given a web search query, retrieve relevant passages that answer the query"
 
 
@@ -56,3 +61,53 @@ def ray_session():
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}", metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
     serve.shutdown()
     ray.shutdown()
+
+
+def local_config_model() -> dict:
+    """The model entry of deploy/local.yaml, so the test serves exactly what users start."""
+    config = yaml.safe_load((ROOT / "deploy/local.yaml").read_text())
+    return config["applications"][0]["args"]["models"][0]
+
+
+@pytest.fixture(scope="session")
+def api_keys(tmp_path_factory) -> SimpleNamespace:
+    """Two real keys, stored hashed in a keys file: `tester` unlimited, `limited` at 3 requests/min."""
+    from serve_app.api.auth import generate_key, hash_key
+
+    keys = SimpleNamespace(tester=generate_key(), limited=generate_key())
+    keys.file = tmp_path_factory.mktemp("auth") / "api_keys"
+    keys.file.write_text(f"tester:{hash_key(keys.tester)}\nlimited:{hash_key(keys.limited)}\n")
+    return keys
+
+
+@pytest.fixture(scope="session")
+def base_url(ray_session, tiny_family, api_keys):
+    """The test app, served once per session: tiny SFR-like models plus deploy/local.yaml's model."""
+    from ray import serve
+
+    from serve_app.deployments.app import build_app
+
+    args = {
+        "models": [
+            {
+                "name": "tiny-sfr",
+                "source": str(tiny_family["base"]),
+                "query_instruction": SFR_TASK,
+                "max_input_tokens": TINY_MAX_TOKENS,
+                "max_batch_tokens": 512,  # small, so large requests fan out over many chunks
+            },
+            {
+                "name": "tiny-sfr-lora",
+                "source": str(tiny_family["base"]),
+                "adapter": str(tiny_family["adapter"]),
+                "max_input_tokens": 1024,
+            },
+            local_config_model(),
+        ],
+        "limits": {"max_request_bytes": MAX_REQUEST_BYTES, "max_tokens_per_request": MAX_REQUEST_TOKENS},
+        "auth": {"keys_file": str(api_keys.file)},
+        "rate_limits": {"per_key": {"limited": {"requests_per_minute": 3}}},
+    }
+    serve.run(build_app(args), name="embeddings", route_prefix="/")
+    yield ray_session.url
+    serve.delete("embeddings")

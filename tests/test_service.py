@@ -16,58 +16,18 @@ import openai
 import pytest
 import yaml
 
-from tests.conftest import SFR_TASK, TINY_MAX_TOKENS
-
-ROOT = Path(__file__).resolve().parent.parent
-MAX_REQUEST_BYTES = 1 << 20
-MAX_REQUEST_TOKENS = 2048 * TINY_MAX_TOKENS  # exactly the worst case of tiny-sfr
+from tests.conftest import MAX_REQUEST_BYTES, MAX_REQUEST_TOKENS, ROOT, SFR_TASK, TINY_MAX_TOKENS
 WORDS = "the quick brown fox jumps over lazy dog cat sleeps in warm sun search vectors".split()
 
 
-def local_config_model() -> dict:
-    """The model entry of deploy/local.yaml, so the test serves exactly what users start."""
-    config = yaml.safe_load((ROOT / "deploy/local.yaml").read_text())
-    return config["applications"][0]["args"]["models"][0]
+@pytest.fixture(scope="module")
+def client(base_url, api_keys):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_keys.tester, max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
-def base_url(ray_session, tiny_family):
-    from ray import serve
-
-    from serve_app.deployments.app import build_app
-
-    args = {
-        "models": [
-            {
-                "name": "tiny-sfr",
-                "source": str(tiny_family["base"]),
-                "query_instruction": SFR_TASK,
-                "max_input_tokens": TINY_MAX_TOKENS,
-                "max_batch_tokens": 512,  # small, so large requests fan out over many chunks
-            },
-            {
-                "name": "tiny-sfr-lora",
-                "source": str(tiny_family["base"]),
-                "adapter": str(tiny_family["adapter"]),
-                "max_input_tokens": 1024,
-            },
-            local_config_model(),
-        ],
-        "limits": {"max_request_bytes": MAX_REQUEST_BYTES, "max_tokens_per_request": MAX_REQUEST_TOKENS},
-    }
-    serve.run(build_app(args), name="embeddings", route_prefix="/")
-    yield ray_session.url
-    serve.delete("embeddings")
-
-
-@pytest.fixture(scope="module")
-def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def http(base_url):
-    with httpx.Client(base_url=base_url, timeout=60) as c:
+def http(base_url, api_keys):
+    with httpx.Client(base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {api_keys.tester}"}) as c:
         yield c
 
 
@@ -163,11 +123,11 @@ def test_worst_case_request_fans_out_and_completes(client, base_reference):
         np.testing.assert_allclose(got[i], base_reference.embed_ids(ids[i] + [2]), atol=1e-5)
 
 
-def test_64_concurrent_requests_each_get_their_own_vectors(base_url, base_reference):
+def test_64_concurrent_requests_each_get_their_own_vectors(base_url, api_keys, base_reference):
     requests = [texts(int(n), seed=100 + k) for k, n in enumerate(np.random.default_rng(2).integers(1, 6, size=64))]
 
     async def run():
-        client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=api_keys.tester, max_retries=0, timeout=120)
         responses = await asyncio.gather(*(client.embeddings.create(model="tiny-sfr", input=r) for r in requests))
         await client.close()
         return responses
@@ -258,6 +218,30 @@ def test_service_is_healthy_and_correct_after_bad_input(http, client, base_refer
     np.testing.assert_allclose(got, base_reference.embed(["still correct"]), atol=1e-5)
 
 
+def test_api_keys_are_required_on_v1_routes(base_url, api_keys):
+    body = {"model": "tiny-sfr", "input": "x"}
+    for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": f"Basic {api_keys.tester}"}):
+        for response in (httpx.post(f"{base_url}/v1/embeddings", json=body, headers=headers),
+                         httpx.get(f"{base_url}/v1/models", headers=headers)):
+            assert response.status_code == 401
+            error = response.json()["error"]
+            assert error["code"] == "invalid_api_key" and api_keys.tester not in response.text
+    assert httpx.get(f"{base_url}/health").status_code == 200  # probes need no key
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base_url}/v1", api_key="sk-wrong", max_retries=0).embeddings.create(
+            model="tiny-sfr", input="x")
+
+
+def test_per_key_rate_limit_is_429_with_retry_after(base_url, api_keys, http):
+    headers = {"Authorization": f"Bearer {api_keys.limited}"}
+    statuses = [httpx.post(f"{base_url}/v1/embeddings", json={"model": "tiny-sfr", "input": "x"}, headers=headers)
+                for _ in range(4)]
+    assert [r.status_code for r in statuses] == [200, 200, 200, 429]
+    assert int(statuses[-1].headers["retry-after"]) >= 1
+    assert statuses[-1].json()["error"]["code"] == "rate_limit_exceeded"
+    assert http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": "x"}).status_code == 200  # other keys unaffected
+
+
 def test_request_id_is_returned(http):
     given = http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": "x"}, headers={"X-Request-ID": "abc-123"})
     assert given.headers["x-request-id"] == "abc-123"
@@ -281,4 +265,4 @@ def test_every_metric_the_grafana_dashboard_plots_exists(http, ray_session):
         if missing:
             time.sleep(2)
     assert not missing, f"plotted but not exported: {sorted(missing)}"
-    assert 'status="400"' in text and 'model="tiny-sfr"' in text
+    assert 'status="400"' in text and 'model="tiny-sfr"' in text and 'key="tester"' in text

@@ -8,7 +8,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve import Application
 
+from serve_app.api.auth import AuthConfig
 from serve_app.api.limits import RequestLimits
+from serve_app.api.ratelimit import RateLimits
 from serve_app.engine.spec import ModelSpec
 
 from .embedder import Embedder
@@ -20,6 +22,9 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[ModelSpec] = Field(min_length=1)
+    # Required, so that running without API keys is always a written-down decision.
+    auth: AuthConfig
+    rate_limits: RateLimits = RateLimits()
     limits: RequestLimits = RequestLimits()
 
     @field_validator("models")
@@ -48,5 +53,10 @@ def build_app(args: dict) -> Application:
         tokenizers[spec.name] = Tokenizer.options(name=tokenizer_name).bind(spec_dict)
         embedders[spec.name] = Embedder.options(name=embedder_name).bind(spec_dict)
     return Ingress.bind(
-        [spec.model_dump() for spec in parsed.models], tokenizers, embedders, parsed.limits.model_dump()
+        [spec.model_dump() for spec in parsed.models],
+        tokenizers,
+        embedders,
+        parsed.limits.model_dump(),
+        parsed.auth.model_dump(),
+        parsed.rate_limits.model_dump(),
     )

@@ -14,9 +14,11 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.api.auth import AuthConfig, Authenticator
 from serve_app.api.encoding import apply_dimensions, render_embeddings
 from serve_app.api.errors import OpenAIError, install_error_handlers, invalid
 from serve_app.api.limits import RequestLimits, check_counts, check_tokens, read_body
+from serve_app.api.ratelimit import RateLimiter, RateLimits
 from serve_app.api.schemas import EmbeddingRequest, parse_request
 from serve_app.deployments.embedder import count_tokens
 from serve_app.deployments.metrics import IngressMetrics
@@ -69,11 +71,15 @@ class Ingress:
         tokenizers: dict[str, DeploymentHandle],
         embedders: dict[str, DeploymentHandle],
         limits: dict,
+        auth: dict,
+        rate_limits: dict,
     ):
         self.specs = {m["name"]: ModelSpec.model_validate(m) for m in models}
         self.tokenizers = tokenizers
         self.embedders = embedders
         self.limits = RequestLimits.model_validate(limits)
+        self.auth = Authenticator(AuthConfig.model_validate(auth))
+        self.rate = RateLimiter(RateLimits.model_validate(rate_limits), known_keys=self.auth.names)
         self.created = int(time.time())
         self.metrics = IngressMetrics()
         self._described: dict[str, dict] = {}
@@ -90,6 +96,8 @@ class Ingress:
         labels = {"model": "unknown", "key": "anonymous"}
         status = 500
         try:
+            labels["key"] = self.auth.authenticate(request.headers.get("authorization"))
+            self.rate.check_request(labels["key"])
             response = await self._create_embeddings(request, labels)
             status = 200
             return response
@@ -119,8 +127,14 @@ class Ingress:
         ids = await self._tokenize(spec, req)
         n_tokens = sum(len(seq) for seq in ids)
         check_tokens(n_tokens, self.limits)
+        self.rate.check_tokens(labels["key"], n_tokens)
         timer.lap("tokenize")
-        vectors = await self._embed(spec.name, ids, info["max_batch_tokens"])
+        try:
+            vectors = await self._embed(spec.name, ids, info["max_batch_tokens"])
+        except OpenAIError as exc:
+            if exc.status == 503:  # shed before any work was done: don't charge the key
+                self.rate.refund_tokens(labels["key"], n_tokens)
+            raise
         timer.lap("embed")
         vectors = apply_dimensions(vectors, req.dimensions, info["normalize"])
         body = render_embeddings(vectors, spec.name, n_tokens, req.encoding_format)
@@ -138,11 +152,13 @@ class Ingress:
         return Response(body, media_type="application/json")
 
     @api.get("/v1/models")
-    async def list_models(self) -> dict:
+    async def list_models(self, request: Request) -> dict:
+        self.auth.authenticate(request.headers.get("authorization"))
         return {"object": "list", "data": [self._model_card(name) for name in self.specs]}
 
     @api.get("/v1/models/{model_id:path}")
-    async def get_model(self, model_id: str) -> dict:
+    async def get_model(self, model_id: str, request: Request) -> dict:
+        self.auth.authenticate(request.headers.get("authorization"))
         return self._model_card(self._spec(model_id).name)
 
     @api.get("/health")
