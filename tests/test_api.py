@@ -93,3 +93,17 @@ def test_float_and_base64_encode_the_same_float32_values():
         decoded = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
         np.testing.assert_array_equal(decoded, vectors[i])
         np.testing.assert_array_equal(np.array(f["embedding"], dtype=np.float32), vectors[i])
+
+
+def test_inflight_token_bound_sheds_with_503_and_recovers():
+    from serve_app.api.limits import InflightTokens
+
+    budget = InflightTokens(limit=100)
+    budget.acquire(80)
+    with pytest.raises(OpenAIError) as err:
+        budget.acquire(30)
+    assert err.value.status == 503 and err.value.headers["Retry-After"] == "1"
+    budget.release(80)
+    budget.acquire(500)  # alone, even an over-limit request runs rather than starving forever
+    budget.release(500)
+    assert budget.current == 0

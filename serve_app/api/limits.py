@@ -14,6 +14,35 @@ class RequestLimits(BaseModel):
     max_inputs_per_request: int = Field(default=2048, gt=0, description="OpenAI's limit is 2048.")
     max_tokens_per_request: int = Field(default=300_000, gt=0, description="OpenAI's limit is 300 000.")
     max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
+    max_inflight_tokens: int = Field(
+        default=4_000_000,
+        gt=0,
+        description="Tokens one Ingress replica may have in flight to the Embedders; beyond "
+        "it new requests get a fast 503 with Retry-After instead of queueing without bound.",
+    )
+
+
+class InflightTokens:
+    """Backpressure on real work: the tokens this ingress has sent and not yet had back."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.current = 0
+
+    def acquire(self, tokens: int) -> None:
+        # A request alone over the limit may still run when nothing else is in flight.
+        if self.current and self.current + tokens > self.limit:
+            raise OpenAIError(
+                503,
+                f"The service is overloaded ({self.current} tokens in flight); retry shortly.",
+                None,
+                "overloaded",
+                {"Retry-After": "1"},
+            )
+        self.current += tokens
+
+    def release(self, tokens: int) -> None:
+        self.current -= tokens
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -33,6 +33,10 @@ class Embedder:
         threads = self.spec.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
         torch.set_num_threads(max(1, threads))
         self.engine = EmbeddingEngine.load(self.spec)
+        # Warm up (allocator, kernels, lazy init) before Serve marks the replica ready, so the
+        # first real request doesn't pay for it and /health means "ready to serve".
+        self.engine.embed([[0] * min(16, self.spec.max_batch_tokens)])
+        self.engine.real_tokens = self.engine.padded_tokens = 0
         self._embed_batch.set_max_batch_size(self.spec.max_batch_tokens)
         self._embed_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
         # Work held by this replica (queued in the batcher or in the forward pass).

@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.api.auth import AuthConfig, Authenticator
 from serve_app.api.encoding import apply_dimensions, render_embeddings
 from serve_app.api.errors import OpenAIError, install_error_handlers, invalid
-from serve_app.api.limits import RequestLimits, check_counts, check_tokens, read_body
+from serve_app.api.limits import InflightTokens, RequestLimits, check_counts, check_tokens, read_body
 from serve_app.api.ratelimit import RateLimiter, RateLimits
 from serve_app.api.schemas import EmbeddingRequest, parse_request
 from serve_app.deployments.embedder import count_tokens
@@ -78,6 +78,7 @@ class Ingress:
         self.tokenizers = tokenizers
         self.embedders = embedders
         self.limits = RequestLimits.model_validate(limits)
+        self.inflight = InflightTokens(self.limits.max_inflight_tokens)
         self.auth = Authenticator(AuthConfig.model_validate(auth))
         self.rate = RateLimiter(RateLimits.model_validate(rate_limits), known_keys=self.auth.names)
         self.created = int(time.time())
@@ -130,7 +131,11 @@ class Ingress:
         self.rate.check_tokens(labels["key"], n_tokens)
         timer.lap("tokenize")
         try:
-            vectors = await self._embed(spec.name, ids, info["max_batch_tokens"])
+            self.inflight.acquire(n_tokens)
+            try:
+                vectors = await self._embed(spec.name, ids, info["max_batch_tokens"])
+            finally:
+                self.inflight.release(n_tokens)
         except OpenAIError as exc:
             if exc.status == 503:  # shed before any work was done: don't charge the key
                 self.rate.refund_tokens(labels["key"], n_tokens)
