@@ -30,9 +30,9 @@ class Embedder:
         self.spec = ModelSpec.model_validate(spec)
         # Ray sets OMP_NUM_THREADS from the replica's num_cpus; match torch to it so that
         # replicas sharing a machine don't oversubscribe its cores.
-        threads = self.spec.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
-        torch.set_num_threads(max(1, threads))
-        self.engine = EmbeddingEngine.load(self.spec)
+        threads = max(1, self.spec.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
+        torch.set_num_threads(threads)
+        self.engine = EmbeddingEngine.load(self.spec, cpu_threads=threads)
         # Warm up (allocator, kernels, lazy init) before Serve marks the replica ready, so the
         # first real request doesn't pay for it and /health means "ready to serve".
         self.engine.embed([[0] * min(16, self.spec.max_batch_tokens)])
