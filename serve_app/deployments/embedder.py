@@ -24,7 +24,13 @@ def count_queued_tokens(items: list[tuple[list[list[int]], float]]) -> int:
     return count_tokens([chunk for chunk, _ in items])
 
 
-@serve.deployment(name="Embedder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+# A replica being replaced (redeploy) or scaled down serves the chunks already queued at it
+# before it exits; Serve force-kills it after graceful_shutdown_timeout_s (default 20 s), and a
+# queue admitted under load can take longer than that (up to max_ongoing_requests chunks of
+# max_batch_tokens). Keep this below the Ingress's GRACEFUL_SHUTDOWN_TIMEOUT_S, so that an
+# ingress outlives the drain and can retry a chunk lost to a force-kill.
+@serve.deployment(name="Embedder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
+                  graceful_shutdown_timeout_s=120)
 class Embedder:
     def __init__(self, spec: dict):
         self.spec = ModelSpec.model_validate(spec)

@@ -38,6 +38,13 @@ LOCAL_CHECK_MAX_IDS = 16384
 # Chunks from concurrent requests are coalesced for this long into one Embedder call.
 COALESCE_WAIT_S = float(os.environ.get("EMBED_COALESCE_WAIT_S", "0.002"))
 HEALTH_TIMEOUT_S = 10.0
+# A replaced or scaled-down Ingress replica finishes the requests it holds before it exits;
+# Serve force-kills it after graceful_shutdown_timeout_s (default 20 s) and the proxy answers
+# each request still running with a plain 500. Those requests wait on the Embedders, whose old
+# replicas drain their own queues for up to *their* timeout (Embedder below: 120 s; deploy/
+# config.yaml: 60 s) and whose lost chunks the ingress retries once: this must outlast both.
+# The drain ends as soon as nothing is in flight, so a long bound costs an idle replica nothing.
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 180.0
 
 def _is_small(inputs) -> bool:
     if inputs.texts is not None:
@@ -62,7 +69,8 @@ api = FastAPI(title="Embeddings (OpenAI-compatible)", version="0.1.0")
 install_error_handlers(api)
 
 
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256,
+                  graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S)
 @serve.ingress(api)
 class Ingress:
     def __init__(
