@@ -295,6 +295,7 @@ def summarize(
         "failures": dict(failures),
         "texts": texts,
         "tokens": tokens,
+        "tokens_source": "counted" if tokens_of is not None else "usage",  # usage: as the server reports it
         "usage_tokens": usage_tokens,
         "wall_s": wall_s,
         "requests_per_s": per(len(ok)),
@@ -313,7 +314,8 @@ def format_summary(s: dict) -> str:
     ms = lambda v: "n/a" if v is None else f"{v * 1000:.0f} ms"  # noqa: E731
     line = (
         f"{s['ok']}/{s['requests']} ok in {s['wall_s']:.1f} s: {s['texts_per_s'] or 0:.1f} texts/s, "
-        f"{s['tokens_per_s'] or 0:.0f} tokens/s, {s['requests_per_s'] or 0:.1f} req/s, "
+        f"{s['tokens_per_s'] or 0:.0f} {'usage-' if s.get('tokens_source') == 'usage' else ''}tokens/s, "
+        f"{s['requests_per_s'] or 0:.1f} req/s, "
         f"p50 {ms(lat['p50_s'])}, p99 {ms(lat['p99_s'])}"
     )
     if s["failures"]:
