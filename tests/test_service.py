@@ -43,6 +43,7 @@ def vectors(response) -> np.ndarray:
 
 def test_health_and_models(http):
     assert http.get("/health").json()["status"] == "ready"
+    assert http.get("/health/live").json()["status"] == "alive"
     models = http.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny-sfr", "tiny-sfr-lora", "all-MiniLM-L6-v2"]
     assert http.get("/v1/models/tiny-sfr").json()["id"] == "tiny-sfr"

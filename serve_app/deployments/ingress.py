@@ -174,6 +174,11 @@ class Ingress:
         self.auth.authenticate(request.headers.get("authorization"))
         return self._model_card(self._spec(model_id).name)
 
+    @api.get("/health/live")
+    async def live(self) -> Response:
+        """Liveness: this ingress answers; says nothing about the models (that is /health)."""
+        return Response(orjson.dumps({"status": "alive"}), media_type="application/json")
+
     @api.get("/health")
     async def health(self) -> Response:
         """Ready only when every tokenizer and embedder has loaded its model and answers."""
