@@ -11,13 +11,10 @@ import torch
 from ray import serve
 
 from serve_app.deployments.autoscaling import BACKLOG_REQUESTS, BACKLOG_TOKENS
+from serve_app.deployments.chunks import count_tokens, flatten, split_rows
 from serve_app.deployments.metrics import EmbedderMetrics
 from serve_app.engine.embedder import EmbeddingEngine
 from serve_app.engine.spec import ModelSpec
-
-
-def count_tokens(chunks: list[list[list[int]]]) -> int:
-    return sum(len(ids) for chunk in chunks for ids in chunk)
 
 
 def count_queued_tokens(items: list[tuple[list[list[int]], float]]) -> int:
@@ -76,7 +73,7 @@ class Embedder:
         for _, queued_at in items:
             self.metrics.queue_wait.observe(started - queued_at, self.metrics_tags)
         chunks = [chunk for chunk, _ in items]
-        flat = [ids for chunk in chunks for ids in chunk]
+        flat = flatten(chunks)
         real, padded = self.engine.real_tokens, self.engine.padded_tokens
         # Off the event loop, so new requests keep queueing (and batches fill) while it runs.
         vectors = await asyncio.to_thread(self.engine.embed, flat)
@@ -84,8 +81,7 @@ class Embedder:
         real, padded = self.engine.real_tokens - real, self.engine.padded_tokens - padded
         self.metrics.batch_tokens.observe(real, self.metrics_tags)
         self.metrics.padding_ratio.observe(1.0 - real / padded if padded else 0.0, self.metrics_tags)
-        bounds = np.cumsum([len(chunk) for chunk in chunks])[:-1]
-        return np.split(vectors, bounds)
+        return split_rows(vectors, chunks)
 
     def describe(self) -> dict:
         resolved = self.engine.resolved

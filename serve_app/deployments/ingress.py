@@ -3,7 +3,6 @@
 
 import asyncio
 import logging
-import os
 import time
 
 import numpy as np
@@ -20,7 +19,7 @@ from serve_app.api.errors import OpenAIError, install_error_handlers, invalid
 from serve_app.api.limits import InflightTokens, RequestLimits, check_counts, check_tokens, read_body
 from serve_app.api.ratelimit import RateLimiter, RateLimits
 from serve_app.api.schemas import EmbeddingRequest, parse_request
-from serve_app.deployments.embedder import count_tokens
+from serve_app.deployments.chunks import count_tokens, flatten, split_rows
 from serve_app.deployments.metrics import IngressMetrics
 from serve_app.engine.embedder import load_input_tokenizer
 from serve_app.engine.errors import InputError
@@ -33,10 +32,10 @@ logger = logging.getLogger("ray.serve")
 TOKENIZE_SLICE = 256  # inputs per tokenizer call: large requests spread over tokenizer replicas
 # Requests up to this size are tokenized in the ingress itself: for short queries the
 # round trip to the Tokenizer deployment costs far more CPU than the tokenization.
-LOCAL_TOKENIZE_MAX_CHARS = int(os.environ.get("EMBED_LOCAL_TOKENIZE_MAX_CHARS", "8192"))
+LOCAL_TOKENIZE_MAX_CHARS = 8192
 LOCAL_CHECK_MAX_IDS = 16384
 # Chunks from concurrent requests are coalesced for this long into one Embedder call.
-COALESCE_WAIT_S = float(os.environ.get("EMBED_COALESCE_WAIT_S", "0.002"))
+COALESCE_WAIT_S = 0.002
 HEALTH_TIMEOUT_S = 10.0
 # A replaced or scaled-down Ingress replica finishes the requests it holds before it exits;
 # Serve force-kills it after graceful_shutdown_timeout_s (default 20 s) and the proxy answers
@@ -266,14 +265,11 @@ class Ingress:
         by_model: dict[str, list[int]] = {}
         for position, (name, _) in enumerate(items):
             by_model.setdefault(name, []).append(position)
-        calls = []
-        for name, positions in by_model.items():
-            flat = [ids for p in positions for ids in items[p][1]]
-            calls.append(self._call_embedder(name, flat))
+        chunks_by_model = {name: [items[p][1] for p in positions] for name, positions in by_model.items()}
+        calls = [self._call_embedder(name, flatten(chunks)) for name, chunks in chunks_by_model.items()]
         results: list[np.ndarray] = [None] * len(items)  # type: ignore[list-item]
-        for positions, vectors in zip(by_model.values(), await self._gather(calls)):
-            bounds = np.cumsum([len(items[p][1]) for p in positions])[:-1]
-            for p, part in zip(positions, np.split(vectors, bounds)):
+        for positions, chunks, vectors in zip(by_model.values(), chunks_by_model.values(), await self._gather(calls)):
+            for p, part in zip(positions, split_rows(vectors, chunks)):
                 results[p] = part
         return results
 

@@ -1,0 +1,19 @@
+"""Chunks: lists of token-id sequences that travel to an Embedder together and come back as
+one array of rows. Shared by the Ingress (coalescing) and the Embedder (batching)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def count_tokens(chunks: list[list[list[int]]]) -> int:
+    return sum(len(ids) for chunk in chunks for ids in chunk)
+
+
+def flatten(chunks: list[list[list[int]]]) -> list[list[int]]:
+    return [ids for chunk in chunks for ids in chunk]
+
+
+def split_rows(vectors: np.ndarray, chunks: list[list[list[int]]]) -> list[np.ndarray]:
+    """The rows computed for `flatten(chunks)`, cut back into one array per chunk."""
+    return np.split(vectors, np.cumsum([len(chunk) for chunk in chunks])[:-1])
