@@ -14,10 +14,10 @@ from .tokenization import InputTokenizer
 
 logger = logging.getLogger(__name__)
 
-# On CPU, micro-batches below this many padded tokens run on one thread: an OpenMP barrier
-# per op costs more than the op itself, and when the cores are shared (HTTP proxy, ingress)
-# a descheduled second thread turns each barrier into a wait of a whole time slice
-# (measured on 2 busy cores: 8 queries in 37-92 ms on 1 thread, 730-900 ms on 2).
+# On CPU, micro-batches below this many padded tokens run on one thread: when the cores are
+# shared (HTTP proxy, ingress), a descheduled second thread stalls every OpenMP barrier.
+# `python -m bench.cpu_threads` (bench/results/cpu_threads.md): with one core busy, 8 queries
+# take 2.5x longer on 2 threads than on 1; on a quiet machine 2 threads save a third.
 SINGLE_THREAD_BELOW_TOKENS = 1024
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
