@@ -202,7 +202,7 @@ class TokenCounter:
     """
 
     def __init__(self, spec):
-        from serve_app.engine.embedder import load_input_tokenizer
+        from serve_app.engine.tokenization import load_input_tokenizer
 
         self.tokenizer = load_input_tokenizer(spec)
         self.cache: dict[tuple[str, int], int] = {}

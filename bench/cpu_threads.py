@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from serve_app.engine.embedder import EmbeddingEngine, load_input_tokenizer
+from serve_app.engine.embedder import EmbeddingEngine
+from serve_app.engine.tokenization import load_input_tokenizer
 from serve_app.engine.spec import ModelSpec
 
 WORDS = "the quick brown fox jumps over lazy dog cat sleeps in warm sun search vectors".split()

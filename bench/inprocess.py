@@ -19,7 +19,8 @@ from .loadgen import RequestRecord
 
 class EngineRunner:
     def __init__(self, spec):
-        from serve_app.engine.embedder import EmbeddingEngine, load_input_tokenizer
+        from serve_app.engine.embedder import EmbeddingEngine
+        from serve_app.engine.tokenization import load_input_tokenizer
 
         self.spec = spec
         self.tokenizer = load_input_tokenizer(spec)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from serve_app.engine.batching import padding_ratio, plan_micro_batches
-from serve_app.engine.embedder import EmbeddingEngine, load_input_tokenizer
+from serve_app.engine.embedder import EmbeddingEngine
+from serve_app.engine.tokenization import load_input_tokenizer
 from serve_app.engine.errors import InputError
 from serve_app.engine.spec import ModelSpec, format_query
 from tests.conftest import SFR_TASK, TINY_MAX_TOKENS
@@ -154,3 +155,14 @@ def test_spec_rejects_unknown_keys_and_impossible_budgets():
         ModelSpec(name="m", source="s", pooling_mode="mean")
     with pytest.raises(ValueError, match="max_batch_tokens"):
         ModelSpec(name="m", source="s", max_input_tokens=4096, max_batch_tokens=1024)
+
+
+def test_host_memory_trim_is_rate_limited(monkeypatch):
+    from serve_app.engine.host_memory import HostMemoryTrimmer
+
+    calls = []
+    trimmer = HostMemoryTrimmer(min_interval_s=60.0)
+    monkeypatch.setattr(trimmer, "_malloc_trim", lambda pad: calls.append(pad) or 1)
+    for _ in range(5):
+        trimmer.maybe_trim()
+    assert calls == [0]  # once, then not again within the interval

@@ -21,7 +21,7 @@ from serve_app.api.ratelimit import RateLimiter, RateLimits
 from serve_app.api.schemas import EmbeddingRequest, parse_request
 from serve_app.deployments.chunks import count_tokens, flatten, split_rows
 from serve_app.deployments.metrics import IngressMetrics
-from serve_app.engine.embedder import load_input_tokenizer
+from serve_app.engine.tokenization import load_input_tokenizer
 from serve_app.engine.errors import InputError
 from serve_app.engine.spec import ModelSpec
 
@@ -239,6 +239,9 @@ class Ingress:
         slices = [items[i : i + TOKENIZE_SLICE] for i in range(0, len(items), TOKENIZE_SLICE)]
         calls = [call.remote(s, *extra, k * TOKENIZE_SLICE) for k, s in enumerate(slices)]
         results = await self._gather(calls)
+        for part in results:
+            if isinstance(part, InputError):
+                raise invalid(part.message, part.param, part.code)
         return [ids for part in results for ids in part]
 
     async def _embed(self, name: str, ids: list[list[int]], budget: int) -> np.ndarray:
@@ -283,12 +286,9 @@ class Ingress:
 
     @staticmethod
     async def _gather(calls) -> list:
-        """Await Serve calls, mapping replica-side input errors and overload to OpenAI errors."""
+        """Await Serve calls, mapping overload to an OpenAI error."""
         try:
             return await asyncio.gather(*calls)
-        except InputError as exc:
-            cause = getattr(exc, "cause", exc)  # Ray wraps remote exceptions; the cause has our fields
-            raise invalid(cause.message, cause.param, cause.code) from None
         except BackPressureError:
             raise OpenAIError(
                 503, "The service is overloaded; retry shortly.", None, "overloaded", {"Retry-After": "1"}

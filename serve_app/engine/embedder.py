@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from .batching import plan_micro_batches
+from .host_memory import HostMemoryTrimmer
 from .loading import load_model, load_tokenizer, resolve_spec
 from .spec import ModelSpec
-from .tokenization import InputTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,6 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
     return _DTYPES[requested]
 
 
-def load_input_tokenizer(spec: ModelSpec) -> InputTokenizer:
-    tokenizer = load_tokenizer(spec)
-    return InputTokenizer(tokenizer, resolve_spec(spec, tokenizer))
-
-
 class EmbeddingEngine:
     """Runs a model over batches of token-id sequences.
 
@@ -59,6 +54,7 @@ class EmbeddingEngine:
         self.max_batch_tokens = max_batch_tokens
         self.dimensions = int(model.config.hidden_size)
         self.pin_memory = device.startswith("cuda")
+        self.host_memory = HostMemoryTrimmer()
         self.resolved = None  # what load() decided from the model's files, when it loaded them
         # Running totals for metrics and benchmarks.
         self.real_tokens = 0
@@ -92,7 +88,9 @@ class EmbeddingEngine:
         # prepares the next micro-batch while the device runs the previous one.
         self.real_tokens += sum(lengths)
         self.padded_tokens += sum(b.padded_tokens for b in plan)
-        return out.cpu().numpy()
+        vectors = out.cpu().numpy()
+        self.host_memory.maybe_trim()
+        return vectors
 
     def _forward(self, lengths: list[int], rows: list[list[int]], width: int) -> torch.Tensor:
         ids = torch.zeros((len(rows), width), dtype=torch.long)

@@ -8,8 +8,8 @@ tokenizer alone yields none), and truncating *before* that EOS so it is never cu
 from __future__ import annotations
 
 from .errors import InputError
-from .loading import ResolvedSpec
-from .spec import format_query
+from .loading import ResolvedSpec, load_tokenizer, resolve_spec
+from .spec import ModelSpec, format_query
 
 
 class InputTokenizer:
@@ -77,3 +77,9 @@ class InputTokenizer:
             "to the limit.",
             code="context_length_exceeded",
         )
+
+
+def load_input_tokenizer(spec: ModelSpec) -> InputTokenizer:
+    """The tokenizer files only (no weights, no torch): what the Ingress and Tokenizer need."""
+    tokenizer = load_tokenizer(spec)
+    return InputTokenizer(tokenizer, resolve_spec(spec, tokenizer))
