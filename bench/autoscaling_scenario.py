@@ -57,6 +57,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.scenario_common import hard_deadline, serve_run, wait_healthy, wait_running  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -245,45 +247,11 @@ def serve_config(handle: ClusterHandle, args: dict, embedder: dict) -> dict:
 
 
 def deploy(handle: ClusterHandle, config: dict, timeout_s: float = 180.0) -> None:
-    """The two calls `serve run <config file>` makes (ray/serve/scripts.py), then wait RUNNING."""
-    from ray import serve
-    from ray.serve._private import api as serve_api
-    from ray.serve.config import gRPCOptions
+    """Deploy as `serve run <config file>` does, then wait for RUNNING."""
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(config)
-    client = serve_api.serve_start(
-        http_options=schema.http_options.model_dump(),
-        proxy_location=schema.proxy_location,
-        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
-        controller_options=schema.controller_options,
-    )
-    client.deploy_apps(schema, _blocking=False)
-    handle.controller = client._controller
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        app = serve.status().applications.get(APP)
-        status = str(app.status) if app else "NOT_STARTED"
-        if status.endswith("RUNNING"):
-            return
-        if status.endswith("DEPLOY_FAILED"):
-            raise RuntimeError(f"deploy failed: {app.message}")
-        time.sleep(1.0)
-    raise TimeoutError(f"application not RUNNING after {timeout_s} s")
-
-
-def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=15, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise TimeoutError("/health never answered 200")
+    handle.controller = serve_run(ServeDeploySchema.model_validate(config))._controller
+    wait_running(APP, timeout_s, poll_s=1.0)
 
 
 @dataclass
@@ -872,10 +840,7 @@ def main(argv=None) -> int:
     load_at_start = os.getloadavg()[0]
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    import signal
-
-    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("scenario exceeded --max-wall-s")))
-    signal.alarm(int(opts.max_wall_s))
+    hard_deadline(opts.max_wall_s, "the autoscaling scenario")
 
     tmp = Path(tempfile.mkdtemp(prefix="autoscaling-model-"))
     handle = None
@@ -937,7 +902,7 @@ def main(argv=None) -> int:
         print(f"wrote {out.with_suffix('.png')}, .md, .json")
         return 0 if all(report["checks"].values()) else 1
     finally:
-        signal.alarm(0)
+        hard_deadline(0, "the autoscaling scenario")
         if handle is not None:
             stop_cluster(handle)
         shutil.rmtree(tmp, ignore_errors=True)

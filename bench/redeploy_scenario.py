@@ -68,8 +68,8 @@ from bench.soak_scenario import (  # noqa: E402
     read_config,
     start_ray,
     stop_ray,
-    wait_healthy,
 )
+from bench.scenario_common import hard_deadline, wait_healthy  # noqa: E402
 from bench.workloads import make_document, make_query  # noqa: E402
 
 MIN_COSINE = 0.99999
@@ -611,12 +611,7 @@ def main(argv=None) -> int:
     wall0 = time.monotonic()
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-
-    def _alarm(*_):
-        raise TimeoutError("redeploy scenario exceeded --max-wall-s")
-
-    signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(int(opts.max_wall_s))
+    hard_deadline(opts.max_wall_s, "the redeploy scenario")
     temp_dir = None
     try:
         import ray
@@ -671,7 +666,7 @@ def main(argv=None) -> int:
                   f"bulk max {row['bulk']['max_s']}")
         return 0 if rep["passed"] else 1
     finally:
-        signal.alarm(0)
+        hard_deadline(0, "the redeploy scenario")
         stop_ray(temp_dir)
 
 

@@ -63,8 +63,8 @@ from bench.autoscaling_scenario import (  # noqa: E402
     start_cluster,
     stop_cluster,
     text_pool,
-    wait_healthy,
 )
+from bench.scenario_common import hard_deadline, wait_healthy  # noqa: E402
 
 MAX_ABS_DIFF = 1e-4
 
@@ -327,15 +327,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    import signal
-
     opts = parse_args(argv)
     wall0 = time.monotonic()
     load_at_start = os.getloadavg()[0]
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("scenario exceeded --max-wall-s")))
-    signal.alarm(int(opts.max_wall_s))
+    hard_deadline(opts.max_wall_s, "the replica-kill scenario")
     tmp = Path(tempfile.mkdtemp(prefix="replica-kill-model-"))
     handle = None
     try:
@@ -386,7 +383,7 @@ def main(argv=None) -> int:
         print(json.dumps({"summary": report["summary"], "checks": report["checks"]}, indent=1, default=str))
         return 0 if all(report["checks"].values()) else 1
     finally:
-        signal.alarm(0)
+        hard_deadline(0, "the replica-kill scenario")
         if handle is not None:
             stop_cluster(handle)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -26,6 +26,8 @@ import time
 
 import yaml
 
+from bench.scenario_common import serve_run
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
@@ -37,9 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
     from ray import serve
-    from ray.serve._private import api as serve_api
     from ray.serve._private.constants import SERVE_NAMESPACE
-    from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
     with open(args.config) as f:
@@ -58,14 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         init_kwargs["num_cpus"] = args.num_cpus
     ray.init(**init_kwargs)
     try:
-        # The same two calls `serve run <config file>` makes (ray/serve/scripts.py).
-        client = serve_api.serve_start(
-            http_options=config.http_options.model_dump(),
-            proxy_location=config.proxy_location,
-            grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
-            controller_options=config.controller_options,
-        )
-        client.deploy_apps(config, _blocking=False)
+        serve_run(config)
         print(f"DEPLOYING {args.config} on http://{config.http_options.host}:{config.http_options.port}", flush=True)
         reported = None
         while not stop.wait(1.0):

@@ -1,6 +1,6 @@
 """Soak test: steady mixed load for minutes, watching every Serve process's memory for a leak.
 
-What it does (bounded: `--minutes` of load, default 5, plus ~1 minute of start-up and
+What it does (bounded: `--minutes` of load, default 10, plus ~1 minute of start-up and
 teardown; a hard `signal.alarm` stops it at `--minutes` × 60 + 300 s):
 
   1. Starts a fresh Ray instance of its own (`ray.init(address="local")`, private temp dir,
@@ -13,8 +13,8 @@ teardown; a hard `signal.alarm` stops it at `--minutes` × 60 + 300 s):
      controller's replica details and the processes' command lines), and re-checks them every
      30 s so that a replaced replica shows up as a new PID instead of a silent gap.
   3. Drives closed-loop mixed load with `bench.loadgen.run_load` (`--clients` clients, default
-     8): mostly one short query per request (5–15 words), `--bulk-share` (10 %) of requests
-     are 64 documents of 20–300 words, all with `"truncate": true` (documents run past
+     8): one short query per request (5–15 words), or, for `--bulk-share` (50 %) of requests,
+     64 documents of 20–300 words, all with `"truncate": true` (documents run past
      MiniLM's 256 tokens) and `encoding_format: base64`. Texts are generated per request
      index from `bench.workloads`' helpers without caching, so the load generator's own
      memory stays flat and no two requests repeat.
@@ -32,7 +32,7 @@ teardown; a hard `signal.alarm` stops it at `--minutes` × 60 + 300 s):
 
 Usage (repository root, in the venv):
 
-    python -m bench.soak_scenario                 # 5 minutes of load
+    python -m bench.soak_scenario                 # 10 minutes of load, half of it bulk
     python -m bench.soak_scenario --minutes 1     # smoke run
 """
 
@@ -58,6 +58,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.loadgen import run_load, summarize  # noqa: E402
+from bench.scenario_common import hard_deadline, serve_run, wait_running  # noqa: E402
 from bench.workloads import Request, make_document, make_query  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -129,51 +130,14 @@ def stop_ray(temp_dir: str | None) -> None:
 
 
 def deploy_config(doc: dict, port: int, timeout_s: float = 240.0) -> None:
-    """What `serve run <config>` does (ray/serve/scripts.py), on our port; wait for RUNNING."""
-    from ray.serve._private import api as serve_api
-    from ray.serve.config import gRPCOptions
+    """Deploy as `serve run <config>` does, on 127.0.0.1:`port`; wait for RUNNING."""
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(doc)
     schema.http_options.host = "127.0.0.1"
     schema.http_options.port = port
-    client = serve_api.serve_start(
-        http_options=schema.http_options.model_dump(),
-        proxy_location=schema.proxy_location,
-        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
-        controller_options=schema.controller_options,
-    )
-    client.deploy_apps(schema, _blocking=False)
-    wait_running(timeout_s)
-
-
-def wait_running(timeout_s: float = 240.0, app: str = APP) -> float:
-    from ray import serve
-
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        status = serve.status().applications.get(app)
-        state = str(status.status) if status else "NOT_STARTED"
-        if state.endswith("RUNNING"):
-            return time.monotonic() - t0
-        if state.endswith("DEPLOY_FAILED"):
-            raise RuntimeError(f"deploy failed: {status.message}")
-        time.sleep(0.5)
-    raise TimeoutError(f"application {app!r} not RUNNING after {timeout_s} s")
-
-
-def wait_healthy(url: str, timeout_s: float = 120.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=15, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise TimeoutError("/health never answered 200")
+    serve_run(schema)
+    wait_running(APP, timeout_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,9 +556,9 @@ def write_markdown(path: Path, report: dict, opts) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, default=5.0, help="load duration (default 5)")
+    p.add_argument("--minutes", type=float, default=10.0, help="load duration (default 10)")
     p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--bulk-share", type=float, default=0.1, help="fraction of requests that are 64-document bulk")
+    p.add_argument("--bulk-share", type=float, default=0.5, help="fraction of requests that are 64-document bulk")
     p.add_argument("--docs-per-bulk", type=int, default=64)
     p.add_argument("--sample-s", type=float, default=5.0)
     p.add_argument("--warmup-min", type=float, default=1.0)
@@ -663,12 +627,7 @@ def main(argv=None) -> int:
     if opts.from_json:
         return reanalyse(opts)
     wall0 = time.monotonic()
-
-    def _alarm(*_):
-        raise TimeoutError("soak exceeded its hard wall-clock limit")
-
-    signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(int(opts.minutes * 60 + 300))
+    hard_deadline(opts.minutes * 60 + 300, "the soak")
     temp_dir = None
     try:
         import ray
@@ -707,7 +666,7 @@ def main(argv=None) -> int:
         log(f"wrote {out}.{{md,json,png}} ({time.monotonic() - wall0:.0f} s in all)")
         return 0 if report["passed"] else 1
     finally:
-        signal.alarm(0)
+        hard_deadline(0, "the soak")
         stop_ray(temp_dir)
 
 
