@@ -166,3 +166,16 @@ def test_host_memory_trim_is_rate_limited(monkeypatch):
     for _ in range(5):
         trimmer.maybe_trim()
     assert calls == [0]  # once, then not again within the interval
+
+
+def test_cpu_forward_passes_are_capped_and_configurable(tiny_family, base):
+    from serve_app.engine.embedder import CPU_MICRO_BATCH_TOKENS
+
+    assert base[1].micro_batch_tokens == 256  # max_batch_tokens, below the CPU cap
+    big = EmbeddingEngine.load(spec_for(tiny_family["base"], max_batch_tokens=16384))
+    assert big.micro_batch_tokens == CPU_MICRO_BATCH_TOKENS
+    small = EmbeddingEngine.load(spec_for(tiny_family["base"], micro_batch_tokens=8))
+    tokenizer = base[0]
+    ids = tokenizer.tokenize_texts(TEXTS, truncate=True)
+    # Many tiny passes give the same vectors as one big one.
+    np.testing.assert_allclose(small.embed(ids), big.embed(ids), atol=1e-5)

@@ -52,7 +52,14 @@ class ModelSpec(BaseModel):
     max_batch_tokens: int = Field(
         default=16384,
         gt=0,
-        description="Token budget of one embedder batch (padded tokens of one forward pass).",
+        description="Token budget of one Embedder batch (what @serve.batch collects; chunks of "
+        "larger requests are cut to fit it).",
+    )
+    micro_batch_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="Padded tokens of one forward pass (a batch runs as several). Default: "
+        "max_batch_tokens on a GPU; on CPU at most 2048, where smaller passes stay in cache.",
     )
     batch_wait_timeout_s: float = Field(
         default=0.005, ge=0, description="How long a replica waits for a batch to fill."
