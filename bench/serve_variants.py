@@ -1,0 +1,179 @@
+"""A/B of Serve-level settings on our served service: which ones buy throughput on this machine.
+
+    python -m bench.serve_variants                      # search, 3 rounds, ~10 min
+    python -m bench.serve_variants --workload bulk --rounds 2
+
+Each variant is deploy/local.yaml with one change. Every round starts each variant on its own
+fresh Ray instance (bench.servers.ServedSystem) and drives the same seeded workload at it
+(bench/loadgen.py, 127.0.0.1 only, bounded in requests and seconds); variants take turns
+within a round, so slow drifts of a shared machine hit them alike. Reported: texts/s per round,
+each variant's ratio to the shipped config *in the same round*, and the CPU each Serve process
+used. Writes bench/results/serve_variants_<workload>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from . import workloads as wls
+from .loadgen import format_summary, run_load_sync, summarize
+from .procstats import CpuMeter
+from .servers import REPO_ROOT, WORK_DIR, ServedSystem
+
+SHIPPED = REPO_ROOT / "deploy" / "local.yaml"
+RESULTS = REPO_ROOT / "bench" / "results"
+WARMUP_OFFSET = 1_000_000
+
+
+def _app(config: dict) -> dict:
+    return config["applications"][0]
+
+
+def _access_log(enabled: bool):
+    def change(config: dict) -> None:
+        _app(config).setdefault("logging_config", {})["enable_access_log"] = enabled
+    return change
+
+
+def _log_level(level: str):
+    def change(config: dict) -> None:
+        _app(config).setdefault("logging_config", {})["log_level"] = level
+    return change
+
+
+def _replica_env(**env: str):
+    def change(config: dict) -> None:
+        _app(config).setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env)
+    return change
+
+
+# name → (what it changes, how). Process-wide Serve flags (RAY_SERVE_THROUGHPUT_OPTIMIZED,
+# direct ingress) also govern the proxy and controller, which a config file cannot reach; the
+# replica-side subset can be set per application, which is what a `serve run` user can do.
+VARIANTS = {
+    "shipped": ("deploy/local.yaml as committed (access log off)", lambda config: None),
+    "access-log-on": ("Serve's per-request access log lines on in the replicas", _access_log(True)),
+    "log-level-warning": ("replicas log at WARNING: also drops the Ingress's own per-request line",
+                          _log_level("WARNING")),
+    "replica-throughput-env": (
+        "replicas run user code and the router on the main event loop, buffered request logs "
+        "(the replica half of RAY_SERVE_THROUGHPUT_OPTIMIZED)",
+        _replica_env(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="0", RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP="0",
+                     RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE="1000"),
+    ),
+}
+
+
+def write_variant(name: str, base: dict, out_dir: Path) -> Path:
+    config = copy.deepcopy(base)
+    VARIANTS[name][1](config)
+    path = out_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def measure(config: Path, wl: wls.Workload, model: str, load_s: float, max_requests: int) -> dict:
+    served = ServedSystem(config)
+    try:
+        served.start()
+        common = dict(concurrency=wl.concurrency, extra_body={"truncate": True}, timeout_s=120.0, progress=False)
+        run_load_sync(served.base_url, model, wl, max_requests=wl.concurrency, max_duration_s=5.0,
+                      index_offset=WARMUP_OFFSET, **common)
+        meter = CpuMeter([served.pid]).start()
+        result = run_load_sync(served.base_url, model, wl, max_requests=max_requests, max_duration_s=load_s, **common)
+        summary = summarize(result)
+        summary["cpu"] = meter.stop()
+        return summary
+    finally:
+        served.stop()
+
+
+def render(res: dict) -> str:
+    names = res["variants"]
+    rounds = res["rounds"]
+    lines = [
+        f"# Serve settings A/B: {res['workload']} workload",
+        "",
+        f"`{res['command']}`, {res['generated']}, {res['machine']}. Each variant is `deploy/local.yaml` "
+        f"with one change, started fresh on its own Ray instance each round; {res['load_s']:.0f} s of "
+        f"closed-loop load per measurement ({res['clients']} clients); variants take turns within a round.",
+        "",
+        "| variant | change | texts/s per round | median texts/s | ratio to shipped, same round (median) | failures |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for name in names:
+        tps = [r[name]["texts_per_s"] or 0.0 for r in rounds]
+        ratios = [(r[name]["texts_per_s"] or 0.0) / r["shipped"]["texts_per_s"] for r in rounds]
+        failures = sum(r[name]["requests"] - r[name]["ok"] for r in rounds)
+        lines.append(f"| {name} | {VARIANTS[name][0]} | {', '.join(f'{t:.1f}' for t in tps)} | "
+                     f"{statistics.median(tps):.1f} | {statistics.median(ratios):.2f}× | {failures} |")
+    roles = sorted({role for r in rounds for n in names for role in r[n]["cpu"]["cores_by_role"]})
+    lines += ["", "CPU cores used per process during the measured load (mean over rounds):", "",
+              "| variant | " + " | ".join(roles) + " | other people's processes |",
+              "|---|" + "---:|" * (len(roles) + 1)]
+    for name in names:
+        mean = lambda f: statistics.mean(f(r[name]["cpu"]) for r in rounds)  # noqa: E731
+        cells = [f"{mean(lambda c, role=role: c['cores_by_role'].get(role, 0.0)):.2f}" for role in roles]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean(lambda c: c['foreign_cores']):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workload", default="search", choices=sorted(wls.WORKLOADS))
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--load-s", type=float, default=20.0)
+    p.add_argument("--max-requests", type=int, default=6000)
+    p.add_argument("--out", default=None, help="path prefix (default bench/results/serve_variants_<workload>)")
+    args = p.parse_args(argv)
+
+    names = [n for n in args.variants.split(",") if n]
+    unknown = set(names) - set(VARIANTS)
+    if unknown or "shipped" not in names:
+        p.error(f"unknown variants {sorted(unknown)}; 'shipped' is required (the baseline)")
+    base = yaml.safe_load(SHIPPED.read_text())
+    model = _app(base)["args"]["models"][0]["name"]
+    wl = wls.get(args.workload)
+    out_dir = WORK_DIR / "variants"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    configs = {name: write_variant(name, base, out_dir) for name in names}
+
+    rounds = []
+    for k in range(args.rounds):
+        order = names[k % len(names):] + names[: k % len(names)]  # rotate who goes first
+        results = {}
+        for name in order:
+            results[name] = measure(configs[name], wl, model, args.load_s, args.max_requests)
+            print(f"[{time.strftime('%H:%M:%S')}] round {k + 1}/{args.rounds} {name}: "
+                  f"{format_summary(results[name])}", file=sys.stderr, flush=True)
+        rounds.append(results)
+
+    res = {
+        "command": "python -m bench.serve_variants " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "workload": args.workload, "clients": wl.concurrency, "load_s": args.load_s,
+        "variants": names, "rounds": rounds,
+    }
+    prefix = Path(args.out) if args.out else RESULTS / f"serve_variants_{args.workload}"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+    prefix.with_suffix(".md").write_text(render(res))
+    print(render(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
