@@ -187,6 +187,18 @@ def model_spec_from_config(config: Path):
     return ModelSpec.model_validate(app["args"]["models"][0])
 
 
+def with_dtype(config: Path, dtype: str) -> Path:
+    """A copy of the Serve config whose models all run in `dtype` (bench/.work, not committed)."""
+    doc = yaml.safe_load(config.read_text())
+    for app in doc["applications"]:
+        for model in app["args"]["models"]:
+            model["dtype"] = dtype
+    path = WORK_DIR / f"{config.stem}-{dtype}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
 def embedder_num_cpus(config: Path) -> int:
     doc = yaml.safe_load(config.read_text())
     for d in doc["applications"][0].get("deployments", []):
@@ -509,7 +521,9 @@ def write_markdown(path: Path, res: dict) -> None:
         f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB RAM, Python {m['python']}, "
         f"torch {m['versions']['torch']}, ray {m['versions']['ray']}, transformers {m['versions']['transformers']}. "
         "No GPU. Model: all-MiniLM-L6-v2 (22 M parameters, 384-dim, mean pooling, inputs truncated to 256 tokens), "
-        "float32.",
+        f"{res.get('dtype') or 'float32'}"
+        + (" (sentence-transformers, the correctness reference, in float32)" if res.get("dtype") == "bfloat16" else "")
+        + ".",
         "",
         f"**Machine sharing:** {res['sharing']['verdict']}",
         "",
@@ -756,6 +770,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="default: bench/results (full) or bench/.work/quick (--quick)")
     p.add_argument("--load-s", type=float, default=None, help="seconds of load per HTTP system × workload")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of served/search")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="run our service (the config's models), Infinity and the in-process engine in this dtype "
+                        "(default: the config's, float32 on CPU); sentence-transformers stays float32, the reference")
     p.add_argument("--render", metavar="JSON", default=None,
                    help="only rewrite the markdown and plots from an earlier run's cpu_serving.json")
     args = p.parse_args(argv)
@@ -777,6 +794,8 @@ def main(argv: list[str] | None = None) -> int:
     systems_wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
     config = (REPO_ROOT / args.config).resolve()
+    if args.dtype:
+        config = with_dtype(config, args.dtype)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -819,13 +838,13 @@ def main(argv: list[str] | None = None) -> int:
         "Search requests carry one query: the in-process 'request-sized groups' reference embeds one query per "
         "call, while a server can batch concurrent requests; 'batched' merges all clients' requests per call, "
         "the ceiling for perfect cross-request batching.",
-        f"Our service gets `\"truncate\": true` (documents of up to 300 words exceed the model's 256 tokens; "
+        "Our service gets `\"truncate\": true` (documents of up to 300 words exceed the model's 256 tokens; "
         "without it they are a 400); Infinity truncates by default. Both receive `encoding_format: base64`.",
     ]
 
     try:
         if "infinity" in systems_wanted:
-            infinity = InfinitySystem(model_dir, model)
+            infinity = InfinitySystem(model_dir, model, dtype=args.dtype)
             try:
                 inf_install = infinity.ensure_installed()
                 log(f"Infinity venv ready ({'installed in %.0f s' % inf_install['install_s'] if inf_install['installed_now'] else 'reused'})")
@@ -926,6 +945,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "git": git_info(),
         "settings": {**settings.__dict__, "request_caps": REQUEST_CAPS, "config": args.config},
+        "dtype": args.dtype,
         "workloads": {n: {"name": n, "concurrency": workloads[n].concurrency, "description": workloads[n].description,
                           "seed": settings.seed} for n in names},
         "systems": systems,

@@ -185,9 +185,11 @@ class InfinitySystem(_Subprocess):
 
     name = "infinity"
 
-    def __init__(self, model_dir: str, served_name: str, venv: Path = BENCH_DIR / ".venv-infinity"):
+    def __init__(self, model_dir: str, served_name: str, venv: Path = BENCH_DIR / ".venv-infinity",
+                 dtype: str | None = None):
         super().__init__(WORK_DIR / "infinity.log")
         self.model_dir = model_dir
+        self.dtype = dtype  # None: Infinity's default (float32 on CPU)
         self.served_name = served_name
         self.venv = venv
 
@@ -233,6 +235,8 @@ class InfinitySystem(_Subprocess):
         cmd = [str(self.venv / "bin" / "infinity_emb"), "v2", "--model-id", self.model_dir,
                "--served-model-name", self.served_name, "--engine", "torch", "--device", "cpu",
                "--host", "127.0.0.1", "--port", str(self.port)]
+        if self.dtype:
+            cmd += ["--dtype", self.dtype]
         t0 = time.time()
         self._spawn(cmd, env)
         self.wait_ready(f"http://127.0.0.1:{self.port}/health", timeout_s)

@@ -44,7 +44,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -58,7 +57,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.loadgen import run_load, summarize  # noqa: E402
-from bench.scenario_common import hard_deadline, serve_run, wait_running  # noqa: E402
+from bench.scenario_common import hard_deadline, serve_run, wait_healthy, wait_running  # noqa: E402
 from bench.workloads import Request, make_document, make_query  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"

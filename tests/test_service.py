@@ -8,13 +8,11 @@ import base64
 import json
 import re
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import openai
 import pytest
-import yaml
 
 from tests.conftest import MAX_REQUEST_BYTES, MAX_REQUEST_TOKENS, ROOT, SFR_TASK, TINY_MAX_TOKENS
 WORDS = "the quick brown fox jumps over lazy dog cat sleeps in warm sun search vectors".split()
