@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.scenario_common import hard_deadline, serve_run, wait_healthy, wait_running  # noqa: E402
+from bench.scenario_common import clear_deadline, hard_deadline, serve_run, wait_healthy, wait_running  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -902,7 +902,7 @@ def main(argv=None) -> int:
         print(f"wrote {out.with_suffix('.png')}, .md, .json")
         return 0 if all(report["checks"].values()) else 1
     finally:
-        hard_deadline(0, "the autoscaling scenario")
+        clear_deadline()
         if handle is not None:
             stop_cluster(handle)
         shutil.rmtree(tmp, ignore_errors=True)

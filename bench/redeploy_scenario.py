@@ -68,7 +68,7 @@ from bench.soak_scenario import (  # noqa: E402
     start_ray,
     stop_ray,
 )
-from bench.scenario_common import hard_deadline, wait_healthy  # noqa: E402
+from bench.scenario_common import clear_deadline, hard_deadline, wait_healthy  # noqa: E402
 from bench.workloads import make_document, make_query  # noqa: E402
 
 MIN_COSINE = 0.99999
@@ -665,7 +665,7 @@ def main(argv=None) -> int:
                   f"bulk max {row['bulk']['max_s']}")
         return 0 if rep["passed"] else 1
     finally:
-        hard_deadline(0, "the redeploy scenario")
+        clear_deadline()
         stop_ray(temp_dir)
 
 

@@ -64,7 +64,7 @@ from bench.autoscaling_scenario import (  # noqa: E402
     stop_cluster,
     text_pool,
 )
-from bench.scenario_common import hard_deadline, wait_healthy  # noqa: E402
+from bench.scenario_common import clear_deadline, hard_deadline, wait_healthy  # noqa: E402
 
 MAX_ABS_DIFF = 1e-4
 
@@ -383,7 +383,7 @@ def main(argv=None) -> int:
         print(json.dumps({"summary": report["summary"], "checks": report["checks"]}, indent=1, default=str))
         return 0 if all(report["checks"].values()) else 1
     finally:
-        hard_deadline(0, "the replica-kill scenario")
+        clear_deadline()
         if handle is not None:
             stop_cluster(handle)
         shutil.rmtree(tmp, ignore_errors=True)

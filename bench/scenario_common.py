@@ -57,10 +57,14 @@ def wait_healthy(url: str, timeout_s: float = 120.0) -> None:
 
 
 def hard_deadline(seconds: float, what: str) -> None:
-    """Raise TimeoutError in the main thread after `seconds` (0 cancels): runs stay bounded."""
+    """Raise TimeoutError in the main thread after `seconds`: runs stay bounded."""
 
     def _alarm(*_):
         raise TimeoutError(f"{what} exceeded its wall-clock limit of {seconds:.0f} s")
 
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(int(seconds))
+
+
+def clear_deadline() -> None:
+    signal.alarm(0)

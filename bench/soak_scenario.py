@@ -57,7 +57,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.loadgen import run_load, summarize  # noqa: E402
-from bench.scenario_common import hard_deadline, serve_run, wait_healthy, wait_running  # noqa: E402
+from bench.scenario_common import clear_deadline, hard_deadline, serve_run, wait_healthy, wait_running  # noqa: E402
 from bench.workloads import Request, make_document, make_query  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -665,7 +665,7 @@ def main(argv=None) -> int:
         log(f"wrote {out}.{{md,json,png}} ({time.monotonic() - wall0:.0f} s in all)")
         return 0 if report["passed"] else 1
     finally:
-        hard_deadline(0, "the soak")
+        clear_deadline()
         stop_ray(temp_dir)
 
 

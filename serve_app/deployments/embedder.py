@@ -40,9 +40,9 @@ class Embedder:
         # One thread runs every forward pass (they are serial anyway), so the state that torch,
         # OpenMP and malloc keep per calling thread (thread count, OpenMP team, arena) exists once.
         self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
-        # Warm up (allocator, kernels, lazy init) before Serve marks the replica ready, so the
-        # first real request doesn't pay for it and /health means "ready to serve".
-        self.engine.embed([[0] * min(16, self.spec.max_batch_tokens)])
+        # Warm up (allocator, kernels, lazy init) on that thread before Serve marks the replica
+        # ready, so the first real request doesn't pay for it and /health means "ready to serve".
+        self._forward_thread.submit(self.engine.embed, [[0] * min(16, self.spec.max_batch_tokens)]).result()
         self.engine.real_tokens = self.engine.padded_tokens = 0
         self._embed_batch.set_max_batch_size(self.spec.max_batch_tokens)
         self._embed_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)

@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 # take 2.5x longer on 2 threads than on 1; on a quiet machine 2 threads save a third.
 SINGLE_THREAD_BELOW_TOKENS = 1024
 # On CPU, a batch runs as forward passes of at most this many padded tokens: activations of
-# ~2k tokens stay in cache, and all-MiniLM-L6-v2 on 64-document requests ran 10-13 % faster
-# than with 8192-token passes (`python -m bench.cpu_engine`, bench/results/cpu_engine.md).
+# ~2k tokens stay in cache, and all-MiniLM-L6-v2 on 64-document requests ran 1.11x as fast
+# as with 8192-token passes (`python -m bench.cpu_engine`, bench/results/cpu_engine.md).
 CPU_MICRO_BATCH_TOKENS = 2048
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

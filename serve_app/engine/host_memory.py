@@ -3,10 +3,10 @@
 A CPU forward pass allocates activations whose sizes change with every batch shape. glibc keeps
 freed blocks in its heap for reuse and, once a large block has been freed, raises its mmap
 threshold so that later blocks of that size come from the heap too; with ever-different shapes
-the heap fragments and the replica's RSS climbs for as long as it serves (the soak scenario:
-+40-80 MB/min under bulk load). `malloc_trim(0)` hands the free pages back. Measured in-process
-(all-MiniLM-L6-v2, 2 threads): trimming after every call costs about 5 % on 16-query batches and
-nothing measurable on 64-document ones; rate-limited, as here, less.
+the heap fragments and the replica's RSS climbs for as long as it serves. `malloc_trim(0)` hands
+the free pages back; rate-limited, so a stream of small batches does not pay for one per call.
+`python -m bench.soak_scenario` shows the effect (bench/results/soak.md, flat; before this,
+bench/results/soak_before_trim_bulk_10min.md: the Embedder grew +39 MB/min).
 """
 
 from __future__ import annotations

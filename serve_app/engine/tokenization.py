@@ -80,6 +80,6 @@ class InputTokenizer:
 
 
 def load_input_tokenizer(spec: ModelSpec) -> InputTokenizer:
-    """The tokenizer files only (no weights, no torch): what the Ingress and Tokenizer need."""
+    """The tokenizer files only, no weights: what the Ingress and Tokenizer need."""
     tokenizer = load_tokenizer(spec)
     return InputTokenizer(tokenizer, resolve_spec(spec, tokenizer))
