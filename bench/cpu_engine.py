@@ -1,14 +1,16 @@
-"""The engine on CPU, no server: throughput per forward-pass size and dtype, same run.
+"""The engine on CPU, no server: throughput per lane layout, forward-pass size and dtype, same run.
 
-    python -m bench.cpu_engine                          # ~3 min on 2 cores
-    python -m bench.cpu_engine --micro 1536,2048,8192 --dtypes float32
+    python -m bench.cpu_engine                          # ~5 min on 2 cores
+    python -m bench.cpu_engine --micro 1024,2048 --lanes 1,2 --dtypes float32
 
 all-MiniLM-L6-v2 (deploy/local.yaml's model) through `EmbeddingEngine.embed` at 2 torch
-threads, on the bulk workload's 64-document requests and on 16-query groups of the search
-workload (bench/workloads.py, seeded). Each setting is timed `--rounds` times, settings taking
-turns within a round; the table gives the median, the ratio to the shipped CPU setting
-(float32, CPU_MICRO_BATCH_TOKENS) and, per dtype, the lowest cosine between its vectors and
-float32's. Writes bench/results/cpu_engine.{md,json}.
+threads, split into `--lanes` passes that run side by side (1: one pass at a time on both
+threads; 2: two one-thread passes), on the bulk workload's 64-document requests and on
+16-query groups of the search workload (bench/workloads.py, seeded). Each setting is timed
+`--rounds` times, settings taking turns within a round; the table gives the median, the ratio
+to the shipped CPU setting (float32, one lane per thread, CPU_MICRO_BATCH_TOKENS) and, per
+dtype, the lowest cosine between its vectors and float32's. Writes
+bench/results/cpu_engine.{md,json}.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serve_app.engine.embedder import CPU_MICRO_BATCH_TOKENS, EmbeddingEngine
+from serve_app.engine.embedder import CPU_MICRO_BATCH_TOKENS, SINGLE_THREAD_BELOW_TOKENS, EmbeddingEngine
 from serve_app.engine.spec import ModelSpec
 from serve_app.engine.tokenization import load_input_tokenizer
 
@@ -47,16 +49,17 @@ def cpu_flags() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--micro", default=f"1024,{CPU_MICRO_BATCH_TOKENS},4096,8192",
-                   help="forward-pass sizes in padded tokens")
+    p.add_argument("--micro", default="512,1024,2048,4096", help="forward-pass sizes in padded tokens")
+    p.add_argument("--lanes", default=None, help="lane counts to compare (default: 1 and --threads)")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--bulk-requests", type=int, default=3)
-    p.add_argument("--search-groups", type=int, default=20)
+    p.add_argument("--search-groups", type=int, default=40)
     p.add_argument("--out", default=str(RESULTS / "cpu_engine"))
     args = p.parse_args(argv)
     micros = [int(m) for m in args.micro.split(",")]
+    lanes = [int(n) for n in (args.lanes or f"1,{args.threads}").split(",")]
     dtypes = args.dtypes.split(",")
     torch.set_num_threads(args.threads)
 
@@ -65,13 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     search = [tokenizer.tokenize_texts([wls.get("search")(g * 16 + j).texts[0] for j in range(16)])
               for g in range(args.search_groups)]
     workloads = {"bulk": bulk, "search": search}
-    engines = {d: EmbeddingEngine.load(ModelSpec(name="m", source=SOURCE, dtype=d, max_batch_tokens=16384),
-                                       cpu_threads=args.threads) for d in dtypes}
-    settings = [(d, m) for d in dtypes for m in micros]
+    engines = {(d, n): EmbeddingEngine.load(ModelSpec(name="m", source=SOURCE, dtype=d, max_batch_tokens=16384,
+                                                      cpu_lanes=n), cpu_threads=args.threads)
+               for d in dtypes for n in lanes}
+    settings = [(d, n, m) for d in dtypes for n in lanes for m in micros]
 
     def run(setting, requests):
-        engine = engines[setting[0]]
-        engine.micro_batch_tokens = setting[1]
+        engine = engines[setting[:2]]
+        engine.micro_batch_tokens = setting[2]
         t0 = time.perf_counter()
         vectors = [engine.embed(r) for r in requests]
         return time.perf_counter() - t0, np.concatenate(vectors)
@@ -88,18 +92,18 @@ def main(argv: list[str] | None = None) -> int:
                 times[(s, name)].append(seconds)
 
     texts = {name: sum(len(r) for r in requests) for name, requests in workloads.items()}
-    baseline = ("float32", CPU_MICRO_BATCH_TOKENS)
+    baseline = ("float32", args.threads, CPU_MICRO_BATCH_TOKENS)
     rows = []
     for s in settings:
-        row = {"dtype": s[0], "micro_batch_tokens": s[1]}
+        row = {"dtype": s[0], "lanes": s[1], "micro_batch_tokens": s[2]}
         for name in workloads:
             row[f"{name}_texts_per_s"] = texts[name] / statistics.median(times[(s, name)])
             row[f"{name}_rounds_s"] = times[(s, name)]
-            ref = vectors.get((("float32", s[1]), name))
+            ref = vectors.get((("float32",) + s[1:], name))
             row[f"{name}_min_cosine_vs_float32"] = (
                 float((vectors[(s, name)] * ref).sum(axis=1).min()) if ref is not None else None)
         rows.append(row)
-    base = next((r for r in rows if (r["dtype"], r["micro_batch_tokens"]) == baseline), None)
+    base = next((r for r in rows if (r["dtype"], r["lanes"], r["micro_batch_tokens"]) == baseline), None)
 
     res = {
         "command": "python -m bench.cpu_engine " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -108,22 +112,25 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads, "rounds": args.rounds, "texts": texts, "rows": rows,
     }
     lines = [
-        "# The engine on CPU: forward-pass size and dtype",
+        "# The engine on CPU: lanes, forward-pass size and dtype",
         "",
         f"`{res['command'].strip()}`, {res['generated']}, {res['machine']}. all-MiniLM-L6-v2, "
         f"{args.threads} torch threads, in-process (no server). bulk: {len(bulk)} requests of 64 documents "
         f"({texts['bulk']} texts); search: {len(search)} groups of 16 queries ({texts['search']} texts). "
         f"Median of {args.rounds} rounds; settings take turns within a round. Ratios are to "
-        f"{baseline[0]} with {baseline[1]}-token passes (what deploy/local.yaml runs).",
+        f"{baseline[0]}, {baseline[1]} one-thread lanes, {baseline[2]}-token passes (what deploy/local.yaml "
+        f"runs). 1 lane: one pass at a time on {args.threads} threads (passes under "
+        f"{SINGLE_THREAD_BELOW_TOKENS} padded tokens on one).",
         "",
-        "| dtype | forward pass (padded tokens) | bulk texts/s | bulk × | search texts/s | search × | min cosine vs float32 (bulk, search) |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| dtype | lanes × threads | forward pass (padded tokens) | bulk texts/s | bulk × | search texts/s | search × | min cosine vs float32 (bulk, search) |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         ratio = lambda k: f"{r[k] / base[k]:.2f}×" if base else "–"  # noqa: E731
         cos = ", ".join(f"{r[f'{w}_min_cosine_vs_float32']:.6f}" for w in workloads
                         if r[f"{w}_min_cosine_vs_float32"] is not None) or "–"
-        lines.append(f"| {r['dtype']} | {r['micro_batch_tokens']} | {r['bulk_texts_per_s']:.1f} | "
+        lines.append(f"| {r['dtype']} | {r['lanes']} × {args.threads // r['lanes']} | {r['micro_batch_tokens']} | "
+                     f"{r['bulk_texts_per_s']:.1f} | "
                      f"{ratio('bulk_texts_per_s')} | {r['search_texts_per_s']:.1f} | {ratio('search_texts_per_s')} | {cos} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,13 @@ def _log_level(level: str):
     return change
 
 
+def _model(**fields):
+    def change(config: dict) -> None:
+        for model in _app(config)["args"]["models"]:
+            model.update(fields)
+    return change
+
+
 def _replica_env(**env: str):
     def change(config: dict) -> None:
         _app(config).setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env)
@@ -63,6 +70,10 @@ def _replica_env(**env: str):
 # replica-side subset can be set per application, which is what a `serve run` user can do.
 VARIANTS = {
     "shipped": ("deploy/local.yaml as committed (access log off)", lambda config: None),
+    "one-lane": ("the engine as before lanes: one forward pass at a time on both threads, 2048-token passes",
+                 _model(cpu_lanes=1, micro_batch_tokens=2048)),
+    "batch-wait-20ms": ("the Embedder waits up to 20 ms (not 5) for a batch to fill", _model(batch_wait_timeout_s=0.02)),
+    "batch-wait-10ms": ("the Embedder waits up to 10 ms (not 5) for a batch to fill", _model(batch_wait_timeout_s=0.01)),
     "access-log-on": ("Serve's per-request access log lines on in the replicas", _access_log(True)),
     "log-level-warning": ("replicas log at WARNING: also drops the Ingress's own per-request line",
                           _log_level("WARNING")),

@@ -150,6 +150,16 @@ def test_short_rows_are_not_padded_to_long_neighbours():
     assert padding_ratio(lengths, plan) == 0.0
 
 
+def test_lanes_give_the_same_vectors_as_one_pass_at_a_time(tiny_family, base):
+    tokenizer = base[0]
+    ids = tokenizer.tokenize_texts(TEXTS * 5, truncate=True)
+    serial = EmbeddingEngine.load(spec_for(tiny_family["base"], micro_batch_tokens=64, cpu_lanes=1), cpu_threads=2)
+    lanes = EmbeddingEngine.load(spec_for(tiny_family["base"], micro_batch_tokens=64, cpu_lanes=2), cpu_threads=2)
+    assert (serial.lanes, lanes.lanes, lanes.threads_per_lane) == (1, 2, 1)
+    np.testing.assert_allclose(lanes.embed(ids), serial.embed(ids), atol=1e-5)
+    assert lanes.padded_tokens == serial.padded_tokens > 0
+
+
 def test_spec_rejects_unknown_keys_and_impossible_budgets():
     with pytest.raises(ValueError, match="extra"):
         ModelSpec(name="m", source="s", pooling_mode="mean")

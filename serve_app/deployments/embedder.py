@@ -37,12 +37,15 @@ class Embedder:
         threads = max(1, self.spec.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
         torch.set_num_threads(threads)
         self.engine = EmbeddingEngine.load(self.spec, cpu_threads=threads)
-        # One thread runs every forward pass (they are serial anyway), so the state that torch,
-        # OpenMP and malloc keep per calling thread (thread count, OpenMP team, arena) exists once.
+        # One thread runs every batch (batches are serial anyway; on CPU the engine spreads a
+        # batch's passes over its own lane threads), so the state that torch, OpenMP and malloc
+        # keep per calling thread (thread count, OpenMP team, arena) exists once.
         self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
-        # Warm up (allocator, kernels, lazy init) on that thread before Serve marks the replica
-        # ready, so the first real request doesn't pay for it and /health means "ready to serve".
-        self._forward_thread.submit(self.engine.embed, [[0] * min(16, self.spec.max_batch_tokens)]).result()
+        # Warm up (allocator, kernels, lazy init) on that thread, and on every CPU lane, before
+        # Serve marks the replica ready, so the first real request doesn't pay for it and
+        # /health means "ready to serve".
+        warm_up = [[0] * min(16, self.spec.max_batch_tokens // self.engine.lanes)] * self.engine.lanes
+        self._forward_thread.submit(self.engine.embed, warm_up).result()
         self.engine.real_tokens = self.engine.padded_tokens = 0
         self._embed_batch.set_max_batch_size(self.spec.max_batch_tokens)
         self._embed_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -14,15 +15,19 @@ from .spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
-# On CPU, micro-batches below this many padded tokens run on one thread: when the cores are
-# shared (HTTP proxy, ingress), a descheduled second thread stalls every OpenMP barrier.
-# `python -m bench.cpu_threads` (bench/results/cpu_threads.md): with one core busy, 8 queries
-# take 2.5x longer on 2 threads than on 1; on a quiet machine 2 threads save a third.
+# On CPU, a batch's forward passes run side by side in lanes (threads), each pass on its own
+# cores, rather than one pass at a time on every core: no OpenMP barrier waits for a core that
+# the HTTP side took, and one pass's Python overhead overlaps the others' matrix products.
+# all-MiniLM-L6-v2 on 2 cores, two one-thread lanes vs one two-thread pass at a time: 1.15x on
+# 64-document requests, 1.5x on 16-query groups, in-process on an idle machine (`python -m
+# bench.cpu_engine`, bench/results/cpu_engine.md).
+# Within a lane of several threads, passes below this many padded tokens run on one thread:
+# with one core busy, 8 queries take 2.5x longer on 2 threads than on 1 (`python -m
+# bench.cpu_threads`, bench/results/cpu_threads.md).
 SINGLE_THREAD_BELOW_TOKENS = 1024
-# On CPU, a batch runs as forward passes of at most this many padded tokens: activations of
-# ~2k tokens stay in cache, and all-MiniLM-L6-v2 on 64-document requests ran 1.11x as fast
-# as with 8192-token passes (`python -m bench.cpu_engine`, bench/results/cpu_engine.md).
-CPU_MICRO_BATCH_TOKENS = 2048
+# On CPU, a batch runs as forward passes of at most this many padded tokens; with one-thread
+# lanes, 512-1024 beat 2048 and larger (activations stay in cache; same benchmark).
+CPU_MICRO_BATCH_TOKENS = 1024
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,10 +53,25 @@ class EmbeddingEngine:
     """
 
     def __init__(
-        self, model, device: str, pooling: str, normalize: bool, micro_batch_tokens: int, cpu_threads: int | None = None
+        self,
+        model,
+        device: str,
+        pooling: str,
+        normalize: bool,
+        micro_batch_tokens: int,
+        cpu_threads: int | None = None,
+        cpu_lanes: int | None = None,
     ):
         self.model = model.eval()
         self.cpu_threads = cpu_threads or torch.get_num_threads()
+        # A GPU runs one pass at a time (the host only queues work); CPU cores split into lanes.
+        self.lanes = 1 if device != "cpu" else max(1, min(cpu_lanes or self.cpu_threads, self.cpu_threads))
+        self.threads_per_lane = self.cpu_threads // self.lanes
+        self._lane_pool = None
+        if self.lanes > 1:
+            self._lane_pool = ThreadPoolExecutor(
+                self.lanes, thread_name_prefix="lane", initializer=torch.set_num_threads, initargs=(self.threads_per_lane,)
+            )
         self.device = device
         self.pooling = pooling
         self.normalize = normalize
@@ -73,7 +93,7 @@ class EmbeddingEngine:
         micro = spec.micro_batch_tokens or (
             spec.max_batch_tokens if device.startswith("cuda") else min(spec.max_batch_tokens, CPU_MICRO_BATCH_TOKENS)
         )
-        engine = cls(model, device, resolved.pooling, spec.normalize, micro, cpu_threads)
+        engine = cls(model, device, resolved.pooling, spec.normalize, micro, cpu_threads, spec.cpu_lanes)
         engine.resolved = resolved
         return engine
 
@@ -82,24 +102,32 @@ class EmbeddingEngine:
         """One float32 row per sequence, in the order given."""
         lengths = [len(ids) for ids in sequences]
         plan = plan_micro_batches(lengths, self.micro_batch_tokens)
+        if self._lane_pool:
+            # Biggest first, so that the lanes finish together. A batch under one pass's budget
+            # stays one pass on one lane: split across lanes, small batches cost more CPU per
+            # text, which a busy server cannot spare (an A/B of that split: served search 0.88x).
+            plan.sort(key=lambda batch: batch.padded_tokens, reverse=True)
         out = torch.empty((len(sequences), self.dimensions), dtype=torch.float32, device=self.device)
-        for batch in plan:
-            if self.device == "cpu":
-                small = batch.padded_tokens < SINGLE_THREAD_BELOW_TOKENS
-                torch.set_num_threads(1 if small else self.cpu_threads)
-            rows = [sequences[i] for i in batch.indices]
-            vectors = self._forward([lengths[i] for i in batch.indices], rows, batch.width)
-            index = torch.as_tensor(batch.indices, device=self.device)
-            out.index_copy_(0, index, vectors)
-        # One device-to-host copy per call: the loop above only queues GPU work, so the host
-        # prepares the next micro-batch while the device runs the previous one.
+
+        def run(batch):
+            return self._forward([lengths[i] for i in batch.indices], [sequences[i] for i in batch.indices], batch.width)
+
+        # On a GPU the loop only queues work: the host prepares the next micro-batch while the
+        # device runs the previous one, and there is one device-to-host copy per call.
+        results = self._lane_pool.map(run, plan) if self._lane_pool else map(run, plan)
+        for batch, vectors in zip(plan, results):
+            out.index_copy_(0, torch.as_tensor(batch.indices, device=self.device), vectors)
         self.real_tokens += sum(lengths)
         self.padded_tokens += sum(b.padded_tokens for b in plan)
         vectors = out.cpu().numpy()
         self.host_memory.maybe_trim()
         return vectors
 
+    @torch.inference_mode()  # per thread: lanes need it too
     def _forward(self, lengths: list[int], rows: list[list[int]], width: int) -> torch.Tensor:
+        if self.device == "cpu" and self.threads_per_lane > 1:
+            small = len(rows) * width < SINGLE_THREAD_BELOW_TOKENS
+            torch.set_num_threads(1 if small else self.threads_per_lane)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         for r, row in enumerate(rows):
             ids[r, : len(row)] = torch.as_tensor(row, dtype=torch.long)

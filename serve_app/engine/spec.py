@@ -59,7 +59,7 @@ class ModelSpec(BaseModel):
         default=None,
         gt=0,
         description="Padded tokens of one forward pass (a batch runs as several). Default: "
-        "max_batch_tokens on a GPU; on CPU at most 2048, where smaller passes stay in cache.",
+        "max_batch_tokens on a GPU; on CPU at most 1024, where smaller passes stay in cache.",
     )
     batch_wait_timeout_s: float = Field(
         default=0.005, ge=0, description="How long a replica waits for a batch to fill."
@@ -69,6 +69,12 @@ class ModelSpec(BaseModel):
         gt=0,
         description="torch threads of an Embedder replica on CPU. Default: OMP_NUM_THREADS, "
         "which Ray sets from the replica's num_cpus.",
+    )
+    cpu_lanes: int | None = Field(
+        default=None,
+        gt=0,
+        description="On CPU, how many forward passes run side by side, each on "
+        "cpu_threads/cpu_lanes threads. Default: cpu_threads (one thread per pass).",
     )
     trust_remote_code: bool = False
 
