@@ -73,6 +73,8 @@ VARIANTS = {
     "one-lane": ("the engine as before lanes: one forward pass at a time on both threads, 2048-token passes",
                  _model(cpu_lanes=1, micro_batch_tokens=2048)),
     "batch-wait-20ms": ("the Embedder waits up to 20 ms (not 5) for a batch to fill", _model(batch_wait_timeout_s=0.02)),
+    "fixed-wait-5ms": ("the Embedder waits 5 ms for a batch even when busy (no adaptive wait)",
+                       _model(busy_batch_wait_timeout_s=0.005)),
     "batch-wait-10ms": ("the Embedder waits up to 10 ms (not 5) for a batch to fill", _model(batch_wait_timeout_s=0.01)),
     "access-log-on": ("Serve's per-request access log lines on in the replicas", _access_log(True)),
     "log-level-warning": ("replicas log at WARNING: also drops the Ingress's own per-request line",

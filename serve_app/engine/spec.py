@@ -64,6 +64,13 @@ class ModelSpec(BaseModel):
     batch_wait_timeout_s: float = Field(
         default=0.005, ge=0, description="How long a replica waits for a batch to fill."
     )
+    busy_batch_wait_timeout_s: float = Field(
+        default=0.02,
+        ge=0,
+        description="The wait used instead while forward passes kept the replica busy more than "
+        "half of the last second: bigger batches cost less per text, and an idle replica "
+        "keeps the short wait.",
+    )
     cpu_threads: int | None = Field(
         default=None,
         gt=0,
