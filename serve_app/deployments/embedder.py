@@ -41,12 +41,9 @@ class Embedder:
         # batch's passes over its own lane threads), so the state that torch, OpenMP and malloc
         # keep per calling thread (thread count, OpenMP team, arena) exists once.
         self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
-        # Warm up (allocator, kernels, lazy init) on that thread, and on every CPU lane, before
-        # Serve marks the replica ready, so the first real request doesn't pay for it and
-        # /health means "ready to serve".
-        warm_up = [[0] * min(16, self.spec.max_batch_tokens // self.engine.lanes)] * self.engine.lanes
-        self._forward_thread.submit(self.engine.embed, warm_up).result()
-        self.engine.real_tokens = self.engine.padded_tokens = 0
+        # Warm up on that thread (and the engine's lanes) before Serve marks the replica ready,
+        # so the first real request doesn't pay for it and /health means "ready to serve".
+        self._forward_thread.submit(self.engine.warm_up).result()
         self._embed_batch.set_max_batch_size(self.spec.max_batch_tokens)
         self._embed_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
         # Forward-pass time in the current ~1 s window, for the adaptive batch wait.
@@ -95,9 +92,9 @@ class Embedder:
         return split_rows(vectors, chunks)
 
     def _adapt_batch_wait(self, forward_s: float) -> None:
-        # A busy replica waits longer so batches grow: a pass has a fixed cost, and on a
-        # saturated 2-core server a 20 ms wait gave 1.18x on one-query requests (`python -m
-        # bench.serve_variants --variants shipped,batch-wait-20ms`); an idle one keeps the
+        # A busy replica waits longer so batches grow: a pass has a fixed cost. On a saturated
+        # 2-core server, 1.32x on one-query requests vs a fixed 5 ms wait (`python -m
+        # bench.serve_variants --variants shipped,fixed-wait-5ms`); an idle replica keeps the
         # short wait, so a lone request is not held back.
         now = time.perf_counter()
         self._busy_s += forward_s

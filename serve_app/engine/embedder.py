@@ -123,6 +123,17 @@ class EmbeddingEngine:
         self.host_memory.maybe_trim()
         return vectors
 
+    def warm_up(self) -> None:
+        """Run the first passes (kernels, allocator, lazy init) before any request does.
+
+        On CPU with lanes, one full pass per lane: a batch under one pass's budget would only
+        reach one lane. The counters start from zero afterwards.
+        """
+        width = min(16, self.micro_batch_tokens)
+        rows_per_pass = self.micro_batch_tokens // width if self._lane_pool else 1
+        self.embed([[0] * width] * (rows_per_pass * self.lanes))
+        self.real_tokens = self.padded_tokens = 0
+
     @torch.inference_mode()  # per thread: lanes need it too
     def _forward(self, lengths: list[int], rows: list[list[int]], width: int) -> torch.Tensor:
         if self.device == "cpu" and self.threads_per_lane > 1:
