@@ -66,8 +66,9 @@ def _replica_env(**env: str):
 
 
 # name → (what it changes, how). Process-wide Serve flags (RAY_SERVE_THROUGHPUT_OPTIMIZED,
-# direct ingress) also govern the proxy and controller, which a config file cannot reach; the
-# replica-side subset can be set per application, which is what a `serve run` user can do.
+# direct ingress, the gRPC transport) also govern the proxy and controller, which a config file
+# cannot reach; the replica-side subset can be set per application. PROCESS_ENV variants set them
+# in the environment `serve run` starts Ray from, as an operator's shell would.
 VARIANTS = {
     "shipped": ("deploy/local.yaml as committed (access log off)", lambda config: None),
     "one-lane": ("the engine as before lanes: one forward pass at a time on both threads, 2048-token passes",
@@ -76,11 +77,15 @@ VARIANTS = {
                        _model(busy_batch_wait_timeout_s=0.005)),
     "batch-wait-10ms": ("the Embedder waits 10 ms for a batch, busy or idle",
                         _model(batch_wait_timeout_s=0.01, busy_batch_wait_timeout_s=0.01)),
+    "busy-wait-40ms": ("the Embedder waits 40 ms for a batch while busy (shipped: 20 ms)",
+                       _model(busy_batch_wait_timeout_s=0.04)),
     "batch-wait-20ms": ("the Embedder waits 20 ms for a batch, busy or idle",
                         _model(batch_wait_timeout_s=0.02, busy_batch_wait_timeout_s=0.02)),
     "access-log-on": ("Serve's per-request access log lines on in the replicas", _access_log(True)),
     "log-level-warning": ("replicas log at WARNING: also drops the Ingress's own per-request line",
                           _log_level("WARNING")),
+    "by-reference": ("every Ingress→Embedder call is a Ray actor call (before: small ones go over Serve's gRPC)",
+                     _replica_env(EMBEDDINGS_BY_VALUE_MAX_BYTES="0")),
     "replica-throughput-env": (
         "replicas run user code and the router on the main event loop, buffered request logs "
         "(the replica half of RAY_SERVE_THROUGHPUT_OPTIMIZED)",
@@ -88,6 +93,18 @@ VARIANTS = {
                      RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE="1000"),
     ),
 }
+
+PROCESS_ENV = {
+    "proxy-grpc": ("the proxy talks to the Ingress over Serve's gRPC transport instead of Ray actor calls "
+                   "(RAY_SERVE_PROXY_USE_GRPC=1)", {"RAY_SERVE_PROXY_USE_GRPC": "1"}),
+    "throughput-env": ("RAY_SERVE_THROUGHPUT_OPTIMIZED=1 but without direct ingress (proxy on the config's "
+                       "port): gRPC transport, router and user code on the main event loops, buffered request "
+                       "logs, GC frozen after start-up",
+                       {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}),
+    "grpc-everywhere": ("proxy→Ingress and Ingress→Tokenizer/Embedder handles over gRPC "
+                        "(RAY_SERVE_USE_GRPC_BY_DEFAULT=1)", {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}),
+}
+VARIANTS.update({name: (desc, lambda config: None) for name, (desc, _) in PROCESS_ENV.items()})
 
 
 def write_variant(name: str, base: dict, out_dir: Path) -> Path:
@@ -98,8 +115,9 @@ def write_variant(name: str, base: dict, out_dir: Path) -> Path:
     return path
 
 
-def measure(config: Path, wl: wls.Workload, model: str, load_s: float, max_requests: int) -> dict:
-    served = ServedSystem(config)
+def measure(config: Path, wl: wls.Workload, model: str, load_s: float, max_requests: int,
+            env: dict[str, str] | None = None) -> dict:
+    served = ServedSystem(config, env=env)
     try:
         served.start()
         common = dict(concurrency=wl.concurrency, extra_body={"truncate": True}, timeout_s=120.0, progress=False)
@@ -170,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         order = names[k % len(names):] + names[: k % len(names)]  # rotate who goes first
         results = {}
         for name in order:
-            results[name] = measure(configs[name], wl, model, args.load_s, args.max_requests)
+            env = PROCESS_ENV.get(name, (None, None))[1]
+            results[name] = measure(configs[name], wl, model, args.load_s, args.max_requests, env)
             print(f"[{time.strftime('%H:%M:%S')}] round {k + 1}/{args.rounds} {name}: "
                   f"{format_summary(results[name])}", file=sys.stderr, flush=True)
         rounds.append(results)

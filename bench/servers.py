@@ -154,15 +154,17 @@ class ServedSystem(_Subprocess):
 
     name = "served"
 
-    def __init__(self, config: Path, preferred_port: int = 8000):
+    def __init__(self, config: Path, preferred_port: int = 8000, env: dict[str, str] | None = None):
         super().__init__(WORK_DIR / "serve.log")
         self.config = config
+        self.extra_env = env or {}  # process-wide: reaches the proxy and controller, not just replicas
         self.preferred_port = preferred_port
         self.temp_dir = Path(f"/tmp/rb{os.getpid()}")  # short: Ray's socket paths have a length limit
 
     def start(self, timeout_s: float = 300.0) -> dict:
         self.port = self.preferred_port if port_is_free(self.preferred_port) else free_port()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
+               **self.extra_env}
         env.pop("RAY_ADDRESS", None)
         cmd = [sys.executable, "-m", "bench.serve_local", str(self.config), "--port", str(self.port),
                "--temp-dir", str(self.temp_dir)]

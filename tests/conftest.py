@@ -54,7 +54,12 @@ def ray_session():
         num_cpus=8,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        runtime_env={"env_vars": {
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            # Far below the shipped 1 MiB, so the suite's bigger requests take the Ingress's
+            # actor-call path to the Embedder and its small ones the gRPC path: both are checked.
+            "EMBEDDINGS_BY_VALUE_MAX_BYTES": "16384",
+        }},
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

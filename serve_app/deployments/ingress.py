@@ -3,6 +3,7 @@
 
 import asyncio
 import logging
+import os
 import time
 
 import numpy as np
@@ -37,6 +38,15 @@ LOCAL_CHECK_MAX_IDS = 16384
 # Chunks from concurrent requests are coalesced for this long into one Embedder call.
 COALESCE_WAIT_S = 0.002
 HEALTH_TIMEOUT_S = 10.0
+# Embedder calls whose arguments and result fit in this many bytes go over Serve's gRPC
+# transport (handle option _by_reference=False) instead of a Ray actor call: per call it costs
+# less CPU in both processes, and a stream of one-query requests is mostly per-call cost
+# (`python -m bench.serve_variants --variants shipped,by-reference`). Larger calls, and the
+# Tokenizer's (whole texts), stay actor calls even where RAY_SERVE_USE_GRPC_BY_DEFAULT=1 makes
+# gRPC the default: Serve's gRPC channel refuses messages over 4 MiB, and Ray's object store
+# moves big arrays without copying. EMBEDDINGS_BY_VALUE_MAX_BYTES=0 in the application's
+# env_vars sends every call by reference.
+BY_VALUE_MAX_BYTES = int(os.environ.get("EMBEDDINGS_BY_VALUE_MAX_BYTES", 1 << 20))
 # A replaced or scaled-down Ingress replica finishes the requests it holds before it exits;
 # Serve force-kills it after graceful_shutdown_timeout_s (default 20 s) and the proxy answers
 # each request still running with a plain 500. Those requests wait on the Embedders, whose old
@@ -82,8 +92,9 @@ class Ingress:
         rate_limits: dict,
     ):
         self.specs = {m["name"]: ModelSpec.model_validate(m) for m in models}
-        self.tokenizers = tokenizers
-        self.embedders = embedders
+        self.tokenizers = {name: h.options(_by_reference=True) for name, h in tokenizers.items()}
+        self.embedders = {name: h.options(_by_reference=True) for name, h in embedders.items()}
+        self.embedders_by_value = {name: h.options(_by_reference=False) for name, h in embedders.items()}
         self.limits = RequestLimits.model_validate(limits)
         self.inflight = InflightTokens(self.limits.max_inflight_tokens)
         self.auth = Authenticator(AuthConfig.model_validate(auth))
@@ -278,11 +289,15 @@ class Ingress:
 
     async def _call_embedder(self, name: str, sequences: list[list[int]]) -> np.ndarray:
         """Embedding is idempotent: if the replica dies mid-batch, retry once on another."""
+        # Bounds: a token id pickles to at most 8 bytes; the result is float32 rows.
+        dims = (await self._describe(name))["dimensions"]
+        size = 8 * sum(map(len, sequences)) + 4 * len(sequences) * dims
+        handle = (self.embedders_by_value if size <= BY_VALUE_MAX_BYTES else self.embedders)[name]
         try:
-            return await self.embedders[name].embed.remote(sequences)
+            return await handle.embed.remote(sequences)
         except (RayActorError, ActorUnavailableError) as exc:
             logger.warning("Embedder replica lost (%s); retrying the chunk once", type(exc).__name__)
-            return await self.embedders[name].embed.remote(sequences)
+            return await handle.embed.remote(sequences)
 
     @staticmethod
     async def _gather(calls) -> list:
