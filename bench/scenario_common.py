@@ -4,7 +4,10 @@ and bound the whole run in wall-clock time."""
 from __future__ import annotations
 
 import signal
+import socket
 import time
+
+DIRECT_INGRESS = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 
 
 def serve_run(schema):
@@ -23,6 +26,24 @@ def serve_run(schema):
     )
     client.deploy_apps(schema, _blocking=False)
     return client
+
+
+def set_client_port(schema, port: int) -> None:
+    """Serve the config's API to clients on 127.0.0.1:`port`, as its own port would be.
+
+    Under direct ingress (deploy/local.yaml) clients talk to the Ingress replica on the port
+    range's one port, and the proxy gets any free port; otherwise the proxy's port is moved.
+    """
+    env = (schema.controller_options.runtime_env or {}).get("env_vars", {}) if schema.controller_options else {}
+    schema.http_options.host = "127.0.0.1"
+    if env.get(DIRECT_INGRESS) != "1":
+        schema.http_options.port = port
+        return
+    env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
+    env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1)  # exclusive
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        schema.http_options.port = s.getsockname()[1]
 
 
 def wait_running(app: str, timeout_s: float = 240.0, poll_s: float = 0.5) -> float:

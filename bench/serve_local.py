@@ -8,7 +8,8 @@ machine where other Ray instances (e.g. the test suite's) may be running:
   * `ray.init(address="local")`: always a new instance of our own, never one found on the
     machine (`serve run` without --address may attach to an existing cluster);
   * no dashboard (its port would collide), and its own temp dir (`--temp-dir`);
-  * `--port` overrides the file's HTTP port (the benchmark uses it only when 8000 is taken).
+  * `--port` moves the port clients use (the benchmark uses it only when 8000 is taken): the
+    Ingress's own port under direct ingress, else the proxy's.
 
 Started by bench/cpu_serving.py as a subprocess in its own session; SIGINT or SIGTERM shuts
 Serve and Ray down and exits. Usage:
@@ -26,7 +27,7 @@ import time
 
 import yaml
 
-from bench.scenario_common import serve_run
+from bench.scenario_common import serve_run, set_client_port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.config) as f:
         config = ServeDeploySchema.model_validate(yaml.safe_load(f))
     if args.port is not None:
-        config.http_options.port = args.port
+        set_client_port(config, args.port)
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(**init_kwargs)
     try:
         serve_run(config)
-        print(f"DEPLOYING {args.config} on http://{config.http_options.host}:{config.http_options.port}", flush=True)
+        print(f"DEPLOYING {args.config} (clients: port {args.port or 'as configured'}; "
+              f"Serve proxy: http://{config.http_options.host}:{config.http_options.port})", flush=True)
         reported = None
         while not stop.wait(1.0):
             statuses = {name: app.status for name, app in serve.status().applications.items()}

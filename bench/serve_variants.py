@@ -52,6 +52,11 @@ def _log_level(level: str):
     return change
 
 
+def _via_proxy(config: dict) -> None:
+    config.pop("controller_options", None)
+    _app(config)["runtime_env"]["env_vars"].pop("RAY_SERVE_ENABLE_DIRECT_INGRESS", None)
+
+
 def _model(**fields):
     def change(config: dict) -> None:
         for model in _app(config)["args"]["models"]:
@@ -71,6 +76,7 @@ def _replica_env(**env: str):
 # in the environment `serve run` starts Ray from, as an operator's shell would.
 VARIANTS = {
     "shipped": ("deploy/local.yaml as committed (access log off)", lambda config: None),
+    "via-proxy": ("no direct ingress: clients reach the Ingress through Serve's proxy (as before)", _via_proxy),
     "one-lane": ("the engine as before lanes: one forward pass at a time on both threads, 2048-token passes",
                  _model(cpu_lanes=1, micro_batch_tokens=2048)),
     "fixed-wait-5ms": ("the Embedder waits 5 ms for a batch even when busy (no adaptive wait)",

@@ -57,7 +57,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.loadgen import run_load, summarize  # noqa: E402
-from bench.scenario_common import clear_deadline, hard_deadline, serve_run, wait_healthy, wait_running  # noqa: E402
+from bench.scenario_common import clear_deadline, hard_deadline, serve_run, set_client_port, wait_healthy, wait_running  # noqa: E402
 from bench.workloads import Request, make_document, make_query  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -133,8 +133,7 @@ def deploy_config(doc: dict, port: int, timeout_s: float = 240.0) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(doc)
-    schema.http_options.host = "127.0.0.1"
-    schema.http_options.port = port
+    set_client_port(schema, port)
     serve_run(schema)
     wait_running(APP, timeout_s)
 
