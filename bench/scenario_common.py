@@ -4,7 +4,6 @@ and bound the whole run in wall-clock time."""
 from __future__ import annotations
 
 import signal
-import socket
 import time
 
 DIRECT_INGRESS = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
@@ -34,6 +33,8 @@ def set_client_port(schema, port: int) -> None:
     Under direct ingress (deploy/local.yaml) clients talk to the Ingress replica on the port
     range's one port, and the proxy gets any free port; otherwise the proxy's port is moved.
     """
+    from bench.servers import free_port
+
     env = (schema.controller_options.runtime_env or {}).get("env_vars", {}) if schema.controller_options else {}
     schema.http_options.host = "127.0.0.1"
     if env.get(DIRECT_INGRESS) != "1":
@@ -41,9 +42,7 @@ def set_client_port(schema, port: int) -> None:
         return
     env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
     env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1)  # exclusive
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        schema.http_options.port = s.getsockname()[1]
+    schema.http_options.port = free_port()
 
 
 def wait_running(app: str, timeout_s: float = 240.0, poll_s: float = 0.5) -> float:

@@ -29,6 +29,7 @@ import yaml
 from . import workloads as wls
 from .loadgen import format_summary, run_load_sync, summarize
 from .procstats import CpuMeter
+from .scenario_common import DIRECT_INGRESS
 from .servers import REPO_ROOT, WORK_DIR, ServedSystem
 
 SHIPPED = REPO_ROOT / "deploy" / "local.yaml"
@@ -54,7 +55,7 @@ def _log_level(level: str):
 
 def _via_proxy(config: dict) -> None:
     config.pop("controller_options", None)
-    _app(config)["runtime_env"]["env_vars"].pop("RAY_SERVE_ENABLE_DIRECT_INGRESS", None)
+    _app(config)["runtime_env"]["env_vars"].pop(DIRECT_INGRESS, None)
 
 
 def _model(**fields):
@@ -70,10 +71,11 @@ def _replica_env(**env: str):
     return change
 
 
-# name → (what it changes, how). Process-wide Serve flags (RAY_SERVE_THROUGHPUT_OPTIMIZED,
-# direct ingress, the gRPC transport) also govern the proxy and controller, which a config file
-# cannot reach; the replica-side subset can be set per application. PROCESS_ENV variants set them
-# in the environment `serve run` starts Ray from, as an operator's shell would.
+# name → (what it changes, how). Process-wide Serve flags (RAY_SERVE_THROUGHPUT_OPTIMIZED, the
+# gRPC transport) also govern the proxy and controller; the replica-side subset can be set per
+# application. PROCESS_ENV variants set them in the environment `serve run` starts Ray from, as
+# an operator's shell would (deploy/local.yaml's direct ingress reaches the controller through
+# its controller_options instead).
 VARIANTS = {
     "shipped": ("deploy/local.yaml as committed (access log off)", lambda config: None),
     "via-proxy": ("no direct ingress: clients reach the Ingress through Serve's proxy (as before)", _via_proxy),
