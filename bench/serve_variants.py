@@ -81,6 +81,8 @@ VARIANTS = {
     "via-proxy": ("no direct ingress: clients reach the Ingress through Serve's proxy (as before)", _via_proxy),
     "one-lane": ("the engine as before lanes: one forward pass at a time on both threads, 2048-token passes",
                  _model(cpu_lanes=1, micro_batch_tokens=2048)),
+    "one-batch-in-flight": ("the Embedder runs one batch at a time (shipped: one per CPU lane, two here)",
+                           _model(batches_in_flight=1)),
     "fixed-wait-5ms": ("the Embedder waits 5 ms for a batch even when busy (no adaptive wait)",
                        _model(busy_batch_wait_timeout_s=0.005)),
     "batch-wait-10ms": ("the Embedder waits 10 ms for a batch, busy or idle",

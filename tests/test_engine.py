@@ -1,5 +1,7 @@
 """The engine against independent references: EOS, instructions, batching, adapters, MiniLM."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -157,7 +159,19 @@ def test_lanes_give_the_same_vectors_as_one_pass_at_a_time(tiny_family, base):
     lanes = EmbeddingEngine.load(spec_for(tiny_family["base"], micro_batch_tokens=64, cpu_lanes=2), cpu_threads=2)
     assert (serial.lanes, lanes.lanes, lanes.threads_per_lane) == (1, 2, 1)
     np.testing.assert_allclose(lanes.embed(ids), serial.embed(ids), atol=1e-5)
-    assert lanes.padded_tokens == serial.padded_tokens > 0
+    assert lanes.embed_counted(ids).padded_tokens == serial.embed_counted(ids).padded_tokens > 0
+
+
+def test_calls_from_several_threads_share_the_lanes_without_mixing_rows(tiny_family, base):
+    tokenizer = base[0]
+    groups = [tokenizer.tokenize_texts(TEXTS[i:] + TEXTS[:i], truncate=True) for i in range(4)]
+    engine = EmbeddingEngine.load(spec_for(tiny_family["base"], micro_batch_tokens=32, cpu_lanes=2), cpu_threads=2)
+    alone = [engine.embed(ids) for ids in groups]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(engine.embed_counted, groups * 3))
+    for k, result in enumerate(together):
+        np.testing.assert_allclose(result.vectors, alone[k % 4], atol=1e-5)
+        assert result.real_tokens == sum(map(len, groups[k % 4]))
 
 
 def test_spec_rejects_unknown_keys_and_impossible_budgets():

@@ -15,7 +15,7 @@ from serve_app.deployments.autoscaling import BACKLOG_REQUESTS, BACKLOG_TOKENS
 from serve_app.deployments.chunks import count_tokens, flatten, split_rows
 from serve_app.deployments.metrics import EmbedderMetrics
 from serve_app.engine.embedder import EmbeddingEngine
-from serve_app.engine.spec import ModelSpec
+from serve_app.engine.spec import MAX_BATCHES_IN_FLIGHT, ModelSpec
 
 
 def count_queued_tokens(items: list[tuple[list[list[int]], float]]) -> int:
@@ -37,16 +37,21 @@ class Embedder:
         threads = max(1, self.spec.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
         torch.set_num_threads(threads)
         self.engine = EmbeddingEngine.load(self.spec, cpu_threads=threads)
-        # One thread runs every batch (batches are serial anyway; on CPU the engine spreads a
-        # batch's passes over its own lane threads), so the state that torch, OpenMP and malloc
-        # keep per calling thread (thread count, OpenMP team, arena) exists once.
-        self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
-        # Warm up on that thread (and the engine's lanes) before Serve marks the replica ready,
-        # so the first real request doesn't pay for it and /health means "ready to serve".
-        self._forward_thread.submit(self.engine.warm_up).result()
+        # By default one batch in flight per CPU lane: the lanes take the next batch's passes
+        # while a batch's last pass, its replies and the next batch's assembly finish, and two
+        # small batches (one pass each) run side by side instead of one after the other. A GPU
+        # (one lane) runs one batch at a time, so its memory holds one batch's activations.
+        # Batches run on dedicated threads, so the state that torch, OpenMP and malloc keep per
+        # calling thread (thread count, OpenMP team, arena) stays with them.
+        self._in_flight = self.spec.batches_in_flight or self.engine.lanes
+        self._batches_in_flight = asyncio.Semaphore(self._in_flight)
+        self._forward_threads = ThreadPoolExecutor(self._in_flight, thread_name_prefix="forward")
+        # Warm up (on those threads and the engine's lanes) before Serve marks the replica
+        # ready, so the first real request doesn't pay for it and /health means "ready to serve".
+        self._forward_threads.submit(self.engine.warm_up).result()
         self._embed_batch.set_max_batch_size(self.spec.max_batch_tokens)
         self._embed_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
-        # Forward-pass time in the current ~1 s window, for the adaptive batch wait.
+        # Batch slots' busy time in the current ~1 s window, for the adaptive batch wait.
         self._busy_s, self._window_start = 0.0, time.perf_counter()
         # Work held by this replica (queued in the batcher or in the forward pass).
         self.backlog_tokens = 0
@@ -73,31 +78,34 @@ class Embedder:
         """Read by Serve's autoscaler; see autoscaling.TokenBacklogPolicy."""
         return {BACKLOG_TOKENS: self.backlog_tokens, BACKLOG_REQUESTS: self.backlog_requests}
 
-    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, batch_size_fn=count_queued_tokens)
+    # Serve's cap on concurrent batches is fixed at import; _batches_in_flight is the replica's.
+    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, max_concurrent_batches=MAX_BATCHES_IN_FLIGHT,
+                 batch_size_fn=count_queued_tokens)
     async def _embed_batch(self, items: list[tuple[list[list[int]], float]]) -> list[np.ndarray]:
-        started = time.perf_counter()
-        for _, queued_at in items:
-            self.metrics.queue_wait.observe(started - queued_at, self.metrics_tags)
-        chunks = [chunk for chunk, _ in items]
-        flat = flatten(chunks)
-        real, padded = self.engine.real_tokens, self.engine.padded_tokens
-        # Off the event loop, so new requests keep queueing (and batches fill) while it runs.
-        vectors = await asyncio.get_running_loop().run_in_executor(self._forward_thread, self.engine.embed, flat)
-        forward_s = time.perf_counter() - started
+        async with self._batches_in_flight:
+            started = time.perf_counter()
+            for _, queued_at in items:
+                self.metrics.queue_wait.observe(started - queued_at, self.metrics_tags)
+            chunks = [chunk for chunk, _ in items]
+            # Off the event loop, so new requests keep queueing (and batches fill) while it runs.
+            done = await asyncio.get_running_loop().run_in_executor(
+                self._forward_threads, self.engine.embed_counted, flatten(chunks)
+            )
+            forward_s = time.perf_counter() - started
         self.metrics.forward.observe(forward_s, self.metrics_tags)
-        self._adapt_batch_wait(forward_s)
-        real, padded = self.engine.real_tokens - real, self.engine.padded_tokens - padded
-        self.metrics.batch_tokens.observe(real, self.metrics_tags)
-        self.metrics.padding_ratio.observe(1.0 - real / padded if padded else 0.0, self.metrics_tags)
-        return split_rows(vectors, chunks)
+        self._adapt_batch_wait(forward_s / self._in_flight)
+        self.metrics.batch_tokens.observe(done.real_tokens, self.metrics_tags)
+        padding = 1.0 - done.real_tokens / done.padded_tokens if done.padded_tokens else 0.0
+        self.metrics.padding_ratio.observe(padding, self.metrics_tags)
+        return split_rows(done.vectors, chunks)
 
-    def _adapt_batch_wait(self, forward_s: float) -> None:
+    def _adapt_batch_wait(self, busy_s: float) -> None:
         # A busy replica waits longer so batches grow: a pass has a fixed cost. On a saturated
         # 2-core server, 1.32x on one-query requests vs a fixed 5 ms wait (`python -m
         # bench.serve_variants --variants shipped,fixed-wait-5ms`); an idle replica keeps the
-        # short wait, so a lone request is not held back.
+        # short wait, so a lone request is not held back. `busy_s`: forward time per batch slot.
         now = time.perf_counter()
-        self._busy_s += forward_s
+        self._busy_s += busy_s
         if now - self._window_start >= 1.0:
             busy = self._busy_s / (now - self._window_start) > 0.5
             self._embed_batch.set_batch_wait_timeout_s(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,9 +45,18 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
     return _DTYPES[requested]
 
 
+@dataclass(frozen=True)
+class Embedded:
+    vectors: np.ndarray  # float32, one row per sequence, in the order given
+    real_tokens: int
+    padded_tokens: int  # tokens the forward passes computed, padding included
+
+
 class EmbeddingEngine:
     """Runs a model over batches of token-id sequences.
 
+    Safe to call from several threads at once: on CPU their passes share the lanes, so a lane
+    that finishes one call's last pass starts on the next call's first instead of waiting.
     Rows are right-padded: with a causal model the real tokens never attend to the padding
     after them, and positions start at 0 as for a lone text, so a text's vector does not
     depend on its batch-mates. Pooling reads each row at its own length.
@@ -80,9 +90,6 @@ class EmbeddingEngine:
         self.pin_memory = device.startswith("cuda")
         self.host_memory = HostMemoryTrimmer()
         self.resolved = None  # what load() decided from the model's files, when it loaded them
-        # Running totals for metrics and benchmarks.
-        self.real_tokens = 0
-        self.padded_tokens = 0
 
     @classmethod
     def load(cls, spec: ModelSpec, cpu_threads: int | None = None) -> "EmbeddingEngine":
@@ -97,9 +104,13 @@ class EmbeddingEngine:
         engine.resolved = resolved
         return engine
 
-    @torch.inference_mode()
     def embed(self, sequences: list[list[int]]) -> np.ndarray:
         """One float32 row per sequence, in the order given."""
+        return self.embed_counted(sequences).vectors
+
+    @torch.inference_mode()
+    def embed_counted(self, sequences: list[list[int]]) -> Embedded:
+        """The vectors, with the real and padded token counts of the passes that made them."""
         lengths = [len(ids) for ids in sequences]
         plan = plan_micro_batches(lengths, self.micro_batch_tokens)
         if self._lane_pool:
@@ -117,22 +128,19 @@ class EmbeddingEngine:
         results = self._lane_pool.map(run, plan) if self._lane_pool else map(run, plan)
         for batch, vectors in zip(plan, results):
             out.index_copy_(0, torch.as_tensor(batch.indices, device=self.device), vectors)
-        self.real_tokens += sum(lengths)
-        self.padded_tokens += sum(b.padded_tokens for b in plan)
         vectors = out.cpu().numpy()
         self.host_memory.maybe_trim()
-        return vectors
+        return Embedded(vectors, sum(lengths), sum(b.padded_tokens for b in plan))
 
     def warm_up(self) -> None:
         """Run the first passes (kernels, allocator, lazy init) before any request does.
 
         On CPU with lanes, one full pass per lane: a batch under one pass's budget would only
-        reach one lane. The counters start from zero afterwards.
+        reach one lane.
         """
         width = min(16, self.micro_batch_tokens)
         rows_per_pass = self.micro_batch_tokens // width if self._lane_pool else 1
         self.embed([[0] * width] * (rows_per_pass * self.lanes))
-        self.real_tokens = self.padded_tokens = 0
 
     @torch.inference_mode()  # per thread: lanes need it too
     def _forward(self, lengths: list[int], rows: list[list[int]], width: int) -> torch.Tensor:

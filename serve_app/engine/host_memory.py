@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import threading
 import time
 
 
@@ -29,12 +30,16 @@ class HostMemoryTrimmer:
         self._malloc_trim = _load_malloc_trim()
         self._min_interval_s = min_interval_s
         self._last = 0.0
+        self._lock = threading.Lock()  # engines run passes from several threads
 
     def maybe_trim(self) -> None:
         """Trim at most once per `min_interval_s`; call after a forward pass."""
         if self._malloc_trim is None:
             return
-        now = time.monotonic()
-        if now - self._last >= self._min_interval_s:
+        if time.monotonic() - self._last < self._min_interval_s or not self._lock.acquire(blocking=False):
+            return
+        try:
             self._malloc_trim(0)
             self._last = time.monotonic()
+        finally:
+            self._lock.release()

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Pooling = Literal["last_token", "mean", "cls"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+MAX_BATCHES_IN_FLIGHT = 64
 
 
 class ModelSpec(BaseModel):
@@ -82,6 +83,14 @@ class ModelSpec(BaseModel):
         gt=0,
         description="On CPU, how many forward passes run side by side, each on "
         "cpu_threads/cpu_lanes threads. Default: cpu_threads (one thread per pass).",
+    )
+    batches_in_flight: int | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_BATCHES_IN_FLIGHT,
+        description="Batches an Embedder replica runs at once. Default: one per CPU lane (the "
+        "lanes take the next batch's passes while a batch finishes), one on a GPU (its memory "
+        "holds one batch's activations).",
     )
     trust_remote_code: bool = False
 
