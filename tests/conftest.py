@@ -100,6 +100,8 @@ def base_url(ray_session, tiny_family, api_keys):
                 "query_instruction": SFR_TASK,
                 "max_input_tokens": TINY_MAX_TOKENS,
                 "max_batch_tokens": 512,  # small, so large requests fan out over many chunks
+                # Two CPU lanes, so two batches in flight that share them, as deploy/local.yaml runs.
+                "cpu_threads": 2,
             },
             {
                 "name": "tiny-sfr-lora",
