@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .batching import plan_micro_batches
+from .batching import MicroBatch, plan_micro_batches
 from .host_memory import HostMemoryTrimmer
 from .loading import load_model, load_tokenizer, resolve_spec
 from .spec import ModelSpec
@@ -120,8 +120,8 @@ class EmbeddingEngine:
             plan.sort(key=lambda batch: batch.padded_tokens, reverse=True)
         out = torch.empty((len(sequences), self.dimensions), dtype=torch.float32, device=self.device)
 
-        def run(batch):
-            return self._forward([lengths[i] for i in batch.indices], [sequences[i] for i in batch.indices], batch.width)
+        def run(batch: MicroBatch):
+            return self._forward(batch, [sequences[i] for i in batch.indices])
 
         # On a GPU the loop only queues work: the host prepares the next micro-batch while the
         # device runs the previous one, and there is one device-to-host copy per call.
@@ -143,10 +143,11 @@ class EmbeddingEngine:
         self.embed([[0] * width] * (rows_per_pass * self.lanes))
 
     @torch.inference_mode()  # per thread: lanes need it too
-    def _forward(self, lengths: list[int], rows: list[list[int]], width: int) -> torch.Tensor:
+    def _forward(self, batch: MicroBatch, rows: list[list[int]]) -> torch.Tensor:
         if self.device == "cpu" and self.threads_per_lane > 1:
-            small = len(rows) * width < SINGLE_THREAD_BELOW_TOKENS
+            small = batch.padded_tokens < SINGLE_THREAD_BELOW_TOKENS
             torch.set_num_threads(1 if small else self.threads_per_lane)
+        width, lengths = batch.width, [len(row) for row in rows]
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         for r, row in enumerate(rows):
             ids[r, : len(row)] = torch.as_tensor(row, dtype=torch.long)
