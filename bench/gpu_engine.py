@@ -44,6 +44,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 try:
+    from serve_app.deployments.chunks import cut_to_budget  # numpy only: no Ray needed
     from serve_app.engine.embedder import EmbeddingEngine, pick_dtype
 except ImportError as exc:  # e.g. pydantic missing on a bare GPU image: say so plainly
     sys.exit(f"cannot import serve_app.engine ({exc}); run from the repo root with its dependencies")
@@ -192,24 +193,12 @@ def run_engine(engine: EmbeddingEngine, seqs: list[list[int]]) -> tuple[np.ndarr
     return done.vectors, RunStats(done.real_tokens, done.padded_tokens)
 
 
-def token_budget_groups(seqs: list[list[int]], max_tokens: int) -> list[list[list[int]]]:
-    """Consecutive groups of at most `max_tokens` tokens: the batches an Embedder replica gets."""
-    groups, current, tokens = [], [], 0
-    for ids in seqs:
-        if current and tokens + len(ids) > max_tokens:
-            groups.append(current)
-            current, tokens = [], 0
-        current.append(ids)
-        tokens += len(ids)
-    return groups + [current] if current else groups
-
-
 def run_engine_batches(engine: EmbeddingEngine, seqs: list[list[int]], max_tokens: int,
                        in_flight: int) -> tuple[np.ndarray, RunStats]:
     """The served path: one engine call per token-budget batch, `in_flight` calls at a time
     (the Embedder's `batches_in_flight`). Each call ends with a device-to-host copy; with two in
     flight, the host prepares one batch while the GPU runs the other."""
-    groups = token_budget_groups(seqs, max_tokens)
+    groups = cut_to_budget(seqs, max_tokens)  # as the Ingress cuts a request
     with ThreadPoolExecutor(in_flight) as pool:
         done = list(pool.map(engine.embed_counted, groups))
     vectors = np.concatenate([d.vectors for d in done])

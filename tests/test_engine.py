@@ -203,3 +203,13 @@ def test_cpu_forward_passes_are_capped_and_configurable(tiny_family, base):
     ids = tokenizer.tokenize_texts(TEXTS, truncate=True)
     # Many tiny passes give the same vectors as one big one.
     np.testing.assert_allclose(small.embed(ids), big.embed(ids), atol=1e-5)
+
+
+def test_requests_are_cut_into_chunks_that_fit_the_batch_budget():
+    from serve_app.deployments.chunks import cut_to_budget, flatten
+
+    sequences = [[7] * n for n in (3, 4, 2, 9, 1, 1, 5)]
+    chunks = cut_to_budget(sequences, max_tokens=6)
+    assert [[len(ids) for ids in chunk] for chunk in chunks] == [[3], [4, 2], [9], [1, 1], [5]]
+    assert flatten(chunks) == sequences  # order kept; an over-budget sequence travels alone
+    assert cut_to_budget([], 6) == []

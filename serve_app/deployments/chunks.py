@@ -6,6 +6,18 @@ from __future__ import annotations
 import numpy as np
 
 
+def cut_to_budget(sequences: list[list[int]], max_tokens: int) -> list[list[list[int]]]:
+    """Consecutive chunks of at most `max_tokens` tokens each (a longer sequence alone), in order."""
+    chunks, current, tokens = [], [], 0
+    for ids in sequences:
+        if current and tokens + len(ids) > max_tokens:
+            chunks.append(current)
+            current, tokens = [], 0
+        current.append(ids)
+        tokens += len(ids)
+    return chunks + [current] if current else chunks
+
+
 def count_tokens(chunks: list[list[list[int]]]) -> int:
     return sum(len(ids) for chunk in chunks for ids in chunk)
 

@@ -20,7 +20,7 @@ from serve_app.api.errors import OpenAIError, install_error_handlers, invalid
 from serve_app.api.limits import InflightTokens, RequestLimits, check_counts, check_tokens, read_body
 from serve_app.api.ratelimit import RateLimiter, RateLimits
 from serve_app.api.schemas import EmbeddingRequest, parse_request
-from serve_app.deployments.chunks import count_tokens, flatten, split_rows
+from serve_app.deployments.chunks import count_tokens, cut_to_budget, flatten, split_rows
 from serve_app.deployments.metrics import IngressMetrics
 from serve_app.engine.tokenization import load_input_tokenizer
 from serve_app.engine.errors import InputError
@@ -257,14 +257,7 @@ class Ingress:
 
     async def _embed(self, name: str, ids: list[list[int]], budget: int) -> np.ndarray:
         """Split into chunks that each fit one batch, run them concurrently, keep input order."""
-        chunks, current, tokens = [], [], 0
-        for seq in ids:
-            if current and tokens + len(seq) > budget:
-                chunks.append(current)
-                current, tokens = [], 0
-            current.append(seq)
-            tokens += len(seq)
-        chunks.append(current)
+        chunks = cut_to_budget(ids, budget)
         parts = await asyncio.gather(*(self._coalesced_embed((name, chunk)) for chunk in chunks))
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
