@@ -161,6 +161,19 @@ def render(res: dict) -> str:
         failures = sum(r[name]["requests"] - r[name]["ok"] for r in rounds)
         lines.append(f"| {name} | {VARIANTS[name][0]} | {', '.join(f'{t:.1f}' for t in tps)} | "
                      f"{statistics.median(tps):.1f} | {statistics.median(ratios):.2f}× | {failures} |")
+    # Latency, by request kind where the workload mixes kinds (median over rounds).
+    tags = sorted({t for r in rounds for n in names for t in r[n].get("latency_by_tag", {})})
+    kinds = [(t, lambda s, t=t: s["latency_by_tag"].get(t, {})) for t in tags] or [("all", lambda s: s["latency"])]
+    ms = lambda values: f"{statistics.median(values) * 1000:.0f}" if values else "n/a"  # noqa: E731
+    lines += ["", "Latency per request, p50 / p99 ms (median over rounds):", "",
+              "| variant | " + " | ".join(kind for kind, _ in kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    for name in names:
+        cells = []
+        for _, stats_of in kinds:
+            got = [stats_of(r[name]) for r in rounds]
+            cells.append(f"{ms([g['p50_s'] for g in got if g.get('p50_s')])} / "
+                         f"{ms([g['p99_s'] for g in got if g.get('p99_s')])}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     roles = sorted({role for r in rounds for n in names for role in r[n]["cpu"]["cores_by_role"]})
     lines += ["", "CPU cores used per process during the measured load (mean over rounds):", "",
               "| variant | " + " | ".join(roles) + " | other people's processes |",
