@@ -14,6 +14,7 @@ from ray import serve
 from serve_app.deployments.autoscaling import BACKLOG_REQUESTS, BACKLOG_TOKENS
 from serve_app.deployments.chunks import count_tokens, flatten, split_rows
 from serve_app.deployments.metrics import EmbedderMetrics
+from serve_app.deployments.serve_logging import drop_batch_size_warning
 from serve_app.engine.embedder import EmbeddingEngine
 from serve_app.engine.spec import MAX_BATCHES_IN_FLIGHT, ModelSpec
 
@@ -31,6 +32,7 @@ def count_queued_tokens(items: list[tuple[list[list[int]], float]]) -> int:
                   graceful_shutdown_timeout_s=120)
 class Embedder:
     def __init__(self, spec: dict):
+        drop_batch_size_warning()  # our batch sizes count tokens: see serve_logging
         self.spec = ModelSpec.model_validate(spec)
         # Ray sets OMP_NUM_THREADS from the replica's num_cpus; match torch to it so that
         # replicas sharing a machine don't oversubscribe its cores.

@@ -22,6 +22,7 @@ from serve_app.api.ratelimit import RateLimiter, RateLimits
 from serve_app.api.schemas import EmbeddingRequest, parse_request
 from serve_app.deployments.chunks import count_tokens, cut_to_budget, flatten, split_rows
 from serve_app.deployments.metrics import IngressMetrics
+from serve_app.deployments.serve_logging import drop_batch_size_warning
 from serve_app.engine.tokenization import load_input_tokenizer
 from serve_app.engine.errors import InputError
 from serve_app.engine.spec import ModelSpec
@@ -91,6 +92,7 @@ class Ingress:
         auth: dict,
         rate_limits: dict,
     ):
+        drop_batch_size_warning()  # our batch sizes count tokens: see serve_logging
         self.specs = {m["name"]: ModelSpec.model_validate(m) for m in models}
         self.tokenizers = {name: h.options(_by_reference=True) for name, h in tokenizers.items()}
         self.embedders = {name: h.options(_by_reference=True) for name, h in embedders.items()}
