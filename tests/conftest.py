@@ -76,12 +76,13 @@ def local_config_model() -> dict:
 
 @pytest.fixture(scope="session")
 def api_keys(tmp_path_factory) -> SimpleNamespace:
-    """Two real keys, stored hashed in a keys file: `tester` unlimited, `limited` at 3 requests/min."""
+    """Real keys, stored hashed in a keys file: `tester` unlimited, `limited` at 3 requests/min,
+    `indexer` whose requests default to the batch class."""
     from serve_app.api.auth import generate_key, hash_key
 
-    keys = SimpleNamespace(tester=generate_key(), limited=generate_key())
+    keys = SimpleNamespace(tester=generate_key(), limited=generate_key(), indexer=generate_key())
     keys.file = tmp_path_factory.mktemp("auth") / "api_keys"
-    keys.file.write_text(f"tester:{hash_key(keys.tester)}\nlimited:{hash_key(keys.limited)}\n")
+    keys.file.write_text("".join(f"{name}:{hash_key(getattr(keys, name))}\n" for name in ("tester", "limited", "indexer")))
     return keys
 
 
@@ -112,8 +113,9 @@ def base_url(ray_session, tiny_family, api_keys):
             local_config_model(),
         ],
         "limits": {"max_request_bytes": MAX_REQUEST_BYTES, "max_tokens_per_request": MAX_REQUEST_TOKENS},
+        "cache": {"max_bytes": 256 * 1024},  # small, so the suite's traffic also evicts
         "auth": {"keys_file": str(api_keys.file)},
-        "rate_limits": {"per_key": {"limited": {"requests_per_minute": 3}}},
+        "rate_limits": {"per_key": {"limited": {"requests_per_minute": 3}, "indexer": {"priority": "batch"}}},
     }
     serve.run(build_app(args), name="embeddings", route_prefix="/")
     yield ray_session.url

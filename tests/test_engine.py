@@ -204,3 +204,21 @@ def test_cpu_forward_passes_are_capped_and_configurable(tiny_family, base):
     # Many tiny passes give the same vectors as one big one.
     np.testing.assert_allclose(small.embed(ids), big.embed(ids), atol=1e-5)
 
+
+
+def test_a_vector_does_not_depend_on_its_class_or_on_what_ran_beside_it(tiny_family, base, base_reference):
+    from serve_app.engine.scheduling import Priority
+
+    tokenizer = base[0]
+    engine = EmbeddingEngine.load(
+        spec_for(tiny_family["base"], micro_batch_tokens=64, batch_pass_tokens=32, cpu_lanes=2), cpu_threads=2
+    )
+    assert engine.pass_tokens == {Priority.INTERACTIVE: 64, Priority.BATCH: 32}
+    queries = tokenizer.tokenize_texts(TEXTS[:3], task=SFR_TASK)
+    documents = tokenizer.tokenize_texts(TEXTS * 8, truncate=True)
+    calls = [(documents, Priority.BATCH)] * 4 + [(queries, Priority.INTERACTIVE)] * 4
+    with ThreadPoolExecutor(len(calls)) as pool:
+        results = list(pool.map(lambda call: engine.embed(*call), calls))
+    for (ids, _), vectors in zip(calls, results):
+        expected = base_reference.embed(TEXTS[:3], SFR_TASK) if ids is queries else base_reference.embed(TEXTS * 8)
+        np.testing.assert_allclose(vectors, expected, atol=1e-5)

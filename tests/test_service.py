@@ -254,12 +254,17 @@ def test_every_metric_the_grafana_dashboard_plots_exists(http, ray_session):
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     wanted = {name for expr in exprs for name in re.findall(r"\bray_[a-z_]+", expr)}
     assert len(wanted) >= 10
-    http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": "fresh traffic"})
-    missing = wanted
+    # Traffic that touches every series: cache misses, then hits, then evictions (an
+    # interactive request of more vectors than the session's 256 KiB cache holds).
+    for _ in range(2):
+        assert http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": "fresh traffic"}).status_code == 200
+    flood = [f"cache filler number {k}" for k in range(1200)]
+    assert http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": flood, "priority": "interactive"}).status_code == 200
+    missing, exported = wanted, set()
     deadline = time.monotonic() + 60  # metrics reach the exporter every few seconds
     while missing and time.monotonic() < deadline:
         text = httpx.get(ray_session.metrics_url, timeout=10).text
-        exported = set(re.findall(r"^(ray_[a-z_]+)", text, flags=re.M))
+        exported |= set(re.findall(r"^(ray_[a-z_]+)", text, flags=re.M))  # a series seen once exists
         missing = wanted - exported
         if missing:
             time.sleep(2)

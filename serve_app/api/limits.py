@@ -18,20 +18,32 @@ class RequestLimits(BaseModel):
         default=4_000_000,
         gt=0,
         description="Tokens one Ingress replica may have in flight to the Embedders; beyond "
-        "it new requests get a fast 503 with Retry-After instead of queueing without bound.",
+        "it new batch-class requests get a fast 503 with Retry-After instead of queueing without bound.",
+    )
+    interactive_reserve_tokens: int = Field(
+        default=1_000_000,
+        ge=0,
+        description="Interactive requests may take this many tokens beyond max_inflight_tokens, "
+        "so that under overload batch work is shed first.",
     )
 
 
 class InflightTokens:
-    """Backpressure on real work: the tokens this ingress has sent and not yet had back."""
+    """Backpressure on real work: the tokens this ingress has sent and not yet had back.
 
-    def __init__(self, limit: int):
+    Requests that may use the reserve (interactive ones) are refused only past limit + reserve,
+    so batch requests are shed first.
+    """
+
+    def __init__(self, limit: int, reserve: int = 0):
         self.limit = limit
+        self.reserve = reserve
         self.current = 0
 
-    def acquire(self, tokens: int) -> None:
+    def acquire(self, tokens: int, reserve: bool = False) -> None:
         # A request alone over the limit may still run when nothing else is in flight.
-        if self.current and self.current + tokens > self.limit:
+        limit = self.limit + (self.reserve if reserve else 0)
+        if self.current and self.current + tokens > limit:
             raise OpenAIError(
                 503,
                 f"The service is overloaded ({self.current} tokens in flight); retry shortly.",

@@ -59,6 +59,9 @@ class KeyLimits(BaseModel):
 
     requests_per_minute: PerMinute | Literal["unlimited"] | None = None
     tokens_per_minute: PerMinute | Literal["unlimited"] | None = None
+    # The request class of this key's requests that do not send `priority` (e.g. an indexing
+    # key: batch); None: decided per request (README "Request classes").
+    priority: Literal["interactive", "batch"] | None = None
 
 
 class Limits(NamedTuple):
@@ -77,6 +80,10 @@ class RateLimits(BaseModel):
     requests_per_minute: PerMinute | None = None
     tokens_per_minute: PerMinute | None = None
     per_key: dict[str, KeyLimits] = Field(default_factory=dict)
+
+    def priority_for(self, name: str) -> str | None:
+        override = self.per_key.get(name)
+        return override.priority if override else None
 
     def for_key(self, name: str) -> Limits:
         override = self.per_key.get(name) or KeyLimits()

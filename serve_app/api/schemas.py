@@ -33,6 +33,8 @@ class EmbeddingRequest(BaseModel):
     input_type: Literal["query", "document"] | None = None
     instruction: Annotated[StrictStr, Field(min_length=1)] | None = None
     truncate: StrictBool = False
+    # Extension: the request class (README "Request classes"); absent, the service decides.
+    priority: Literal["interactive", "batch"] | None = None
 
     @field_validator("input", mode="before")
     @classmethod

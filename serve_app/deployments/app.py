@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve import Application
 
 from serve_app.api.auth import AuthConfig
+from serve_app.api.cache import CacheConfig
 from serve_app.api.limits import RequestLimits
+from serve_app.api.priority import PriorityPolicy
 from serve_app.api.ratelimit import RateLimits
 from serve_app.engine.spec import ModelSpec
 
@@ -26,6 +28,8 @@ class AppArgs(BaseModel):
     auth: AuthConfig
     rate_limits: RateLimits = RateLimits()
     limits: RequestLimits = RequestLimits()
+    priority: PriorityPolicy = PriorityPolicy()
+    cache: CacheConfig = CacheConfig()
 
     @field_validator("models")
     @classmethod
@@ -59,4 +63,6 @@ def build_app(args: dict) -> Application:
         parsed.limits.model_dump(),
         parsed.auth.model_dump(),
         parsed.rate_limits.model_dump(),
+        parsed.priority.model_dump(),
+        parsed.cache.model_dump(),
     )

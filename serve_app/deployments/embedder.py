@@ -16,6 +16,7 @@ from serve_app.deployments.chunks import count_tokens, flatten, split_rows
 from serve_app.deployments.metrics import EmbedderMetrics
 from serve_app.deployments.serve_logging import drop_batch_size_warning
 from serve_app.engine.embedder import EmbeddingEngine
+from serve_app.engine.scheduling import Priority
 from serve_app.engine.spec import MAX_BATCHES_IN_FLIGHT, ModelSpec
 
 
@@ -39,81 +40,101 @@ class Embedder:
         threads = max(1, self.spec.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
         torch.set_num_threads(threads)
         self.engine = EmbeddingEngine.load(self.spec, cpu_threads=threads)
-        # By default one batch in flight per CPU lane: the lanes take the next batch's passes
-        # while a batch's last pass, its replies and the next batch's assembly finish, and two
-        # small batches (one pass each) run side by side instead of one after the other. A GPU
-        # (one lane) runs one batch at a time, so its memory holds one batch's activations.
-        # Batches run on dedicated threads, so the state that torch, OpenMP and malloc keep per
-        # calling thread (thread count, OpenMP team, arena) stays with them.
+        # Per request class, by default one batch in flight per CPU lane: the lanes take the
+        # next batch's passes while a batch's last pass, its replies and the next batch's
+        # assembly finish, and two small batches (one pass each) run side by side. The engine's
+        # scheduler orders the passes of all batches in flight (interactive first), and runs one
+        # pass at a time per lane, so on a GPU the memory holds one pass's activations.
         self._in_flight = self.spec.batches_in_flight or self.engine.lanes
-        self._batches_in_flight = asyncio.Semaphore(self._in_flight)
-        self._forward_threads = ThreadPoolExecutor(self._in_flight, thread_name_prefix="forward")
-        # Warm up (on those threads and the engine's lanes) before Serve marks the replica
-        # ready, so the first real request doesn't pay for it and /health means "ready to serve".
+        self._slots = {request_class: asyncio.Semaphore(self._in_flight) for request_class in Priority}
+        # Threads that wait for the engine's lanes, so the event loop never blocks.
+        self._forward_threads = ThreadPoolExecutor(len(Priority) * self._in_flight, thread_name_prefix="forward")
+        # Warm up (on the engine's lanes) before Serve marks the replica ready, so the first real
+        # request doesn't pay for it and /health means "ready to serve".
         self._forward_threads.submit(self.engine.warm_up).result()
-        self._embed_batch.set_max_batch_size(self.spec.max_batch_tokens)
-        self._embed_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
-        # Batch slots' busy time in the current ~1 s window, for the adaptive batch wait.
-        self._busy_s, self._window_start = 0.0, time.perf_counter()
-        # Work held by this replica (queued in the batcher or in the forward pass).
-        self.backlog_tokens = 0
-        self.backlog_requests = 0
+        self._batchers = {Priority.INTERACTIVE: self._embed_interactive, Priority.BATCH: self._embed_batch}
+        for batcher in self._batchers.values():
+            batcher.set_max_batch_size(self.spec.max_batch_tokens)
+            batcher.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        # Per class, its batch slots' busy time in the current ~1 s window and the window's start,
+        # for the adaptive batch wait.
+        self._busy = {request_class: [0.0, time.perf_counter()] for request_class in Priority}
+        # Work held by this replica (queued in the batchers or in forward passes), per class.
+        self.backlog = {request_class: [0, 0] for request_class in Priority}  # tokens, chunks
         self.metrics = EmbedderMetrics()
         self.metrics_tags = {"model": self.spec.name}
 
-    async def embed(self, chunk: list[list[int]]) -> np.ndarray:
+    async def embed(self, chunk: list[list[int]], priority: str = Priority.INTERACTIVE.value) -> np.ndarray:
         """Vectors for one chunk (whose tokens fit the batch budget), in order."""
+        request_class = Priority(priority)
         tokens = sum(len(ids) for ids in chunk)
-        self._change_backlog(tokens, 1)
+        self._change_backlog(request_class, tokens, 1)
         try:
-            return await self._embed_batch((chunk, time.perf_counter()))
+            return await self._batchers[request_class]((chunk, time.perf_counter()))
         finally:
-            self._change_backlog(-tokens, -1)
+            self._change_backlog(request_class, -tokens, -1)
 
-    def _change_backlog(self, tokens: int, requests: int) -> None:
-        self.backlog_tokens += tokens
-        self.backlog_requests += requests
-        self.metrics.backlog_tokens.set(self.backlog_tokens, self.metrics_tags)
-        self.metrics.backlog_requests.set(self.backlog_requests, self.metrics_tags)
+    def _change_backlog(self, request_class: Priority, tokens: int, chunks: int) -> None:
+        backlog = self.backlog[request_class]
+        backlog[0] += tokens
+        backlog[1] += chunks
+        tags = self.metrics_tags | {"priority": request_class.value}
+        self.metrics.backlog_tokens.set(backlog[0], tags)
+        self.metrics.backlog_requests.set(backlog[1], tags)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Read by Serve's autoscaler; see autoscaling.TokenBacklogPolicy."""
-        return {BACKLOG_TOKENS: self.backlog_tokens, BACKLOG_REQUESTS: self.backlog_requests}
+        """Read by Serve's autoscaler (both classes' work); see autoscaling.TokenBacklogPolicy."""
+        return {
+            BACKLOG_TOKENS: sum(tokens for tokens, _ in self.backlog.values()),
+            BACKLOG_REQUESTS: sum(chunks for _, chunks in self.backlog.values()),
+        }
 
-    # Serve's cap on concurrent batches is fixed at import; _batches_in_flight is the replica's.
+    # Serve's cap on concurrent batches is fixed at import; _slots are the replica's. One batcher
+    # per class, so a query's chunk never waits in a queue behind batch-class chunks.
+    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, max_concurrent_batches=MAX_BATCHES_IN_FLIGHT,
+                 batch_size_fn=count_queued_tokens)
+    async def _embed_interactive(self, items: list[tuple[list[list[int]], float]]) -> list[np.ndarray]:
+        return await self._run_batch(items, Priority.INTERACTIVE)
+
     @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, max_concurrent_batches=MAX_BATCHES_IN_FLIGHT,
                  batch_size_fn=count_queued_tokens)
     async def _embed_batch(self, items: list[tuple[list[list[int]], float]]) -> list[np.ndarray]:
-        async with self._batches_in_flight:
+        return await self._run_batch(items, Priority.BATCH)
+
+    async def _run_batch(self, items: list[tuple[list[list[int]], float]], request_class: Priority) -> list[np.ndarray]:
+        async with self._slots[request_class]:
             started = time.perf_counter()
+            tags = self.metrics_tags | {"priority": request_class.value}
             for _, queued_at in items:
-                self.metrics.queue_wait.observe(started - queued_at, self.metrics_tags)
+                self.metrics.queue_wait.observe(started - queued_at, tags)
             chunks = [chunk for chunk, _ in items]
             # Off the event loop, so new requests keep queueing (and batches fill) while it runs.
             done = await asyncio.get_running_loop().run_in_executor(
-                self._forward_threads, self.engine.embed_counted, flatten(chunks)
+                self._forward_threads, self.engine.embed_counted, flatten(chunks), request_class
             )
             forward_s = time.perf_counter() - started
         self.metrics.forward.observe(forward_s, self.metrics_tags)
-        self._adapt_batch_wait(forward_s / self._in_flight)
+        self._adapt_batch_wait(request_class, forward_s / self._in_flight)
         self.metrics.batch_tokens.observe(done.real_tokens, self.metrics_tags)
         padding = 1.0 - done.real_tokens / done.padded_tokens if done.padded_tokens else 0.0
         self.metrics.padding_ratio.observe(padding, self.metrics_tags)
         return split_rows(done.vectors, chunks)
 
-    def _adapt_batch_wait(self, busy_s: float) -> None:
-        # A busy replica waits longer so batches grow: a pass has a fixed cost. On a saturated
-        # 2-core server, 1.32x on one-query requests vs a fixed 5 ms wait (`python -m
-        # bench.serve_variants --variants shipped,fixed-wait-5ms`); an idle replica keeps the
-        # short wait, so a lone request is not held back. `busy_s`: forward time per batch slot.
+    def _adapt_batch_wait(self, request_class: Priority, busy_s: float) -> None:
+        # A class whose batches keep the replica busy waits longer so its batches grow: a pass
+        # has a fixed cost. On a saturated 2-core server, 1.32x on one-query requests vs a fixed
+        # 5 ms wait (`python -m bench.serve_variants --variants shipped,fixed-wait-5ms`). Per
+        # class, so a trickle of queries beside an indexing load keeps the short wait, as does a
+        # lone request on an idle replica. `busy_s`: forward time per batch slot.
         now = time.perf_counter()
-        self._busy_s += busy_s
-        if now - self._window_start >= 1.0:
-            busy = self._busy_s / (now - self._window_start) > 0.5
-            self._embed_batch.set_batch_wait_timeout_s(
+        window = self._busy[request_class]
+        window[0] += busy_s
+        if now - window[1] >= 1.0:
+            busy = window[0] / (now - window[1]) > 0.5
+            self._batchers[request_class].set_batch_wait_timeout_s(
                 self.spec.busy_batch_wait_timeout_s if busy else self.spec.batch_wait_timeout_s
             )
-            self._busy_s, self._window_start = 0.0, now
+            window[:] = [0.0, now]
 
     def describe(self) -> dict:
         resolved = self.engine.resolved

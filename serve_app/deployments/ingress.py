@@ -5,6 +5,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import orjson
@@ -15,11 +16,13 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.api.auth import AuthConfig, Authenticator
+from serve_app.api.cache import CacheConfig, VectorCache, look_up
 from serve_app.api.encoding import apply_dimensions, render_embeddings
 from serve_app.api.errors import OpenAIError, install_error_handlers, invalid
 from serve_app.api.limits import InflightTokens, RequestLimits, check_counts, check_tokens, read_body
+from serve_app.api.priority import BATCH, INTERACTIVE, PriorityPolicy, classify
 from serve_app.api.ratelimit import RateLimiter, RateLimits
-from serve_app.api.schemas import EmbeddingRequest, parse_request
+from serve_app.api.schemas import Inputs, parse_request
 from serve_app.deployments.chunks import count_tokens, cut_to_budget, flatten, split_rows
 from serve_app.deployments.metrics import IngressMetrics
 from serve_app.deployments.serve_logging import drop_batch_size_warning
@@ -36,9 +39,14 @@ TOKENIZE_SLICE = 256  # inputs per tokenizer call: large requests spread over to
 # round trip to the Tokenizer deployment costs far more CPU than the tokenization.
 LOCAL_TOKENIZE_MAX_CHARS = 8192
 LOCAL_CHECK_MAX_IDS = 16384
+# Interactive requests (a few inputs, e.g. one 4096-token document) are tokenized here up to
+# this many times those sizes: a few milliseconds, against a queue behind batch requests.
+INTERACTIVE_TOKENIZE_FACTOR = 8
 # Chunks from concurrent requests are coalesced for this long into one Embedder call.
 COALESCE_WAIT_S = 0.002
 HEALTH_TIMEOUT_S = 10.0
+# Tells a client which class its request ran in (README "Request classes").
+REQUEST_CLASS_HEADER = "X-Request-Class"
 # Embedder calls whose arguments and result fit in this many bytes go over Serve's gRPC
 # transport (handle option _by_reference=False) instead of a Ray actor call: per call it costs
 # less CPU in both processes, and a stream of one-query requests is mostly per-call cost
@@ -56,10 +64,24 @@ BY_VALUE_MAX_BYTES = int(os.environ.get("EMBEDDINGS_BY_VALUE_MAX_BYTES", 1 << 20
 # The drain ends as soon as nothing is in flight, so a long bound costs an idle replica nothing.
 GRACEFUL_SHUTDOWN_TIMEOUT_S = 180.0
 
-def _is_small(inputs) -> bool:
+def _tokenize_here(inputs: Inputs, interactive: bool) -> bool:
+    """Tokenize in the ingress itself, rather than queue at the Tokenizer deployment behind
+    large batch requests: small requests, and interactive ones of a few long inputs."""
+    factor = INTERACTIVE_TOKENIZE_FACTOR if interactive else 1
     if inputs.texts is not None:
-        return sum(len(text) for text in inputs.texts) <= LOCAL_TOKENIZE_MAX_CHARS
-    return sum(len(ids) for ids in inputs.token_ids) <= LOCAL_CHECK_MAX_IDS
+        return sum(len(text) for text in inputs.texts) <= LOCAL_TOKENIZE_MAX_CHARS * factor
+    return sum(len(ids) for ids in inputs.token_ids) <= LOCAL_CHECK_MAX_IDS * factor
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a front door asks the pipeline for, whatever its schema."""
+
+    inputs: Inputs
+    task: str | None  # the query instruction to apply, if any
+    truncate: bool
+    priority: str | None  # the class the request asked for, if any
+    is_query: bool
 
 
 class _StageTimer:
@@ -91,6 +113,8 @@ class Ingress:
         limits: dict,
         auth: dict,
         rate_limits: dict,
+        priority: dict,
+        cache: dict,
     ):
         drop_batch_size_warning()  # our batch sizes count tokens: see serve_logging
         self.specs = {m["name"]: ModelSpec.model_validate(m) for m in models}
@@ -98,7 +122,12 @@ class Ingress:
         self.embedders = {name: h.options(_by_reference=True) for name, h in embedders.items()}
         self.embedders_by_value = {name: h.options(_by_reference=False) for name, h in embedders.items()}
         self.limits = RequestLimits.model_validate(limits)
-        self.inflight = InflightTokens(self.limits.max_inflight_tokens)
+        self.inflight = InflightTokens(self.limits.max_inflight_tokens, self.limits.interactive_reserve_tokens)
+        self.priority = PriorityPolicy.model_validate(priority)
+        cache_bytes = CacheConfig.model_validate(cache).max_bytes
+        self.cache = VectorCache(cache_bytes) if cache_bytes else None
+        # Everything that changes a model's vectors (source, revision, adapter, pooling, dtype, ...).
+        self.fingerprints = {name: spec.model_dump_json() for name, spec in self.specs.items()}
         self.auth = Authenticator(AuthConfig.model_validate(auth))
         self.rate = RateLimiter(RateLimits.model_validate(rate_limits), known_keys=self.auth.names)
         self.created = int(time.time())
@@ -107,14 +136,15 @@ class Ingress:
         # Tokenizer files only (no weights): small requests are tokenized here.
         self.local_tokenizers = {name: load_input_tokenizer(spec) for name, spec in self.specs.items()}
         budget = min(spec.max_batch_tokens for spec in self.specs.values())
-        self._coalesced_embed.set_max_batch_size(budget)
-        self._coalesced_embed.set_batch_wait_timeout_s(COALESCE_WAIT_S)
+        for coalesce in (self._coalesce_interactive, self._coalesce_batch):
+            coalesce.set_max_batch_size(budget)
+            coalesce.set_batch_wait_timeout_s(COALESCE_WAIT_S)
 
     @api.post("/v1/embeddings")
     async def create_embeddings(self, request: Request) -> Response:
         started = time.perf_counter()
         # Only configured names become metric labels: clients can send any string as model.
-        labels = {"model": "unknown", "key": "anonymous"}
+        labels = {"model": "unknown", "key": "anonymous", "priority": "unknown"}
         status = 500
         try:
             labels["key"] = self.auth.authenticate(request.headers.get("authorization"))
@@ -126,8 +156,10 @@ class Ingress:
             status = exc.status
             raise
         finally:
-            self.metrics.requests.inc(tags=labels | {"status": str(status)})
-            self.metrics.latency.observe(time.perf_counter() - started, tags={"model": labels["model"]})
+            self.metrics.requests.inc(tags={"model": labels["model"], "key": labels["key"], "status": str(status)})
+            self.metrics.latency.observe(
+                time.perf_counter() - started, tags={"model": labels["model"], "priority": labels["priority"]}
+            )
 
     async def _create_embeddings(self, request: Request, labels: dict[str, str]) -> Response:
         body = await read_body(request, self.limits.max_request_bytes)
@@ -139,21 +171,46 @@ class Ingress:
         spec = self._spec(req.model)
         labels["model"] = spec.name
         info = await self._describe(spec.name)
-        check_counts(len(req.inputs), self.limits)
         if req.dimensions is not None and req.dimensions > info["dimensions"]:
             raise invalid(
                 f"dimensions must be at most {info['dimensions']} for model '{spec.name}'.", "dimensions"
             )
+        task = req.instruction or (spec.query_instruction if req.input_type == "query" else None)
+        if task is not None and req.inputs.token_ids is not None:
+            raise invalid(
+                "An instruction cannot be applied to token-id inputs; send text, or put the "
+                "instruction's tokens in the ids yourself.",
+                "instruction" if req.instruction else "input_type",
+            )
+        work = Work(req.inputs, task, req.truncate, req.priority, is_query=req.input_type == "query" or task is not None)
+        vectors, n_tokens, timer = await self._run(spec, work, labels)
+        vectors = apply_dimensions(vectors, req.dimensions, info["normalize"])
+        body = render_embeddings(vectors, spec.name, n_tokens, req.encoding_format)
+        timer.lap("encode")
+        self._log_request(spec.name, labels, len(vectors), n_tokens, timer)
+        return Response(body, media_type="application/json", headers={REQUEST_CLASS_HEADER: labels["priority"]})
+
+    async def _run(self, spec: ModelSpec, work: "Work", labels: dict[str, str]) -> tuple[np.ndarray, int, "_StageTimer"]:
+        """Every front door's pipeline: limits, tokenize, class, backpressure, cache, Embedders.
+
+        Returns the full-size vectors in input order, the tokens fed to the model (what usage
+        reports, whether or not the cache served them) and the stage timings so far.
+        """
+        check_counts(len(work.inputs), self.limits)
         timer = _StageTimer()
-        ids = await self._tokenize(spec, req)
+        key_default = self.rate.limits.priority_for(labels["key"])
+        ids = await self._tokenize(spec, work, classify(self.priority, work.priority, key_default,
+                                                        work.is_query, len(work.inputs), None))
         n_tokens = sum(len(seq) for seq in ids)
         check_tokens(n_tokens, self.limits)
         self.rate.check_tokens(labels["key"], n_tokens)
         timer.lap("tokenize")
+        request_class = classify(self.priority, work.priority, key_default, work.is_query, len(ids), n_tokens)
+        labels["priority"] = request_class
         try:
-            self.inflight.acquire(n_tokens)
+            self.inflight.acquire(n_tokens, reserve=request_class == INTERACTIVE)
             try:
-                vectors = await self._embed(spec.name, ids, info["max_batch_tokens"])
+                vectors = await self._embed(spec, ids, request_class)
             finally:
                 self.inflight.release(n_tokens)
         except OpenAIError as exc:
@@ -161,20 +218,19 @@ class Ingress:
                 self.rate.refund_tokens(labels["key"], n_tokens)
             raise
         timer.lap("embed")
-        vectors = apply_dimensions(vectors, req.dimensions, info["normalize"])
-        body = render_embeddings(vectors, spec.name, n_tokens, req.encoding_format)
-        timer.lap("encode")
-        self.metrics.input_tokens.inc(n_tokens, tags=labels)
-        self.metrics.inputs.inc(len(ids), tags=labels)
+        return vectors, n_tokens, timer
+
+    def _log_request(self, model: str, labels: dict[str, str], n_inputs: int, n_tokens: int, timer: "_StageTimer") -> None:
+        self.metrics.input_tokens.inc(n_tokens, tags={"model": model, "key": labels["key"]})
+        self.metrics.inputs.inc(n_inputs, tags={"model": model, "key": labels["key"]})
         for stage, seconds in timer.laps.items():
-            self.metrics.stage.observe(seconds, tags={"model": spec.name, "stage": stage})
+            self.metrics.stage.observe(seconds, tags={"model": model, "stage": stage})
         # Counts and timings only: input text never goes to the logs.
         logger.info(
             "embeddings %s",
-            orjson.dumps({"model": spec.name, "inputs": len(ids), "tokens": n_tokens}
+            orjson.dumps({"model": model, "priority": labels["priority"], "inputs": n_inputs, "tokens": n_tokens}
                          | {f"{k}_ms": round(v * 1000, 2) for k, v in timer.laps.items()}).decode(),
         )
-        return Response(body, media_type="application/json")
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
@@ -226,23 +282,14 @@ class Ingress:
             self._described[name] = await self.embedders[name].describe.remote()
         return self._described[name]
 
-    async def _tokenize(self, spec: ModelSpec, req: EmbeddingRequest) -> list[list[int]]:
-        task = req.instruction or (spec.query_instruction if req.input_type == "query" else None)
-        inputs = req.inputs
+    async def _tokenize(self, spec: ModelSpec, work: "Work", provisional_class: str) -> list[list[int]]:
+        inputs = work.inputs
         handle = self.tokenizers[spec.name]
         if inputs.texts is not None:
-            items, call = inputs.texts, handle.tokenize
-            extra = (task, req.truncate)
+            items, call, extra = inputs.texts, handle.tokenize, (work.task, work.truncate)
         else:
-            if task is not None:
-                raise invalid(
-                    "An instruction cannot be applied to token-id inputs; send text, or put the "
-                    "instruction's tokens in the ids yourself.",
-                    "instruction" if req.instruction else "input_type",
-                )
-            items, call = inputs.token_ids, handle.check_token_ids
-            extra = (req.truncate,)
-        if _is_small(inputs):
+            items, call, extra = inputs.token_ids, handle.check_token_ids, (work.truncate,)
+        if _tokenize_here(inputs, provisional_class == INTERACTIVE):
             local = self.local_tokenizers[spec.name]
             run = local.tokenize_texts if inputs.texts is not None else local.check_token_ids
             try:
@@ -257,42 +304,69 @@ class Ingress:
                 raise invalid(part.message, part.param, part.code)
         return [ids for part in results for ids in part]
 
-    async def _embed(self, name: str, ids: list[list[int]], budget: int) -> np.ndarray:
+    async def _embed(self, spec: ModelSpec, ids: list[list[int]], request_class: str) -> np.ndarray:
+        """Vectors in input order: from the cache where it has them, from the Embedders otherwise."""
+        if self.cache is None or not spec.cache:
+            return await self._compute(spec.name, ids, request_class)
+        lookup = look_up(self.cache, self.fingerprints[spec.name], ids)
+        tags = {"model": spec.name}
+        for counter, count in ((self.metrics.cache_hits, lookup.hits), (self.metrics.cache_misses, len(ids) - lookup.hits)):
+            if count:  # Ray's counters refuse an increment of 0
+                counter.inc(count, tags=tags)
+        computed = await self._compute(spec.name, lookup.to_compute(ids), request_class) if lookup.misses else None
+        # Only interactive work fills the cache: an indexing run would otherwise evict the
+        # repeated queries the cache is for with vectors nobody asks for twice.
+        vectors, evicted = lookup.complete(computed, self.cache if request_class == INTERACTIVE else None)
+        if evicted:
+            self.metrics.cache_evictions.inc(evicted, tags=tags)
+        self.metrics.cache_bytes.set(self.cache.bytes)
+        return vectors
+
+    async def _compute(self, name: str, ids: list[list[int]], request_class: str) -> np.ndarray:
         """Split into chunks that each fit one batch, run them concurrently, keep input order."""
-        chunks = cut_to_budget(ids, budget)
-        parts = await asyncio.gather(*(self._coalesced_embed((name, chunk)) for chunk in chunks))
+        chunks = cut_to_budget(ids, (await self._describe(name))["max_batch_tokens"])
+        coalesce = self._coalesce_interactive if request_class == INTERACTIVE else self._coalesce_batch
+        parts = await asyncio.gather(*(coalesce((name, chunk)) for chunk in chunks))
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    # Chunks of concurrent requests are coalesced into one Embedder call per model: each Serve
+    # call costs a millisecond or more of CPU on both sides, and under many small concurrent
+    # requests this turns N calls into one. Each class coalesces apart, so a query's chunk is
+    # never merged into (and never waits for) a batch-class call.
+    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.002, max_concurrent_batches=64,
+                 batch_size_fn=lambda items: count_tokens([chunk for _, chunk in items]))
+    async def _coalesce_interactive(self, items: list[tuple[str, list[list[int]]]]) -> list[np.ndarray]:
+        return await self._call_coalesced(items, INTERACTIVE)
 
     @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.002, max_concurrent_batches=64,
                  batch_size_fn=lambda items: count_tokens([chunk for _, chunk in items]))
-    async def _coalesced_embed(self, items: list[tuple[str, list[list[int]]]]) -> list[np.ndarray]:
-        """One Embedder call per model for all chunks that arrived together, split back after.
+    async def _coalesce_batch(self, items: list[tuple[str, list[list[int]]]]) -> list[np.ndarray]:
+        return await self._call_coalesced(items, BATCH)
 
-        Each Serve call costs a millisecond or more of CPU on both sides; under many small
-        concurrent requests this turns N calls into one.
-        """
+    async def _call_coalesced(self, items: list[tuple[str, list[list[int]]]], request_class: str) -> list[np.ndarray]:
+        """One Embedder call per model for all chunks that arrived together, split back after."""
         by_model: dict[str, list[int]] = {}
         for position, (name, _) in enumerate(items):
             by_model.setdefault(name, []).append(position)
         chunks_by_model = {name: [items[p][1] for p in positions] for name, positions in by_model.items()}
-        calls = [self._call_embedder(name, flatten(chunks)) for name, chunks in chunks_by_model.items()]
+        calls = [self._call_embedder(name, flatten(chunks), request_class) for name, chunks in chunks_by_model.items()]
         results: list[np.ndarray] = [None] * len(items)  # type: ignore[list-item]
         for positions, chunks, vectors in zip(by_model.values(), chunks_by_model.values(), await self._gather(calls)):
             for p, part in zip(positions, split_rows(vectors, chunks)):
                 results[p] = part
         return results
 
-    async def _call_embedder(self, name: str, sequences: list[list[int]]) -> np.ndarray:
+    async def _call_embedder(self, name: str, sequences: list[list[int]], request_class: str) -> np.ndarray:
         """Embedding is idempotent: if the replica dies mid-batch, retry once on another."""
         # Bounds: a token id pickles to at most 8 bytes; the result is float32 rows.
         dims = (await self._describe(name))["dimensions"]
         size = 8 * sum(map(len, sequences)) + 4 * len(sequences) * dims
         handle = (self.embedders_by_value if size <= BY_VALUE_MAX_BYTES else self.embedders)[name]
         try:
-            return await handle.embed.remote(sequences)
+            return await handle.embed.remote(sequences, request_class)
         except (RayActorError, ActorUnavailableError) as exc:
             logger.warning("Embedder replica lost (%s); retrying the chunk once", type(exc).__name__)
-            return await handle.embed.remote(sequences)
+            return await handle.embed.remote(sequences, request_class)
 
     @staticmethod
     async def _gather(calls) -> list:

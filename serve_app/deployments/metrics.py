@@ -20,7 +20,8 @@ class IngressMetrics:
         )
         self.inputs = Counter("embeddings_inputs", "Inputs embedded.", ("model", "key"))
         self.latency = Histogram(
-            "embeddings_request_latency_s", "Request latency in the ingress, seconds.", _LATENCY_S, ("model",)
+            "embeddings_request_latency_s", "Request latency in the ingress, seconds, by request class.",
+            _LATENCY_S, ("model", "priority"),
         )
         self.stage = Histogram(
             "embeddings_stage_latency_s",
@@ -28,6 +29,14 @@ class IngressMetrics:
             _LATENCY_S,
             ("model", "stage"),
         )
+        self.cache_hits = Counter("embeddings_cache_hits", "Inputs served from the vector cache.", ("model",))
+        self.cache_misses = Counter(
+            "embeddings_cache_misses", "Inputs of cached models the cache did not hold.", ("model",)
+        )
+        self.cache_evictions = Counter(
+            "embeddings_cache_evictions", "Vectors dropped from the cache to stay within its size.", ("model",)
+        )
+        self.cache_bytes = Gauge("embeddings_cache_bytes", "Bytes the vector cache of an Ingress replica holds.")
 
 
 class EmbedderMetrics:
@@ -39,13 +48,15 @@ class EmbedderMetrics:
             "embeddings_padding_ratio", "Share of computed tokens that were padding, per batch.", _RATIO, ("model",)
         )
         self.queue_wait = Histogram(
-            "embeddings_queue_wait_s", "Time a chunk waited at the replica before its forward pass.",
-            _LATENCY_S, ("model",),
+            "embeddings_queue_wait_s", "Time a chunk waited at the replica before its batch started, by request class.",
+            _LATENCY_S, ("model", "priority"),
         )
         self.forward = Histogram(
             "embeddings_forward_latency_s", "Forward pass + pooling of one batch, seconds.", _LATENCY_S, ("model",)
         )
-        self.backlog_tokens = Gauge("embeddings_queue_tokens", "Tokens queued or running at a replica.", ("model",))
+        self.backlog_tokens = Gauge(
+            "embeddings_queue_tokens", "Tokens queued or running at a replica, by request class.", ("model", "priority")
+        )
         self.backlog_requests = Gauge(
-            "embeddings_queue_requests", "Chunks queued or running at a replica.", ("model",)
+            "embeddings_queue_requests", "Chunks queued or running at a replica, by request class.", ("model", "priority")
         )

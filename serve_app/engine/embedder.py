@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -12,6 +12,7 @@ import torch
 from .batching import MicroBatch, plan_micro_batches
 from .host_memory import HostMemoryTrimmer
 from .loading import load_model, load_tokenizer, resolve_spec
+from .scheduling import PassScheduler, Priority
 from .spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,9 @@ SINGLE_THREAD_BELOW_TOKENS = 1024
 # On CPU, a batch runs as forward passes of at most this many padded tokens; with one-thread
 # lanes, 512-1024 beat 2048 and larger (activations stay in cache; same benchmark).
 CPU_MICRO_BATCH_TOKENS = 1024
+# On a GPU, batch-class passes stay this small (interactive ones take the whole max_batch_tokens),
+# so that a query waits for little more than one such pass: see README "Request classes".
+GPU_BATCH_PASS_TOKENS = 4096
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,11 +59,13 @@ class Embedded:
 class EmbeddingEngine:
     """Runs a model over batches of token-id sequences.
 
-    Safe to call from several threads at once: on CPU their passes share the lanes, so a lane
-    that finishes one call's last pass starts on the next call's first instead of waiting.
+    Safe to call from several threads at once. Each call belongs to a request class (see
+    scheduling.py): its forward passes wait in that class's queue, and the lanes (one thread
+    on a GPU, one per lane on CPU) take interactive passes before batch passes, so a query
+    never waits behind queued batch passes, only behind those already running.
     Rows are right-padded: with a causal model the real tokens never attend to the padding
     after them, and positions start at 0 as for a lone text, so a text's vector does not
-    depend on its batch-mates. Pooling reads each row at its own length.
+    depend on its batch-mates or on its class. Pooling reads each row at its own length.
     """
 
     def __init__(
@@ -71,24 +77,30 @@ class EmbeddingEngine:
         micro_batch_tokens: int,
         cpu_threads: int | None = None,
         cpu_lanes: int | None = None,
+        batch_pass_tokens: int | None = None,
+        batch_share: float = 0.25,
     ):
         self.model = model.eval()
         self.cpu_threads = cpu_threads or torch.get_num_threads()
         # A GPU runs one pass at a time (the host only queues work); CPU cores split into lanes.
         self.lanes = 1 if device != "cpu" else max(1, min(cpu_lanes or self.cpu_threads, self.cpu_threads))
         self.threads_per_lane = self.cpu_threads // self.lanes
-        self._lane_pool = None
-        if self.lanes > 1:
-            self._lane_pool = ThreadPoolExecutor(
-                self.lanes, thread_name_prefix="lane", initializer=torch.set_num_threads, initargs=(self.threads_per_lane,)
-            )
         self.device = device
         self.pooling = pooling
         self.normalize = normalize
+        # Padded tokens of one pass, per class: batch passes may be smaller, since a query that
+        # arrives while one runs waits for it to finish.
+        self.pass_tokens = {
+            Priority.INTERACTIVE: micro_batch_tokens,
+            Priority.BATCH: batch_pass_tokens or micro_batch_tokens,
+        }
         self.micro_batch_tokens = micro_batch_tokens
         self.dimensions = int(model.config.hidden_size)
         self.pin_memory = device.startswith("cuda")
         self.host_memory = HostMemoryTrimmer()
+        self._previous_pass_done = None  # GPU: completion event of the pass launched before
+        lane_setup = (lambda: torch.set_num_threads(self.threads_per_lane)) if device == "cpu" else None
+        self._scheduler = PassScheduler(self.lanes, batch_share, lane_setup)
         self.resolved = None  # what load() decided from the model's files, when it loaded them
 
     @classmethod
@@ -97,50 +109,69 @@ class EmbeddingEngine:
         resolved = resolve_spec(spec, tokenizer)
         device = pick_device(spec.device)
         model = load_model(resolved, device, pick_dtype(spec.dtype, device))
+        on_gpu = device.startswith("cuda")
         micro = spec.micro_batch_tokens or (
-            spec.max_batch_tokens if device.startswith("cuda") else min(spec.max_batch_tokens, CPU_MICRO_BATCH_TOKENS)
+            spec.max_batch_tokens if on_gpu else min(spec.max_batch_tokens, CPU_MICRO_BATCH_TOKENS)
         )
-        engine = cls(model, device, resolved.pooling, spec.normalize, micro, cpu_threads, spec.cpu_lanes)
+        batch_pass = spec.batch_pass_tokens or min(micro, GPU_BATCH_PASS_TOKENS if on_gpu else micro)
+        engine = cls(
+            model, device, resolved.pooling, spec.normalize, micro, cpu_threads, spec.cpu_lanes,
+            batch_pass, spec.batch_share,
+        )
         engine.resolved = resolved
         return engine
 
-    def embed(self, sequences: list[list[int]]) -> np.ndarray:
+    def embed(self, sequences: list[list[int]], priority: Priority = Priority.BATCH) -> np.ndarray:
         """One float32 row per sequence, in the order given."""
-        return self.embed_counted(sequences).vectors
+        return self.embed_counted(sequences, priority).vectors
 
-    @torch.inference_mode()
-    def embed_counted(self, sequences: list[list[int]]) -> Embedded:
+    def embed_counted(self, sequences: list[list[int]], priority: Priority = Priority.BATCH) -> Embedded:
         """The vectors, with the real and padded token counts of the passes that made them."""
         lengths = [len(ids) for ids in sequences]
-        plan = plan_micro_batches(lengths, self.micro_batch_tokens)
-        if self._lane_pool:
-            # Biggest first, so that the lanes finish together. A batch under one pass's budget
-            # stays one pass on one lane: split across lanes, small batches cost more CPU per
-            # text, and on served search such a split did not win consistently in A/B rounds.
-            plan.sort(key=lambda batch: batch.padded_tokens, reverse=True)
-        out = torch.empty((len(sequences), self.dimensions), dtype=torch.float32, device=self.device)
-
-        def run(batch: MicroBatch):
-            return self._forward(batch, [sequences[i] for i in batch.indices])
-
-        # On a GPU the loop only queues work: the host prepares the next micro-batch while the
-        # device runs the previous one, and there is one device-to-host copy per call.
-        results = self._lane_pool.map(run, plan) if self._lane_pool else map(run, plan)
-        for batch, vectors in zip(plan, results):
-            out.index_copy_(0, torch.as_tensor(batch.indices, device=self.device), vectors)
-        vectors = out.cpu().numpy()
+        plan = plan_micro_batches(lengths, self.pass_tokens[priority])
+        # Biggest first, so that the lanes finish together. A batch under one pass's budget
+        # stays one pass on one lane: split across lanes, small batches cost more CPU per
+        # text, and on served search such a split did not win consistently in A/B rounds.
+        plan.sort(key=lambda batch: batch.padded_tokens, reverse=True)
+        running = [
+            self._scheduler.submit(priority, partial(self._run_pass, batch, [sequences[i] for i in batch.indices]))
+            for batch in plan
+        ]
+        out = np.empty((len(sequences), self.dimensions), dtype=np.float32)
+        for batch, future in zip(plan, running):
+            rows, done = future.result()
+            if done is not None:
+                done.synchronize()
+            out[batch.indices] = rows.numpy()
         self.host_memory.maybe_trim()
-        return Embedded(vectors, sum(lengths), sum(b.padded_tokens for b in plan))
+        return Embedded(out, sum(lengths), sum(b.padded_tokens for b in plan))
 
     def warm_up(self) -> None:
         """Run the first passes (kernels, allocator, lazy init) before any request does.
 
-        On CPU with lanes, one full pass per lane: a batch under one pass's budget would only
-        reach one lane.
+        One full pass per lane and pass size: a batch under one pass's budget reaches one lane.
         """
-        width = min(16, self.micro_batch_tokens)
-        rows_per_pass = self.micro_batch_tokens // width if self._lane_pool else 1
-        self.embed([[0] * width] * (rows_per_pass * self.lanes))
+        for priority, tokens in self.pass_tokens.items():
+            width = min(16, tokens)
+            rows_per_pass = tokens // width if self.lanes > 1 else 1
+            self.embed([[0] * width] * (rows_per_pass * self.lanes), priority)
+
+    def _run_pass(self, batch: MicroBatch, rows: list[list[int]]):
+        """One pass, on a lane: its rows on the host, and (GPU) the event that says they are there."""
+        pooled = self._forward(batch, rows)
+        if not self.pin_memory:
+            return pooled, None
+        host = torch.empty(pooled.shape, dtype=pooled.dtype, pin_memory=True)
+        host.copy_(pooled, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        # The host runs ahead of the GPU: without a bound it would queue every waiting batch
+        # pass on the device, and a query's pass would run after all of them. Waiting for the
+        # previous pass keeps at most one pass queued behind the running one.
+        previous, self._previous_pass_done = self._previous_pass_done, done
+        if previous is not None:
+            previous.synchronize()
+        return host, done
 
     @torch.inference_mode()  # per thread: lanes need it too
     def _forward(self, batch: MicroBatch, rows: list[list[int]]) -> torch.Tensor:

@@ -65,6 +65,25 @@ class ModelSpec(BaseModel):
     batch_wait_timeout_s: float = Field(
         default=0.005, ge=0, description="How long a replica waits for a batch to fill."
     )
+    batch_pass_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="Padded tokens of one forward pass of batch-class work (indexing). A query "
+        "that arrives while such a pass runs waits for it, so these stay small. Default: "
+        "micro_batch_tokens on CPU, at most 4096 on a GPU.",
+    )
+    batch_share: float = Field(
+        default=0.25,
+        gt=0,
+        lt=1,
+        description="When interactive and batch passes both wait, the least share of passes that "
+        "go to batch work (0.25: every fourth), so that indexing never starves.",
+    )
+    cache: bool = Field(
+        default=True,
+        description="Keep this model's vectors of interactive requests in the Ingress's LRU cache "
+        "(args.cache sizes it), keyed by the exact token ids: a repeated query costs no Embedder call.",
+    )
     busy_batch_wait_timeout_s: float = Field(
         default=0.02,
         ge=0,
