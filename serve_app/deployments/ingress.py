@@ -23,7 +23,7 @@ from serve_app.api.schemas import EmbeddingRequest, parse_request
 from serve_app.deployments.chunks import count_tokens, cut_to_budget, flatten, split_rows
 from serve_app.deployments.metrics import IngressMetrics
 from serve_app.deployments.serve_logging import drop_batch_size_warning
-from serve_app.engine.tokenization import load_input_tokenizer
+from serve_app.engine.tokenization import load_input_tokenizer, token_ids_rejected
 from serve_app.engine.errors import InputError
 from serve_app.engine.spec import ModelSpec
 
@@ -234,6 +234,9 @@ class Ingress:
             items, call = inputs.texts, handle.tokenize
             extra = (task, req.truncate)
         else:
+            if spec.token_id_inputs == "reject":
+                rejected = token_ids_rejected(spec.name)
+                raise invalid(rejected.message, rejected.param, rejected.code)
             if task is not None:
                 raise invalid(
                     "An instruction cannot be applied to token-id inputs; send text, or put the "
