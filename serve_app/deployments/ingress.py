@@ -26,7 +26,7 @@ from serve_app.api.schemas import Inputs, parse_request
 from serve_app.deployments.chunks import count_tokens, cut_to_budget, flatten, split_rows
 from serve_app.deployments.metrics import IngressMetrics
 from serve_app.deployments.serve_logging import drop_batch_size_warning
-from serve_app.engine.tokenization import load_input_tokenizer
+from serve_app.engine.tokenization import load_input_tokenizer, token_ids_rejected
 from serve_app.engine.errors import InputError
 from serve_app.engine.spec import ModelSpec
 
@@ -176,6 +176,9 @@ class Ingress:
                 f"dimensions must be at most {info['dimensions']} for model '{spec.name}'.", "dimensions"
             )
         task = req.instruction or (spec.query_instruction if req.input_type == "query" else None)
+        if req.inputs.token_ids is not None and spec.token_id_inputs == "reject":
+            rejected = token_ids_rejected(spec.name)
+            raise invalid(rejected.message, rejected.param, rejected.code)
         if task is not None and req.inputs.token_ids is not None:
             raise invalid(
                 "An instruction cannot be applied to token-id inputs; send text, or put the "

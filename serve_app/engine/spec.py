@@ -111,6 +111,12 @@ class ModelSpec(BaseModel):
         "lanes take the next batch's passes while a batch finishes), one on a GPU (its memory "
         "holds one batch's activations).",
     )
+    token_id_inputs: Literal["accept", "reject"] = Field(
+        default="accept",
+        description="Whether `input` may be token ids. reject: a 400 that says why, for a model "
+        "whose clients may tokenize with another vocabulary (LangChain's OpenAIEmbeddings sends "
+        "tiktoken ids by default) and would otherwise get vectors of the wrong tokens.",
+    )
     trust_remote_code: bool = False
 
     @field_validator("name")

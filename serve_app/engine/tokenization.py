@@ -12,6 +12,24 @@ from .loading import ResolvedSpec, load_tokenizer, resolve_spec
 from .spec import ModelSpec, format_query
 
 
+# Token ids are read in the served model's own vocabulary. The usual way to get that wrong is
+# a client that tokenized with another one: LangChain's OpenAIEmbeddings does by default.
+OTHER_VOCABULARY_HINT = (
+    "Token ids are read in this model's own vocabulary; ids from another tokenizer name other "
+    "tokens. LangChain's OpenAIEmbeddings sends tiktoken cl100k_base ids by default: create it "
+    "with check_embedding_ctx_length=False so that it sends the text."
+)
+
+
+def token_ids_rejected(model: str) -> InputError:
+    """The 400 for a model configured with `token_id_inputs: reject`."""
+    return InputError(
+        f"The model '{model}' does not accept token-id inputs (token_id_inputs: reject); send "
+        f"text instead. {OTHER_VOCABULARY_HINT}",
+        code="token_ids_not_accepted",
+    )
+
+
 class InputTokenizer:
     def __init__(self, tokenizer, resolved: ResolvedSpec):
         self.tokenizer = tokenizer
@@ -48,7 +66,7 @@ class InputTokenizer:
             if bad is not None:
                 raise InputError(
                     f"Invalid token id {bad} in input {offset + i}: ids must be in "
-                    f"[0, {self.vocab_size}) for this model.",
+                    f"[0, {self.vocab_size}) for this model. {OTHER_VOCABULARY_HINT}",
                     code="invalid_token_id",
                 )
             ids = self._with_eos(list(ids))
