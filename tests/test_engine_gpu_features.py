@@ -96,13 +96,17 @@ def production_args() -> dict:
 
 
 def test_production_config_on_a_cluster_without_gpus_fails_at_build(ray_session, monkeypatch):
+    from ray._private.state import state
+
     from serve_app.deployments import app
 
-    # The test Ray instance has CPUs only and no autoscaler.
+    # The test Ray instance has CPUs only and no autoscaler node types.
     with pytest.raises(ValueError, match=r"need a GPU.*GPU 0.*deploy/local.yaml"):
         app.build_app(production_args())
-    # An autoscaler that reported GPU node types, or the explicit opt-out, lets it build.
-    monkeypatch.setattr(app, "autoscaler_max_gpus", lambda: 8.0)
-    assert app.build_app(production_args()) is not None
-    monkeypatch.undo()
     assert app.build_app(production_args() | {"gpu_nodes_on_demand": True}) is not None
+    # An autoscaler that reported node types: GPU ones let it build, CPU-only ones do not.
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: {"CPU": 64, "GPU": 8})
+    assert app.build_app(production_args()) is not None
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: {"CPU": 64})
+    with pytest.raises(ValueError, match="need a GPU"):
+        app.build_app(production_args())

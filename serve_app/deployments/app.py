@@ -63,9 +63,9 @@ def check_gpus_exist(models: list[ModelSpec]) -> None:
     Runs where Serve builds the app (the `serve run`/`serve deploy` controller), before any
     replica is placed. The deployments' `ray_actor_options` (num_gpus) are applied by Serve
     after the builder returns, so the builder keys on what the models ask for: `device: cuda`
-    or `quantization: fp8`. A cluster with no GPU yet passes when its autoscaler has reported
-    node types that have GPUs (KubeRay, the cluster launcher's autoscaler v2: Ray's cluster
-    config), or when the config sets `gpu_nodes_on_demand: true`.
+    or `quantization: fp8`. A cluster with no GPU yet passes when its autoscaler reported node
+    types with GPUs (`gpus_on_demand`), or when the config sets `gpu_nodes_on_demand: true`:
+    an autoscaler that does not report its node types to Ray looks like no autoscaler.
     """
     wanting = [spec.name for spec in models if needs_gpu(spec)]
     if not wanting or not ray.is_initialized():
@@ -73,29 +73,32 @@ def check_gpus_exist(models: list[ModelSpec]) -> None:
     resources = ray.cluster_resources()
     if resources.get("GPU", 0) > 0:
         return
-    on_demand = autoscaler_max_gpus()
+    on_demand = gpus_on_demand()
     if on_demand:
-        logger.info("no GPU in the cluster yet; its autoscaler can add up to %s", on_demand)
+        logger.info("no GPU in the Ray cluster yet, but %s: deploying", on_demand)
         return
     raise ValueError(
         f"model(s) {wanting} need a GPU (device: cuda or quantization: fp8: each Embedder replica "
         f"asks for num_gpus), but this Ray cluster has no GPU resource (ray.cluster_resources(): "
-        f"GPU 0, CPU {resources.get('CPU', 0):g}) and no autoscaler node type with one, so its "
-        "replicas would stay pending forever. On a machine without GPUs, serve deploy/local.yaml "
-        "(serve run deploy/local.yaml). If an autoscaler adds GPU nodes on demand without reporting "
-        "them to Ray, set gpu_nodes_on_demand: true in the app's args."
+        f"GPU 0, CPU {resources.get('CPU', 0):g}) and no autoscaler reported a node type with one, "
+        "so its replicas would stay pending forever. On a machine without GPUs, serve deploy/local.yaml "
+        "(serve run deploy/local.yaml). If GPU nodes are added on demand by something Ray cannot "
+        "see, set gpu_nodes_on_demand: true in the app's args."
     )
 
 
-def autoscaler_max_gpus() -> float:
-    """GPUs the cluster's autoscaler could add, from the node types it reported; 0 if none."""
-    try:  # Ray's own resource checks (Train, Data) read this; private, so guard it
+def gpus_on_demand() -> str | None:
+    """Why a cluster without GPUs may still get some (its autoscaler's node types have GPUs,
+    as the autoscaler reported them to Ray: what Ray Train and Data read for the same check),
+    or None."""
+    try:  # a private Ray API: a change there must not block a deploy
         from ray._private.state import state
 
-        return float((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
-    except Exception:  # noqa: BLE001  an API change must not block a deploy
+        most = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001
         logger.warning("could not read the autoscaler's node types", exc_info=True)
-        return 0.0
+        return "the autoscaler's node types could not be read"
+    return f"its autoscaler can add up to {most['GPU']:g} GPUs" if most.get("GPU") else None
 
 
 def build_app(args: dict) -> Application:
