@@ -2,6 +2,12 @@
 
     python -m bench.cpu_engine                          # ~5 min on 2 cores
     python -m bench.cpu_engine --micro 1024,2048 --lanes 1,2 --dtypes float32
+    python -m bench.cpu_engine --packing                # packed vs sorted padded passes, ~3 min
+
+--packing: a random-weight Mistral (4 layers, hidden 512: packing needs a decoder, and MiniLM
+is an encoder) on random token ids, docs (512 tokens), mixed (log-uniform 16-1024) and queries
+(32), each run with sorted padded passes, packed passes, and packed only above a padding share
+(--thresholds); writes bench/results/cpu_engine_packing.{md,json}.
 
 all-MiniLM-L6-v2 (deploy/local.yaml's model) through `EmbeddingEngine.embed` at 2 torch
 threads, split into `--lanes` passes that run side by side (1: one pass at a time on both
@@ -56,8 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--bulk-requests", type=int, default=3)
     p.add_argument("--search-groups", type=int, default=40)
-    p.add_argument("--out", default=str(RESULTS / "cpu_engine"))
+    p.add_argument("--out", default=None, help="default: bench/results/cpu_engine[_packing]")
+    p.add_argument("--packing", action="store_true", help="packed vs padded passes instead")
+    p.add_argument("--thresholds", default="1,0,0.1,0.2", help="--packing: pack_above_padding values")
+    p.add_argument("--texts", type=float, default=1.0, help="--packing: workload size factor")
     args = p.parse_args(argv)
+    if args.packing:
+        return packing_main(args, argv)
+    args.out = args.out or str(RESULTS / "cpu_engine")
     micros = [int(m) for m in args.micro.split(",")]
     lanes = [int(n) for n in (args.lanes or f"1,{args.threads}").split(",")]
     dtypes = args.dtypes.split(",")
@@ -133,6 +145,83 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['bulk_texts_per_s']:.1f} | "
                      f"{ratio('bulk_texts_per_s')} | {r['search_texts_per_s']:.1f} | {ratio('search_texts_per_s')} | {cos} |")
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def packing_main(args, argv) -> int:
+    """Packed vs sorted padded passes on a decoder, per workload, rounds interleaved."""
+    from bench.gpu_engine import build_random_model, log_uniform_lengths, mistral_config, random_text
+
+    torch.set_num_threads(args.threads)
+    config = mistral_config("check")
+    model = build_random_model(config, "cpu", torch.float32, seed=0)
+    engine = EmbeddingEngine(model, "cpu", "last_token", True, CPU_MICRO_BATCH_TOKENS, cpu_threads=args.threads)
+    rng = np.random.default_rng(0)
+    n = lambda k: max(2, int(k * args.texts))  # noqa: E731
+    workloads = {
+        "docs": [random_text(rng, 512, config.vocab_size) for _ in range(n(32))],
+        "mixed": [random_text(rng, k, config.vocab_size) for k in log_uniform_lengths(rng, n(96), 16, 1024)],
+        "queries": [random_text(rng, 32, config.vocab_size) for _ in range(n(512))],
+    }
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    label = lambda t: "padded" if t >= 1 else "packed" if t == 0 else f"packed above {t:.0%} padding"  # noqa: E731
+
+    def run(threshold, seqs):
+        engine.pack_above_padding = threshold
+        t0 = time.perf_counter()
+        done = engine.embed_counted(seqs)
+        return time.perf_counter() - t0, done
+
+    times = {(t, w): [] for t in thresholds for w in workloads}
+    done = {}
+    for name, seqs in workloads.items():  # warm-up
+        for t in thresholds:
+            run(t, seqs[:8])
+    for _ in range(args.rounds):
+        for name, seqs in workloads.items():
+            for t in thresholds:
+                seconds, done[(t, name)] = run(t, seqs)
+                times[(t, name)].append(seconds)
+    rows = []
+    for name, seqs in workloads.items():
+        base = statistics.median(times[(1.0, name)]) if 1.0 in thresholds else None
+        for t in thresholds:
+            d, median = done[(t, name)], statistics.median(times[(t, name)])
+            ref = done.get((1.0, name))
+            rows.append({
+                "workload": name, "setting": label(t), "pack_above_padding": t,
+                "tokens_per_s": d.real_tokens / median, "rounds_s": times[(t, name)],
+                "padding": 1 - d.real_tokens / d.padded_tokens, "vs_padded": base / median if base else None,
+                "max_abs_diff_vs_padded": float(np.abs(d.vectors - ref.vectors).max()) if ref else None,
+            })
+    res = {
+        "command": "python -m bench.cpu_engine " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{os.cpu_count()} CPUs ({platform.machine()}; {cpu_flags()}), torch {torch.__version__}",
+        "model": "random Mistral, 4 layers, hidden 512, fp32, sdpa", "threads": args.threads,
+        "micro_batch_tokens": CPU_MICRO_BATCH_TOKENS, "rounds": args.rounds,
+        "workloads": {w: f"{len(s)} texts, {sum(map(len, s))} tokens" for w, s in workloads.items()}, "rows": rows,
+    }
+    lines = [
+        "# Packed vs sorted padded forward passes on CPU",
+        "",
+        f"`{res['command'].strip()}`, {res['generated']}, {res['machine']}. {res['model']}, in-process, "
+        f"{args.threads} one-thread lanes, {CPU_MICRO_BATCH_TOKENS}-token passes. Workloads: "
+        + "; ".join(f"{w}: {d}" for w, d in res["workloads"].items())
+        + f". Median of {args.rounds} rounds; settings take turns within a round.",
+        "",
+        "| workload | passes | tokens/s | × padded | padding | max abs diff vs padded |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        vs = f"{r['vs_padded']:.2f}×" if r["vs_padded"] else "–"
+        diff = f"{r['max_abs_diff_vs_padded']:.1e}" if r["max_abs_diff_vs_padded"] is not None else "–"
+        lines.append(f"| {r['workload']} | {r['setting']} | {r['tokens_per_s']:,.0f} | {vs} | {r['padding']:.1%} | {diff} |")
+    out = Path(args.out or RESULTS / "cpu_engine_packing")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -2,23 +2,26 @@
 SFR-Embedding-Mistral architecture, with random weights and random token ids.
 
 No Ray, no tokenizer, no downloads: the device machine has torch, transformers and
-sentence-transformers but no Ray and no internet. Speed does not depend on the weight values,
-so the 7 B model is built on the `meta` device, materialised on the GPU and filled with
-small random normals; a tokenizer is not needed because the engine takes token ids.
+sentence-transformers but no Ray and no internet (torchao, for FP8, comes as a wheel: see
+bench/run_gpu_device.sh). Speed does not depend on the weight values, so the 7 B model is
+built on the `meta` device, materialised on the GPU and filled with small random normals; a
+tokenizer is not needed because the engine takes token ids.
 
-What it measures, all in one run on the same model and data:
+What it measures, all in one run on the same data:
   * three workloads: docs (512 tokens each), mixed (log-uniform 16–2048 tokens;
     16–1024 with --small), queries (32 tokens);
-  * our engine vs sentence-transformers `encode` (batch_size=32) vs a naive FIFO loop
-    (batches of 32 in arrival order, each padded to its longest row);
-  * our engine as the Embedder replica drives it: one call per token-budget batch, with one
-    batch in flight (the GPU default of `batches_in_flight`) and with two;
-  * tokens/s, texts/s, model FLOP utilisation against the bf16 matmul peak measured here and
-    against the H100 SXM datasheet, padding ratio, peak GPU memory;
-  * correctness: the engine's bf16 vectors against an fp32 one-text-at-a-time reference.
+  * our engine in bf16 with sorted padded passes and with packed passes, in FP8 (torchao,
+    per-row and per-tensor scales; FP8 GPUs only), as the Embedder replica drives it (one call
+    per token-budget batch, one and two in flight), vs sentence-transformers `encode`
+    (batch_size=32, sorted by length, each batch padded to its longest);
+  * tokens/s, texts/s, model FLOP utilisation against the bf16 (and FP8) matmul peak measured
+    here and against the card's datasheet, padding ratio, peak GPU memory, cost per 1M tokens;
+  * single forward passes of 512 … 16384 padded tokens (how long a query may wait behind one);
+  * the targets, with verdicts; correctness: the engine's vectors (bf16 padded and packed,
+    FP8) against an fp32 one-text-at-a-time reference on a smaller random Mistral.
 
 Usage (repo root):
-  python bench/gpu_engine.py --out bench/results/gpu          # H100, ~2 min
+  python bench/gpu_engine.py --out bench/results/gpu          # H100/H200, ~4 min
   python bench/gpu_engine.py --small --device cpu --out /tmp/x  # CPU smoke run of the script
 """
 
@@ -46,12 +49,20 @@ sys.path.insert(0, str(REPO_ROOT))
 try:
     from serve_app.deployments.chunks import cut_to_budget  # numpy only: no Ray needed
     from serve_app.engine.embedder import EmbeddingEngine, pick_dtype
+    from serve_app.engine.quantization import FP8Unsupported, check_fp8_supported, quantize_fp8
 except ImportError as exc:  # e.g. pydantic missing on a bare GPU image: say so plainly
     sys.exit(f"cannot import serve_app.engine ({exc}); run from the repo root with its dependencies")
 
-H100_SXM_DENSE_BF16_TFLOPS = 989.0  # NVIDIA H100 SXM datasheet, dense (no sparsity)
+# Dense (no sparsity) tensor-core TFLOP/s from NVIDIA's datasheets, (bf16, fp8); most specific
+# name first, matched against torch.cuda.get_device_name. The H200's compute is the H100 SXM's.
+DATASHEETS = [
+    ("H200 NVL", 835.0, 1671.0), ("H200", 989.0, 1979.0), ("H100 NVL", 835.0, 1671.0),
+    ("H100 PCIe", 756.0, 1513.0), ("H100", 989.0, 1979.0), ("B200", 2250.0, 4500.0),
+    ("L40S", 362.0, 733.0), ("L4", 121.0, 242.0), ("A100", 312.0, None),
+]
+SEED_USD_PER_M_TOKENS = 0.008  # the price the seed quotes for SFR
 BOS_ID, EOS_ID = 1, 2  # Mistral's <s> and </s>
-BASELINE_BATCH = 32  # sentence-transformers' default batch_size, also used by the naive loop
+BASELINE_BATCH = 32  # sentence-transformers' default batch_size
 
 FLOP_FORMULA = (
     "model FLOPs of a text of L real tokens = 2·N·L + 2·n_layers·d·L², "
@@ -125,9 +136,15 @@ def non_embedding_params(model) -> int:
     return sum(p.numel() for p in model.parameters()) - embedding
 
 
-def make_engine(model, device: str, max_batch_tokens: int) -> EmbeddingEngine:
-    """Our engine around an in-memory model (SFR's pooling: last token, L2-normalized)."""
-    return EmbeddingEngine(model, device, "last_token", True, max_batch_tokens)
+def make_engine(model, device: str, max_batch_tokens: int, packed: bool = False) -> EmbeddingEngine:
+    """Our engine around an in-memory model (SFR's pooling: last token, L2-normalized), with
+    sorted padded passes or, `packed`, padding-free ones (pack_above_padding 0)."""
+    return EmbeddingEngine(model, device, "last_token", True, max_batch_tokens, pack_above_padding=0.0 if packed else 1.0)
+
+
+def fp8_model(config, device: str, seed: int, granularity: str):
+    """The same random model (same seed), its linear layers quantized by torchao."""
+    return quantize_fp8(build_random_model(config, device, torch.bfloat16, seed), granularity)
 
 
 # --------------------------------------------------------------------------- workloads
@@ -172,12 +189,6 @@ class RunStats:
     padded_tokens: int = 0
 
 
-def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Right-padded rows: the last real position holds the EOS the model pools on."""
-    last = mask.sum(dim=1) - 1
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
-
-
 def pad_right(rows: list[list[int]], device: str) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -203,21 +214,6 @@ def run_engine_batches(engine: EmbeddingEngine, seqs: list[list[int]], max_token
         done = list(pool.map(engine.embed_counted, groups))
     vectors = np.concatenate([d.vectors for d in done])
     return vectors, RunStats(sum(d.real_tokens for d in done), sum(d.padded_tokens for d in done))
-
-
-@torch.inference_mode()
-def run_naive(model, seqs: list[list[int]], device: str) -> tuple[np.ndarray, RunStats]:
-    """FIFO batches of 32, each padded to its longest row: what a plain request loop does."""
-    stats, out = RunStats(), []
-    for start in range(0, len(seqs), BASELINE_BATCH):
-        rows = seqs[start : start + BASELINE_BATCH]
-        ids, mask = pad_right(rows, device)
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = torch.nn.functional.normalize(last_token_pool(hidden, mask), dim=-1)
-        out.append(pooled.cpu().numpy())
-        stats.real_tokens += sum(len(r) for r in rows)
-        stats.padded_tokens += ids.numel()
-    return np.concatenate(out), stats
 
 
 def ids_to_text(ids: list[int]) -> str:
@@ -294,17 +290,17 @@ class Method:
     name: str
     run: Callable[[list], tuple[np.ndarray, RunStats]]
     prepare: Callable[[list[list[int]]], list] = lambda seqs: seqs
+    precision: str = "bf16"  # whose matmul peak its MFU is measured against
 
 
-def make_st_method(model, device: str) -> Method:
-    """The real sentence-transformers encode, else a faithful emulation (the name says which)."""
+def make_st_method(model, device: str) -> Method | None:
+    """The real sentence-transformers encode; None (no baseline row) if this version cannot be built."""
     stats = RunStats()
     try:
         st_model = build_sentence_transformer(model, device, stats)
-    except Exception as exc:  # an incompatible library version: emulate and say so
-        print(f"[st] could not build a SentenceTransformer ({exc!r}); emulating encode()")
-        emulated = lambda seqs: run_st_emulated(model, seqs, device)  # noqa: E731
-        return Method("sentence-transformers (emulated)", emulated)
+    except Exception as exc:  # an incompatible library version: say so, keep the rest
+        print(f"[st] could not build a SentenceTransformer ({exc!r}); no baseline row")
+        return None
 
     def run(texts: list[str]):
         stats.real_tokens = stats.padded_tokens = 0
@@ -318,17 +314,6 @@ def make_st_method(model, device: str) -> Method:
 
     name = f"sentence-transformers {sentence_transformers.__version__} encode (real)"
     return Method(name, run, prepare=lambda seqs: [ids_to_text(s) for s in seqs])
-
-
-@torch.inference_mode()
-def run_st_emulated(model, seqs: list[list[int]], device: str) -> tuple[np.ndarray, RunStats]:
-    """What sentence-transformers encode does: sort by character length, batches of 32,
-    pad each to its longest, last-token pool, normalise, restore input order."""
-    order = np.argsort([-len(ids_to_text(s)) for s in seqs], kind="stable")
-    vectors, stats = run_naive(model, [seqs[i] for i in order], device)
-    out = np.empty_like(vectors)
-    out[order] = vectors
-    return out, stats
 
 
 # --------------------------------------------------------------------------- timing
@@ -361,18 +346,25 @@ def timed(method: Method, seqs, device: str):
 
 
 @torch.inference_mode()
-def measure_matmul_peak(device: str, dtype: torch.dtype, n: int, iters: int) -> float:
-    """TFLOP/s of an n×n×n matmul: the practical ceiling MFU is measured against."""
+def measure_matmul_peak(device: str, dtype: torch.dtype, n: int, iters: int, fp8: bool = False) -> float:
+    """TFLOP/s of an n×n×n matmul, the practical ceiling MFU is measured against; `fp8`: the
+    e4m3 `torch._scaled_mm` that torchao's float8 layers call."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    if fp8:
+        one = torch.tensor(1.0, device=device)
+        a, b = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()  # 2nd operand column-major
+        product = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
+    else:
+        product = lambda: torch.matmul(a, b)  # noqa: E731
     for _ in range(3):
-        torch.matmul(a, b)
+        product()
     if device.startswith("cuda"):
         start_evt = torch.cuda.Event(enable_timing=True)
         end_evt = torch.cuda.Event(enable_timing=True)
         start_evt.record()
         for _ in range(iters):
-            torch.matmul(a, b)
+            product()
         end_evt.record()
         torch.cuda.synchronize()
         seconds = start_evt.elapsed_time(end_evt) / 1000
@@ -380,10 +372,24 @@ def measure_matmul_peak(device: str, dtype: torch.dtype, n: int, iters: int) -> 
         times = []
         for _ in range(iters):
             start = time.perf_counter()
-            torch.matmul(a, b)
+            product()
             times.append(time.perf_counter() - start)
         seconds = min(times) * iters
     return 2 * n**3 * iters / seconds / 1e12
+
+
+def fp8_skip_reason(device: str) -> str | None:
+    """Why FP8 rows cannot run here (the engine's own refusal, or torchao failing on one small
+    layer: a torchao built for another torch), or None. Either way the bf16 rows still run."""
+    try:
+        check_fp8_supported("random SFR", device)
+        layer = quantize_fp8(torch.nn.Sequential(torch.nn.Linear(256, 256)).to(device, torch.bfloat16))
+        layer(torch.randn(32, 256, device=device, dtype=torch.bfloat16))
+    except FP8Unsupported as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001
+        return f"torchao's float8 layer failed here: {exc!r}"
+    return None
 
 
 # --------------------------------------------------------------------------- correctness
@@ -396,46 +402,46 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def correctness_check(device: str, seed: int, n_texts: int = 64) -> dict:
-    """Engine in bf16, mixed lengths in shared padded micro-batches, vs fp32 one text at a time.
+def correctness_check(device: str, seed: int, fp8: bool, n_texts: int = 64) -> dict:
+    """The engine's vectors — bf16 padded and packed, FP8 per-row and per-tensor — vs fp32 one
+    text at a time, mixed lengths sharing passes.
 
     The reference takes the hidden state at each text's last position (the EOS) of an
-    unpadded forward pass, so any padding leak, wrong pooled position or batch dependence
-    shows up as a low cosine. The control (cosine between different texts) shows the
-    threshold is not met trivially.
+    unpadded forward pass, so any padding or packing leak, wrong pooled position or batch
+    dependence shows up as a low cosine. The control (cosine between different texts) shows
+    the threshold is not met trivially.
     """
     config = mistral_config("check")
     reference = build_random_model(config, device, torch.float32, seed)
-    bf16_model = build_random_model(config, device, torch.bfloat16, seed)
-    bf16_model.load_state_dict(reference.state_dict())  # same weights, rounded to bf16
+
+    def same_weights(quantize: str | None = None):
+        model = build_random_model(config, device, torch.bfloat16, seed)
+        model.load_state_dict(reference.state_dict())  # the reference's weights, rounded to bf16
+        return quantize_fp8(model, quantize) if quantize else model
 
     rng = np.random.default_rng(seed + 1)
-    lengths = log_uniform_lengths(rng, n_texts, 4, 1024)
-    seqs = [random_text(rng, n, config.vocab_size) for n in lengths]
-    engine = make_engine(bf16_model, device, max_batch_tokens=4096)  # several padded micro-batches
-    ours, stats = run_engine(engine, seqs)
-
+    seqs = [random_text(rng, n, config.vocab_size) for n in log_uniform_lengths(rng, n_texts, 4, 1024)]
     ref = []
     for seq in seqs:
-        ids = torch.tensor([seq], device=device)
-        hidden = reference(input_ids=ids).last_hidden_state[0, -1]
+        hidden = reference(input_ids=torch.tensor([seq], device=device)).last_hidden_state[0, -1]
         ref.append(torch.nn.functional.normalize(hidden.float(), dim=-1).cpu().numpy())
     ref = np.stack(ref)
-
-    cos = cosine_rows(ours, ref)
+    bf16 = same_weights()
+    engines = {"bf16 padded": make_engine(bf16, device, 4096), "bf16 packed": make_engine(bf16, device, 4096, True)}
+    for granularity in ("row", "tensor") if fp8 else ():
+        engines[f"fp8 per-{granularity}"] = make_engine(same_weights(granularity), device, 4096)
+    variants = {}
+    for name, engine in engines.items():  # 4096-token passes: several per variant
+        ours, stats = run_engine(engine, seqs)
+        cos = cosine_rows(ours, ref)
+        variants[name] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+                          "padding_ratio": 1 - stats.real_tokens / stats.padded_tokens, "passed": bool(cos.min() >= 0.999)}
     control = cosine_rows(ref, np.roll(ref, 1, axis=0))
-    del reference, bf16_model, engine
+    del reference, bf16, engines
     reset_memory(device)
-    return {
-        "texts": n_texts,
-        "lengths": [min(map(len, seqs)), max(map(len, seqs))],
-        "padding_ratio": 1 - stats.real_tokens / stats.padded_tokens,
-        "min_cosine": float(cos.min()),
-        "mean_cosine": float(cos.mean()),
-        "control_mean_cosine_between_texts": float(np.abs(control).mean()),
-        "threshold": 0.999,
-        "passed": bool(cos.min() >= 0.999),
-    }
+    return {"texts": n_texts, "lengths": [min(map(len, seqs)), max(map(len, seqs))], "threshold": 0.999,
+            "control_mean_cosine_between_texts": float(np.abs(control).mean()), "variants": variants,
+            "passed": all(v["passed"] for v in variants.values())}
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -452,10 +458,11 @@ class Row:
     tokens_per_s: float
     texts_per_s: float
     model_tflops: float
-    mfu_measured_peak: float
+    mfu_measured_peak: float | None
     mfu_datasheet: float | None
     padding_ratio: float
     peak_mem_gib: float | None
+    usd_per_m_tokens: float
     ours_over_this: float | None = None
     min_cosine_vs_ours: float | None = None
 
@@ -468,8 +475,17 @@ class Context:
     n_layers: int
     hidden: int
     non_embedding_params: int
-    matmul_peak_tflops: float
+    peaks: dict  # precision -> TFLOP/s measured here
+    datasheet: dict  # precision -> TFLOP/s of the card's datasheet (empty: card not in the table)
+    usd_per_gpu_hour: float
     rows: list[Row] = field(default_factory=list)
+
+
+def datasheet_for(name: str) -> tuple[str, dict]:
+    for card, bf16, fp8 in DATASHEETS:
+        if card.lower() in name.lower():
+            return card, {"bf16": bf16, **({"fp8": fp8} if fp8 else {})}
+    return "not in the table", {}
 
 
 def model_flops(seqs: list[list[int]], ctx: Context) -> float:
@@ -479,24 +495,18 @@ def model_flops(seqs: list[list[int]], ctx: Context) -> float:
     return float(linear + attention)
 
 
-def make_row(workload, method, seqs, stats: RunStats, seconds, peak, ctx: Context) -> Row:
-    flops = model_flops(seqs, ctx)
-    achieved = flops / seconds / 1e12
-    on_cuda = ctx.device.startswith("cuda")
+def make_row(workload, method: Method, seqs, stats: RunStats, seconds, peak, ctx: Context) -> Row:
+    achieved = model_flops(seqs, ctx) / seconds / 1e12
+    tokens_per_s = stats.real_tokens / seconds
+    measured, sheet = ctx.peaks.get(method.precision), ctx.datasheet.get(method.precision)
     return Row(
-        workload=workload,
-        method=method,
-        texts=len(seqs),
-        real_tokens=stats.real_tokens,
-        padded_tokens=stats.padded_tokens,
-        seconds=seconds,
-        tokens_per_s=stats.real_tokens / seconds,
-        texts_per_s=len(seqs) / seconds,
-        model_tflops=achieved,
-        mfu_measured_peak=achieved / ctx.matmul_peak_tflops,
-        mfu_datasheet=achieved / H100_SXM_DENSE_BF16_TFLOPS if on_cuda else None,
-        padding_ratio=1 - stats.real_tokens / stats.padded_tokens,
-        peak_mem_gib=peak,
+        workload=workload, method=method.name, texts=len(seqs), real_tokens=stats.real_tokens,
+        padded_tokens=stats.padded_tokens, seconds=seconds, tokens_per_s=tokens_per_s,
+        texts_per_s=len(seqs) / seconds, model_tflops=achieved,
+        mfu_measured_peak=achieved / measured if measured else None,
+        mfu_datasheet=achieved / sheet if sheet else None,
+        padding_ratio=1 - stats.real_tokens / stats.padded_tokens, peak_mem_gib=peak,
+        usd_per_m_tokens=ctx.usd_per_gpu_hour / 3600 / tokens_per_s * 1e6,
     )
 
 
@@ -520,22 +530,63 @@ def benchmark(ctx: Context, methods: list[Method], workloads: dict, out_dir: Pat
                 meta.setdefault("errors", []).append(f"{workload} / {method.name}: {exc!r}")
                 reset_memory(ctx.device)
                 continue
-            row = make_row(workload, method.name, seqs, stats, seconds, peak, ctx)
+            row = make_row(workload, method, seqs, stats, seconds, peak, ctx)
             results.append((row, vectors))
             ctx.rows.append(row)
-            print(
-                f"  {workload:8s} {method.name[:44]:44s} {seconds:7.2f} s  {row.tokens_per_s:10.0f} tok/s"
-                f"  pad {row.padding_ratio:6.1%}",
-                flush=True,
-            )
+            print(f"  {workload:8s} {method.name[:44]:44s} {seconds:7.2f} s  {row.tokens_per_s:10.0f} tok/s"
+                  f"  pad {row.padding_ratio:6.1%}", flush=True)
         if not results or results[0][0].method != methods[0].name:
             continue  # ours failed: nothing to compare against
         ours_row, ours_vectors = results[0]
         for row, vectors in results:
             row.ours_over_this = ours_row.tokens_per_s / row.tokens_per_s
-            # Same model and data, different batching: the vectors must agree (bf16 noise only).
+            # Same model and data, other batching or FP8: the vectors must agree with bf16's.
             row.min_cosine_vs_ours = float(cosine_rows(vectors, ours_vectors).min())
         write_results(ctx, meta, out_dir)  # after every workload: a timeout still leaves data
+
+
+@torch.inference_mode()
+def pass_timings(engines: dict, sizes: list[int], vocab: int, device: str, reps: int) -> list[dict]:
+    """Median wall time of one forward pass of `size` padded tokens (rows of 512-token docs),
+    host work and the copy back included: what a query waits behind one running pass."""
+    rng, rows = np.random.default_rng(7), []
+    for size in sizes:
+        width = min(512, size)
+        seqs = [random_text(rng, width, vocab) for _ in range(size // width)]
+        row = {"padded_tokens": size, "rows": len(seqs), "width": width}
+        for name, engine in engines.items():
+            budget, engine.micro_batch_tokens = engine.micro_batch_tokens, size  # the call is one pass
+            times = []
+            for _ in range(reps + 1):  # the first: this shape's warm-up
+                synchronize(device)
+                start = time.perf_counter()
+                engine.embed(seqs)
+                synchronize(device)
+                times.append(time.perf_counter() - start)
+            engine.micro_batch_tokens = budget
+            row[f"{name} ms"] = float(np.median(times[1:]) * 1000)
+        rows.append(row)
+        print("  pass " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+    return rows
+
+
+def targets(ctx: Context) -> list[dict]:
+    """The issue's targets on the SFR architecture, each with its verdict."""
+    def best(workload: str, prefix: str) -> Row | None:
+        rows = [r for r in ctx.rows if r.workload == workload and r.method.startswith(prefix)]
+        return max(rows, key=lambda r: r.tokens_per_s, default=None)
+
+    docs, docs_fp8 = best("docs", OURS), best("docs", "ours fp8")
+    mixed, mixed_st = best("mixed", OURS), best("mixed", "sentence-transformers")
+    found = [
+        ("bf16 MFU on docs, vs the bf16 matmul peak measured here", 0.70, docs and docs.mfu_measured_peak, "{:.1%}"),
+        ("FP8 ÷ bf16 tokens/s on docs (best FP8 row)", 1.6, docs_fp8 and docs and docs_fp8.tokens_per_s / docs.tokens_per_s, "{:.2f}×"),
+        ("ours ÷ sentence-transformers tokens/s on mixed", 2.0, mixed_st and mixed and mixed.tokens_per_s / mixed_st.tokens_per_s, "{:.2f}×"),
+    ]
+    return [{"target": name, "need": style.format(need), "value": value,
+             "shown": "n/a" if value is None else style.format(value),
+             "verdict": "n/a" if value is None else "PASS" if value >= need else "FAIL"}
+            for name, need, value, style in found]
 
 
 # --------------------------------------------------------------------------- reporting
@@ -546,52 +597,70 @@ def fmt(value, spec: str, none: str = "n/a") -> str:
 
 
 def markdown(ctx: Context, meta: dict) -> str:
-    check = meta.get("correctness", {})
+    sheet = ", ".join(f"{k} {v:.0f}" for k, v in ctx.datasheet.items()) or "none"
     lines = [
         f"# Engine benchmark on {ctx.device_name}",
         "",
-        f"- Device: **{ctx.device_name}** (`{ctx.device}`), dtype {ctx.dtype}, attention sdpa",
+        f"- Device: **{ctx.device_name}** (`{ctx.device}`), dtype {ctx.dtype}, attention sdpa; datasheet "
+        f"({meta['datasheet_card']}) dense TFLOP/s: {sheet}",
         f"- Model: random-weight {meta['model']} — {ctx.n_layers} layers, hidden {ctx.hidden}, "
         f"{ctx.non_embedding_params / 1e9:.3f} B non-embedding parameters",
-        f"- Engine: `EmbeddingEngine`, max_batch_tokens {meta['max_batch_tokens']}; "
-        f"baselines: {meta['st_label']}, batch_size {BASELINE_BATCH}; naive FIFO loop, "
-        f"batches of {BASELINE_BATCH} padded to their longest row",
+        f"- Engine: `EmbeddingEngine`, max_batch_tokens {meta['max_batch_tokens']}; packed: pack_above_padding 0; "
+        f"FP8: torchao {meta['versions']['torchao']} Float8DynamicActivationFloat8WeightConfig "
+        f"({meta.get('fp8_skipped') or 'per-row and per-tensor scales'}); baselines: {meta['st_label']}, "
+        f"batch_size {BASELINE_BATCH}",
         "- Workloads (random ids, <s> … </s>): "
         + "; ".join(f"{name}: {text}" for name, text in meta["workloads"].items()),
-        f"- Measured matmul peak: **{ctx.matmul_peak_tflops:.1f} TFLOP/s** "
-        f"({meta['matmul']}, timed with {meta['matmul_timer']})",
-        f"- Datasheet: H100 SXM dense bf16 {H100_SXM_DENSE_BF16_TFLOPS:.0f} TFLOP/s"
-        + ("" if ctx.device.startswith("cuda") else " (not applicable on CPU)"),
+        "- Measured matmul peaks: " + ", ".join(f"**{k} {v:.1f} TFLOP/s**" for k, v in ctx.peaks.items())
+        + f" ({meta['matmul']}, timed with {meta['matmul_timer']})",
         f"- FLOPs: {FLOP_FORMULA}",
+        f"- Cost: ${ctx.usd_per_gpu_hour:g} per GPU-hour (--usd-per-gpu-hour) ÷ tokens/s; the seed quotes "
+        f"${SEED_USD_PER_M_TOKENS} per 1M tokens, i.e. {ctx.usd_per_gpu_hour / 3600 / SEED_USD_PER_M_TOKENS * 1e6:,.0f} tokens/s at this price",
         "- Times are wall clock around the whole call (synchronised), after a warm-up pass; "
         "sentence-transformers' time includes parsing the id strings (its stand-in for tokenizing).",
-        f"- Versions: torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}, "
-        f"sentence-transformers {meta['versions']['sentence_transformers']}, python {meta['versions']['python']}",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        "",
+        "## Targets",
+        "",
+        "| target | need | measured | verdict |",
+        "|---|---:|---:|---|",
+        *(f"| {t['target']} | ≥ {t['need']} | {t['shown']} | {t['verdict']} |" for t in meta.get("targets", [])),
+        "",
+        "## Throughput",
         "",
         "| workload | method | texts | real tokens | s | tokens/s | texts/s | model TFLOP/s "
-        "| MFU vs measured peak | MFU vs datasheet | padding | peak mem GiB | ours ÷ this "
+        "| MFU vs measured peak | MFU vs datasheet | padding | peak mem GiB | $ per 1M tokens | ours ÷ this "
         "| min cos vs ours |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in ctx.rows:
         lines.append(
             f"| {r.workload} | {r.method} | {r.texts} | {r.real_tokens} | {r.seconds:.2f} "
             f"| {r.tokens_per_s:,.0f} | {r.texts_per_s:,.1f} | {r.model_tflops:.3g} "
-            f"| {r.mfu_measured_peak:.1%} | {fmt(r.mfu_datasheet, '.1%')} | {r.padding_ratio:.1%} "
-            f"| {fmt(r.peak_mem_gib, '.2f')} | {fmt(r.ours_over_this, '.2f')}× "
+            f"| {fmt(r.mfu_measured_peak, '.1%')} | {fmt(r.mfu_datasheet, '.1%')} | {r.padding_ratio:.1%} "
+            f"| {fmt(r.peak_mem_gib, '.2f')} | {r.usd_per_m_tokens:.4f} | {fmt(r.ours_over_this, '.2f')}× "
             f"| {fmt(r.min_cosine_vs_ours, '.5f')} |"
         )
+    passes = meta.get("passes", [])
+    if passes:
+        names = [k for k in passes[0] if k.endswith(" ms")]
+        lines += ["", "## One forward pass (rows of 512-token docs; median, host work included)", "",
+                  "| padded tokens | rows | " + " | ".join(f"{n} | {n[:-3]} tokens/s" for n in names) + " |",
+                  "|---:|---:|" + "---:|---:|" * len(names)]
+        for p in passes:
+            cells = " | ".join(f"{p[n]:.1f} | {p['padded_tokens'] / p[n] * 1000:,.0f}" for n in names)
+            lines.append(f"| {p['padded_tokens']} | {p['rows']} | {cells} |")
+    check = meta.get("correctness")
     if check:
-        verdict = "PASS" if check["passed"] else "FAIL"
-        lines += [
-            "",
-            f"**Correctness: {verdict}** — engine bf16 vs fp32 per-text reference on a random "
-            f"Mistral (4 layers, hidden 512), {check['texts']} texts of {check['lengths'][0]}–"
-            f"{check['lengths'][1]} tokens in padded micro-batches (padding {check['padding_ratio']:.1%}): "
-            f"min cosine {check['min_cosine']:.6f} (threshold {check['threshold']}), mean "
-            f"{check['mean_cosine']:.6f}; control, |cosine| between different texts: "
-            f"{check['control_mean_cosine_between_texts']:.3f}.",
-        ]
+        lines += ["", f"## Correctness: {'PASS' if check['passed'] else 'FAIL'}", "",
+                  f"Engine vs fp32 per-text reference on a random Mistral (4 layers, hidden 512), {check['texts']} "
+                  f"texts of {check['lengths'][0]}–{check['lengths'][1]} tokens sharing 4096-token passes; threshold "
+                  f"{check['threshold']}; control, |cosine| between different texts: "
+                  f"{check['control_mean_cosine_between_texts']:.3f}.", "",
+                  "| variant | min cosine | mean cosine | padding | verdict |", "|---|---:|---:|---:|---|"]
+        for name, v in check["variants"].items():
+            lines.append(f"| {name} | {v['min_cosine']:.6f} | {v['mean_cosine']:.6f} | {v['padding_ratio']:.1%} "
+                         f"| {'PASS' if v['passed'] else 'FAIL'} |")
     for error in meta.get("errors", []):
         lines.append(f"\n**Failed:** {error}")
     lines += ["", f"Total run time {meta.get('total_s', float('nan')):.1f} s "
@@ -601,33 +670,10 @@ def markdown(ctx: Context, meta: dict) -> str:
 
 def write_results(ctx: Context, meta: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = {**meta, **{k: v for k, v in asdict(ctx).items() if k != "rows"},
-            "h100_sxm_datasheet_tflops": H100_SXM_DENSE_BF16_TFLOPS, "flop_formula": FLOP_FORMULA,
+    data = {**meta, **{k: v for k, v in asdict(ctx).items() if k != "rows"}, "flop_formula": FLOP_FORMULA,
             "rows": [asdict(r) for r in ctx.rows]}
     (out_dir / "gpu_engine.json").write_text(json.dumps(data, indent=2) + "\n")
     (out_dir / "gpu_engine.md").write_text(markdown(ctx, meta))
-
-
-def write_chart(ctx: Context, out_dir: Path) -> None:
-    """tokens/s per workload and method, if matplotlib happens to be installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    workloads = list(dict.fromkeys(r.workload for r in ctx.rows))
-    fig, axes = plt.subplots(1, len(workloads), figsize=(4 * len(workloads), 4))
-    for ax, workload in zip(np.atleast_1d(axes), workloads):
-        rows = [r for r in ctx.rows if r.workload == workload]
-        ax.bar(range(len(rows)), [r.tokens_per_s for r in rows])
-        ax.set_xticks(range(len(rows)), [r.method.split(" ")[0] for r in rows], rotation=20)
-        ax.set_title(workload)
-        ax.set_ylabel("tokens/s")
-    fig.suptitle(f"Engine vs baselines — {ctx.device_name}")
-    fig.tight_layout()
-    fig.savefig(out_dir / "gpu_engine.png", dpi=100)
 
 
 # --------------------------------------------------------------------------- main
@@ -640,6 +686,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO_ROOT / "bench" / "results"))
     parser.add_argument("--max-batch-tokens", type=int, default=16384, help="engine token budget")
+    parser.add_argument("--pass-sizes", default=None, help="single-pass sizes (default 512…16384; --small 128…1024)")
+    parser.add_argument("--usd-per-gpu-hour", type=float, default=2.5)
     parser.add_argument("--no-baselines", action="store_true", help="only our engine")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -657,60 +705,86 @@ def device_name(device: str) -> str:
 
 
 def versions() -> dict:
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        import sentence_transformers
+    found = {"torch": torch.__version__, "cuda": torch.version.cuda or "none", "python": platform.python_version()}
+    for package in ("transformers", "sentence-transformers", "torchao"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
 
-        st_version = sentence_transformers.__version__
-    except ImportError:
-        st_version = "not installed"
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "sentence_transformers": st_version, "python": platform.python_version()}
+
+OURS = "ours (EmbeddingEngine)"  # in the run's dtype: bf16 on a GPU
 
 
-def build_methods(model, device: str, max_batch_tokens: int, baselines: bool) -> list[Method]:
-    """Ours first (the others are compared to it), then the two baselines on the same model."""
-    engine = make_engine(model, device, max_batch_tokens)
-    methods = [Method("ours (EmbeddingEngine)", lambda seqs: run_engine(engine, seqs))]
+def build_methods(models: dict, device: str, max_batch_tokens: int, baselines: bool) -> tuple[list[Method], dict]:
+    """Ours first (the others are compared to it), then packed, served, FP8 and the baselines;
+    also the engines whose single passes are timed."""
+    engine = make_engine(models["bf16"], device, max_batch_tokens)
+    packed = make_engine(models["bf16"], device, max_batch_tokens, packed=True)
+    methods = [Method(OURS, lambda seqs: run_engine(engine, seqs)),
+               Method("ours, packed passes", lambda seqs: run_engine(packed, seqs))]
     for in_flight in (1, 2):
         methods.append(Method(f"ours, served batches, {in_flight} in flight",
                               lambda seqs, k=in_flight: run_engine_batches(engine, seqs, max_batch_tokens, k)))
-    if baselines:
-        naive = Method(f"naive FIFO-{BASELINE_BATCH}", lambda seqs: run_naive(model, seqs, device))
-        methods += [make_st_method(model, device), naive]
-    return methods
+    timed_engines = {"bf16": engine}
+    for name, model in models.items():
+        if name.startswith("fp8"):
+            fp8 = make_engine(model, device, max_batch_tokens)
+            timed_engines.setdefault("fp8", fp8)  # per-row: the served setting
+            methods.append(Method(f"ours {name}", lambda seqs, e=fp8: run_engine(e, seqs), precision="fp8"))
+            if name == "fp8 per-row":
+                fp8_packed = make_engine(model, device, max_batch_tokens, packed=True)
+                methods.append(Method(f"ours {name}, packed passes", lambda seqs: run_engine(fp8_packed, seqs),
+                                      precision="fp8"))
+    st = make_st_method(models["bf16"], device) if baselines else None
+    methods += [st] if st else []
+    return methods, timed_engines
 
 
 def main() -> None:
     args = parse_args()
     t0 = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.startswith("cuda")
     dtype = pick_dtype("auto", device)  # the engine's rule: bf16 on CUDA, fp32 on CPU
     out_dir = Path(args.out)
     name = device_name(device)
-    print(f"device: {name}; dtype {dtype}; out: {out_dir}", flush=True)
+    card, sheet = datasheet_for(name) if on_cuda else ("not applicable on CPU", {})
+    fp8_skipped = fp8_skip_reason(device)
+    print(f"device: {name} (datasheet: {card} {sheet}); dtype {dtype}; out: {out_dir}", flush=True)
+    if fp8_skipped:
+        print(f"FP8 rows skipped: {fp8_skipped}", flush=True)
 
     print("correctness check ...", flush=True)
-    check = correctness_check(device, args.seed)
-    verdict = "PASS" if check["passed"] else "FAIL"
-    print(f"  min cosine {check['min_cosine']:.6f} -> {verdict}", flush=True)
+    check = correctness_check(device, args.seed, fp8=not fp8_skipped)
+    for variant, v in check["variants"].items():
+        print(f"  {variant:14s} min cosine {v['min_cosine']:.6f} -> {'PASS' if v['passed'] else 'FAIL'}", flush=True)
 
-    matmul_n = 8192 if device.startswith("cuda") else 1024
-    peak = measure_matmul_peak(device, dtype, matmul_n, iters=50 if device.startswith("cuda") else 5)
-    print(f"matmul peak {peak:.2f} TFLOP/s ({matmul_n}³ {dtype})", flush=True)
+    matmul_n = 8192 if on_cuda else 1024
+    iters = 50 if on_cuda else 5
+    peaks = {"bf16": measure_matmul_peak(device, dtype, matmul_n, iters)}
+    if not fp8_skipped:
+        peaks["fp8"] = measure_matmul_peak(device, dtype, matmul_n, iters, fp8=True)
+    print("matmul peaks " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items()) + f" ({matmul_n}³)", flush=True)
 
     config = mistral_config("small" if args.small else "sfr")
     t_init = time.perf_counter()
-    model = build_random_model(config, device, dtype, args.seed)
+    models = {"bf16": build_random_model(config, device, dtype, args.seed)}
+    if not fp8_skipped:
+        for granularity in ("row", "tensor"):
+            models[f"fp8 per-{granularity}"] = fp8_model(config, device, args.seed, granularity)
     synchronize(device)
     init_s = time.perf_counter() - t_init
-    print(f"model built in {init_s:.1f} s", flush=True)
+    print(f"models built in {init_s:.1f} s: {', '.join(models)}", flush=True)
 
     ctx = Context(device=device, device_name=name, dtype=str(dtype).replace("torch.", ""),
                   n_layers=config.num_hidden_layers, hidden=config.hidden_size,
-                  non_embedding_params=non_embedding_params(model), matmul_peak_tflops=peak)
-    methods = build_methods(model, device, args.max_batch_tokens, baselines=not args.no_baselines)
+                  non_embedding_params=non_embedding_params(models["bf16"]), peaks=peaks, datasheet=sheet,
+                  usd_per_gpu_hour=args.usd_per_gpu_hour)
+    methods, timed_engines = build_methods(models, device, args.max_batch_tokens, baselines=not args.no_baselines)
     st_label = next((m.name for m in methods if m.name.startswith("sentence-transformers")), "none (--no-baselines)")
 
     scale = "small" if args.small else "quick" if args.quick else "full"
@@ -718,8 +792,9 @@ def main() -> None:
     meta = {
         "model": "tiny Mistral (--small)" if args.small else "SFR-Embedding-Mistral architecture",
         "scale": scale, "max_batch_tokens": args.max_batch_tokens, "st_label": st_label,
-        "matmul": f"{matmul_n}³ torch.matmul in {ctx.dtype}",
-        "matmul_timer": "CUDA events" if device.startswith("cuda") else "perf_counter, best of 5",
+        "datasheet_card": card, "fp8_skipped": fp8_skipped,
+        "matmul": f"{matmul_n}³ torch.matmul in {ctx.dtype}" + ("" if fp8_skipped else ", torch._scaled_mm in e4m3"),
+        "matmul_timer": "CUDA events" if on_cuda else "perf_counter, best of 5",
         "versions": versions(), "correctness": check, "init_s": init_s,
         "workloads": {w: describe(seqs) for w, seqs in workloads.items()},
     }
@@ -728,10 +803,14 @@ def main() -> None:
     warm_up(methods, workloads, device)
     print("benchmark:", flush=True)
     benchmark(ctx, methods, workloads, out_dir, meta)
+    meta["targets"] = targets(ctx)
+    print("single passes:", flush=True)
+    sizes = args.pass_sizes or ("128,256,512,1024" if args.small else "512,1024,2048,4096,8192,16384")
+    meta["passes"] = pass_timings(timed_engines, [int(n) for n in sizes.split(",")], config.vocab_size, device,
+                                  reps=3 if args.small else 5)
 
     meta["total_s"] = time.perf_counter() - t0
     write_results(ctx, meta, out_dir)
-    write_chart(ctx, out_dir)
     print()
     print(markdown(ctx, meta))
     print(f"wrote {out_dir / 'gpu_engine.md'} and {out_dir / 'gpu_engine.json'}")

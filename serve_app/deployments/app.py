@@ -5,6 +5,9 @@ Used as `import_path: serve_app.deployments.app:build_app` with the config's `ar
 
 from __future__ import annotations
 
+import logging
+
+import ray
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve import Application
 
@@ -19,6 +22,8 @@ from .embedder import Embedder
 from .ingress import Ingress
 from .tokenizer import Tokenizer
 
+logger = logging.getLogger(__name__)
+
 
 class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -30,6 +35,9 @@ class AppArgs(BaseModel):
     limits: RequestLimits = RequestLimits()
     priority: PriorityPolicy = PriorityPolicy()
     cache: CacheConfig = CacheConfig()
+    # The start-up guard's opt-out, for a cluster whose GPU nodes an autoscaler adds on demand
+    # without telling Ray its node types (see check_gpus_exist).
+    gpu_nodes_on_demand: bool = False
 
     @field_validator("models")
     @classmethod
@@ -48,8 +56,59 @@ def deployment_names(model: str, n_models: int) -> tuple[str, str]:
     return f"Tokenizer-{model}", f"Embedder-{model}"
 
 
+def needs_gpu(spec: ModelSpec) -> bool:
+    return spec.device == "cuda" or spec.quantization == "fp8"
+
+
+def check_gpus_exist(models: list[ModelSpec]) -> None:
+    """Fail the deploy within seconds, not with Embedder replicas pending forever on a cluster
+    that has no GPU and cannot get one.
+
+    Runs where Serve builds the app (the `serve run`/`serve deploy` controller), before any
+    replica is placed. The deployments' `ray_actor_options` (num_gpus) are applied by Serve
+    after the builder returns, so the builder keys on what the models ask for: `device: cuda`
+    or `quantization: fp8`. A cluster with no GPU yet passes when its autoscaler reported node
+    types with GPUs (`gpus_on_demand`), or when the config sets `gpu_nodes_on_demand: true`:
+    an autoscaler that does not report its node types to Ray looks like no autoscaler.
+    """
+    wanting = [spec.name for spec in models if needs_gpu(spec)]
+    if not wanting or not ray.is_initialized():
+        return
+    resources = ray.cluster_resources()
+    if resources.get("GPU", 0) > 0:
+        return
+    on_demand = gpus_on_demand()
+    if on_demand:
+        logger.info("no GPU in the Ray cluster yet, but %s: deploying", on_demand)
+        return
+    raise ValueError(
+        f"model(s) {wanting} need a GPU (device: cuda or quantization: fp8: each Embedder replica "
+        f"asks for num_gpus), but this Ray cluster has no GPU resource (ray.cluster_resources(): "
+        f"GPU 0, CPU {resources.get('CPU', 0):g}) and no autoscaler reported a node type with one, "
+        "so its replicas would stay pending forever. On a machine without GPUs, serve deploy/local.yaml "
+        "(serve run deploy/local.yaml). If GPU nodes are added on demand by something Ray cannot "
+        "see, set gpu_nodes_on_demand: true in the app's args."
+    )
+
+
+def gpus_on_demand() -> str | None:
+    """Why a cluster without GPUs may still get some (its autoscaler's node types have GPUs,
+    as the autoscaler reported them to Ray: what Ray Train and Data read for the same check),
+    or None."""
+    try:  # a private Ray API: a change there must not block a deploy
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001
+        logger.warning("could not read the autoscaler's node types", exc_info=True)
+        return "the autoscaler's node types could not be read"
+    return f"its autoscaler can add up to {most['GPU']:g} GPUs" if most.get("GPU") else None
+
+
 def build_app(args: dict) -> Application:
     parsed = AppArgs.model_validate(args)
+    if not parsed.gpu_nodes_on_demand:
+        check_gpus_exist(parsed.models)
     tokenizers, embedders = {}, {}
     for spec in parsed.models:
         tokenizer_name, embedder_name = deployment_names(spec.name, len(parsed.models))

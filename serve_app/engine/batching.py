@@ -41,7 +41,55 @@ def plan_micro_batches(
     return batches
 
 
-def padding_ratio(lengths: list[int], batches: list[MicroBatch]) -> float:
+def padding_ratio(lengths: list[int], batches: list[MicroBatch] | list["PackedPass"]) -> float:
     """Share of computed tokens that were padding (0.0 = none)."""
     padded = sum(batch.padded_tokens for batch in batches)
     return 1.0 - sum(lengths) / padded if padded else 0.0
+
+
+@dataclass(frozen=True)
+class PackedPass:
+    """Sequences packed without padding: each row holds several, end to end."""
+
+    rows: list[list[int]]  # per row, positions in the caller's list, in the order packed
+    width: int  # length of every row (the fullest row; the others end in slack)
+
+    @property
+    def indices(self) -> list[int]:
+        return [index for row in self.rows for index in row]
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.width * len(self.rows)
+
+
+def plan_packed_passes(lengths: list[int], max_tokens: int, max_rows: int = 512) -> list[PackedPass]:
+    """Pack sequences into rows as wide as the longest one, then rows into passes of `max_tokens`.
+
+    First-fit decreasing: each sequence, longest first, goes into the first row it fits, so
+    rows end with little slack. Rows no wider than the longest sequence keep each row's
+    attention (a dense mask under sdpa: width² per row) no costlier than that sequence's own.
+    """
+    if not lengths:
+        return []
+    capacity = max(lengths)
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True):
+        row = next((r for r, used in enumerate(fill) if used + lengths[index] <= capacity), None)
+        if row is None:
+            rows.append([])
+            fill.append(0)
+            row = len(rows) - 1
+        rows[row].append(index)
+        fill[row] += lengths[index]
+    passes: list[PackedPass] = []
+    current: list[int] = []  # row numbers, fullest first
+    for row in sorted(range(len(rows)), key=fill.__getitem__, reverse=True):
+        width = fill[current[0]] if current else fill[row]
+        if current and (width * (len(current) + 1) > max_tokens or len(current) >= max_rows):
+            passes.append(PackedPass([rows[r] for r in current], fill[current[0]]))
+            current = []
+        current.append(row)
+    passes.append(PackedPass([rows[r] for r in current], fill[current[0]]))
+    return passes

@@ -9,10 +9,12 @@ from functools import partial
 import numpy as np
 import torch
 
-from .batching import MicroBatch, plan_micro_batches
+from .batching import MicroBatch, PackedPass, padding_ratio, plan_micro_batches, plan_packed_passes
 from .host_memory import HostMemoryTrimmer
 from .loading import load_model, load_tokenizer, resolve_spec
 from .scheduling import PassScheduler, Priority
+from .packing import pack_inputs_and_spans, pool_packed, supports_packing
+from .quantization import check_fp8_supported, quantize_fp8
 from .spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,10 @@ CPU_MICRO_BATCH_TOKENS = 1024
 # On a GPU, batch-class passes stay this small (interactive ones take the whole max_batch_tokens),
 # so that a query waits for little more than one such pass: see README "Request classes".
 GPU_BATCH_PASS_TOKENS = 4096
+# Per device, the padding share above which a batch runs as packed passes (1.0: never). Both
+# stay at padded passes, the only layout measured so far, until `python -m bench.cpu_engine`
+# (CPU) and `bench/gpu_engine.py` (GPU) have run on quiet machines: they print which wins.
+DEFAULT_PACK_ABOVE_PADDING = {"cpu": 1.0, "cuda": 1.0}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,6 +46,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def pick_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        # Fail the replica at once: better than a model that loads on the wrong device.
+        raise RuntimeError(
+            f"device: cuda, but torch {torch.__version__} on this node sees no CUDA GPU "
+            "(torch.cuda.is_available() is False: a CPU-only torch build, or no GPU driver). "
+            "Install a CUDA build of torch on the GPU nodes, or serve deploy/local.yaml on a CPU machine."
+        )
     return requested
 
 
@@ -79,6 +92,7 @@ class EmbeddingEngine:
         cpu_lanes: int | None = None,
         batch_pass_tokens: int | None = None,
         batch_share: float = 0.25,
+        pack_above_padding: float = 1.0,
     ):
         self.model = model.eval()
         self.cpu_threads = cpu_threads or torch.get_num_threads()
@@ -95,6 +109,10 @@ class EmbeddingEngine:
             Priority.BATCH: batch_pass_tokens or micro_batch_tokens,
         }
         self.micro_batch_tokens = micro_batch_tokens
+        self.pack_above_padding = pack_above_padding
+        # No KV cache: nothing is generated, and a cache keeps every layer's keys and values
+        # alive until the pass ends (it also hides packed position ids from the mask builder).
+        self._no_cache = {"use_cache": False} if hasattr(model.config, "use_cache") else {}
         self.dimensions = int(model.config.hidden_size)
         self.pin_memory = device.startswith("cuda")
         self.host_memory = HostMemoryTrimmer()
@@ -105,10 +123,14 @@ class EmbeddingEngine:
 
     @classmethod
     def load(cls, spec: ModelSpec, cpu_threads: int | None = None) -> "EmbeddingEngine":
+        device = pick_device(spec.device)
+        if spec.quantization == "fp8":
+            check_fp8_supported(spec.name, device)  # before minutes of loading weights
         tokenizer = load_tokenizer(spec)
         resolved = resolve_spec(spec, tokenizer)
-        device = pick_device(spec.device)
         model = load_model(resolved, device, pick_dtype(spec.dtype, device))
+        if spec.quantization == "fp8":
+            quantize_fp8(model)
         on_gpu = device.startswith("cuda")
         micro = spec.micro_batch_tokens or (
             spec.max_batch_tokens if on_gpu else min(spec.max_batch_tokens, CPU_MICRO_BATCH_TOKENS)
@@ -116,7 +138,7 @@ class EmbeddingEngine:
         batch_pass = spec.batch_pass_tokens or min(micro, GPU_BATCH_PASS_TOKENS if on_gpu else micro)
         engine = cls(
             model, device, resolved.pooling, spec.normalize, micro, cpu_threads, spec.cpu_lanes,
-            batch_pass, spec.batch_share,
+            batch_pass, spec.batch_share, choose_pack_above_padding(spec, model, device),
         )
         engine.resolved = resolved
         return engine
@@ -128,7 +150,7 @@ class EmbeddingEngine:
     def embed_counted(self, sequences: list[list[int]], priority: Priority = Priority.BATCH) -> Embedded:
         """The vectors, with the real and padded token counts of the passes that made them."""
         lengths = [len(ids) for ids in sequences]
-        plan = plan_micro_batches(lengths, self.pass_tokens[priority])
+        plan = self._plan(lengths, self.pass_tokens[priority])
         # Biggest first, so that the lanes finish together. A batch under one pass's budget
         # stays one pass on one lane: split across lanes, small batches cost more CPU per
         # text, and on served search such a split did not win consistently in A/B rounds.
@@ -156,7 +178,7 @@ class EmbeddingEngine:
             rows_per_pass = tokens // width if self.lanes > 1 else 1
             self.embed([[0] * width] * (rows_per_pass * self.lanes), priority)
 
-    def _run_pass(self, batch: MicroBatch, rows: list[list[int]]):
+    def _run_pass(self, batch: MicroBatch | PackedPass, rows: list[list[int]]):
         """One pass, on a lane: its rows on the host, and (GPU) the event that says they are there."""
         pooled = self._forward(batch, rows)
         if not self.pin_memory:
@@ -173,11 +195,37 @@ class EmbeddingEngine:
             previous.synchronize()
         return host, done
 
+    # ---- the hook a pass scheduler calls: plan a call's passes, then run each ----------------
+
+    def _plan(self, lengths: list[int], max_tokens: int) -> list[MicroBatch | PackedPass]:
+        """Passes of at most `max_tokens` for sequences of these lengths: sorted padded
+        micro-batches, or packed passes when the padded ones would waste more than
+        `pack_above_padding` of their tokens."""
+        padded = plan_micro_batches(lengths, max_tokens)
+        if self.pack_above_padding >= 1.0 or padding_ratio(lengths, padded) <= self.pack_above_padding:
+            return padded
+        return plan_packed_passes(lengths, max_tokens)
+
     @torch.inference_mode()  # per thread: lanes need it too
-    def _forward(self, batch: MicroBatch, rows: list[list[int]]) -> torch.Tensor:
+    def _forward(self, batch: MicroBatch | PackedPass, rows: list[list[int]]) -> torch.Tensor:
+        """One pass's vectors, in `batch.indices` order; `rows` are its sequences in that order."""
         if self.device == "cpu" and self.threads_per_lane > 1:
             small = batch.padded_tokens < SINGLE_THREAD_BELOW_TOKENS
             torch.set_num_threads(1 if small else self.threads_per_lane)
+        if isinstance(batch, PackedPass):
+            return self._forward_packed(batch, rows)
+        return self._forward_padded(batch, rows)
+
+    def _forward_packed(self, batch: PackedPass, rows: list[list[int]]) -> torch.Tensor:
+        ids, positions, spans = pack_inputs_and_spans(batch, rows)
+        if self.pin_memory:
+            ids, positions = ids.pin_memory(), positions.pin_memory()
+        ids = ids.to(self.device, non_blocking=True)
+        positions = positions.to(self.device, non_blocking=True)
+        hidden = self.model(input_ids=ids, position_ids=positions, **self._no_cache).last_hidden_state
+        return self._normalized(pool_packed(hidden, spans.to(self.device), self.pooling))
+
+    def _forward_padded(self, batch: MicroBatch, rows: list[list[int]]) -> torch.Tensor:
         width, lengths = batch.width, [len(row) for row in rows]
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         for r, row in enumerate(rows):
@@ -187,11 +235,28 @@ class EmbeddingEngine:
             ids, mask = ids.pin_memory(), mask.pin_memory()
         ids = ids.to(self.device, non_blocking=True)
         mask = mask.to(self.device, non_blocking=True)
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = pool(hidden, mask, self.pooling)
-        if self.normalize:
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
-        return pooled
+        hidden = self.model(input_ids=ids, attention_mask=mask, **self._no_cache).last_hidden_state
+        return self._normalized(pool(hidden, mask, self.pooling))
+
+    def _normalized(self, pooled: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
+
+
+def choose_pack_above_padding(spec: ModelSpec, model, device: str) -> float:
+    """The spec's packing threshold, else the device's; 1.0 (never) for a model that cannot pack."""
+    threshold = spec.pack_above_padding
+    if threshold is None:
+        threshold = DEFAULT_PACK_ABOVE_PADDING["cuda" if device.startswith("cuda") else "cpu"]
+    if threshold < 1.0 and not supports_packing(model, device):
+        if spec.pack_above_padding is not None:
+            raise ValueError(
+                f"model {spec.name!r}: pack_above_padding is set, but this model attends across "
+                "packed sequences (its attention mask ignores position ids, as BERT-style encoders' "
+                "do); remove the setting to run padded passes"
+            )
+        logger.info("model %s: attends across packed sequences; running padded passes", spec.name)
+        threshold = 1.0
+    return threshold
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:

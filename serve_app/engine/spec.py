@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Pooling = Literal["last_token", "mean", "cls"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+Quantization = Literal["none", "fp8"]
 MAX_BATCHES_IN_FLIGHT = 64
 
 
@@ -44,6 +45,12 @@ class ModelSpec(BaseModel):
         "else the tokenizer's model_max_length, else 512.",
     )
     dtype: DType = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU.")
+    quantization: Quantization = Field(
+        default="none",
+        description="fp8: the linear layers' weights and activations in float8 (torchao, per-row "
+        "scales; the rest stays in dtype). Needs a CUDA GPU of compute capability >= 8.9 and "
+        "the `fp8` extra; elsewhere the replica refuses to start.",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     query_instruction: str | None = Field(
         default=None,
@@ -61,6 +68,15 @@ class ModelSpec(BaseModel):
         gt=0,
         description="Padded tokens of one forward pass (a batch runs as several). Default: "
         "max_batch_tokens on a GPU; on CPU at most 1024, where smaller passes stay in cache.",
+    )
+    pack_above_padding: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Run a batch as packed passes (no padding: sequences share rows, position ids "
+        "restart per sequence) when its sorted padded passes would waste more than this share "
+        "of their tokens; 0: always pack, 1: never. Default: per device (see the engine). Only "
+        "for models whose attention masks follow packed position ids (decoders such as Mistral).",
     )
     batch_wait_timeout_s: float = Field(
         default=0.005, ge=0, description="How long a replica waits for a batch to fill."
@@ -133,6 +149,15 @@ class ModelSpec(BaseModel):
             raise ValueError(
                 f"max_batch_tokens ({self.max_batch_tokens}) must be at least "
                 f"max_input_tokens ({self.max_input_tokens})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fp8_computes_in_bfloat16(self) -> "ModelSpec":
+        if self.quantization == "fp8" and self.dtype not in ("auto", "bfloat16"):
+            raise ValueError(
+                f"quantization: fp8 keeps the layers it does not quantize in bfloat16; "
+                f"dtype {self.dtype} cannot be combined with it (use dtype: auto or bfloat16)"
             )
         return self
 
