@@ -197,10 +197,11 @@ class EmbeddingEngine:
 
     # ---- the hook a pass scheduler calls: plan a call's passes, then run each ----------------
 
-    def _plan(self, lengths: list[int], max_tokens: int) -> list[MicroBatch | PackedPass]:
-        """Passes of at most `max_tokens` for sequences of these lengths: sorted padded
-        micro-batches, or packed passes when the padded ones would waste more than
-        `pack_above_padding` of their tokens."""
+    def _plan(self, lengths: list[int], max_tokens: int | None = None) -> list[MicroBatch | PackedPass]:
+        """Passes of at most `max_tokens` (default: the interactive pass size) for sequences of
+        these lengths: sorted padded micro-batches, or packed passes when the padded ones would
+        waste more than `pack_above_padding` of their tokens."""
+        max_tokens = max_tokens or self.micro_batch_tokens
         padded = plan_micro_batches(lengths, max_tokens)
         if self.pack_above_padding >= 1.0 or padding_ratio(lengths, padded) <= self.pack_above_padding:
             return padded
