@@ -4,16 +4,21 @@ the real `huggingface_hub.InferenceClient` and httpx; vectors against tests/refe
 TEI's routes serve the app's first model, tiny-sfr (args.tei.model unset).
 """
 
+import json
+
 import huggingface_hub
 import httpx
 import numpy as np
 import pytest
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from serve_app.api import tei
 from serve_app.api.errors import OpenAIError
 from serve_app.deployments.app import AppArgs
+from tests import test_fuzz as fuzz
 from tests.conftest import MAX_REQUEST_BYTES, SFR_TASK, TINY_MAX_TOKENS
 from tests.test_clients import DOCS, QUERY, loopback_only  # noqa: F401  (autouse: nothing past loopback)
 from tests.test_long_inputs import LONG, left_truncated_reference
@@ -152,6 +157,38 @@ def test_info_and_health_through_the_client(base_url, api_keys, tiny_family):
     assert (info["model_dtype"], info["max_input_length"], info["max_client_batch_size"]) == ("float32", TINY_MAX_TOKENS, 2048)
     assert info["max_batch_tokens"] == 512 and info["auto_truncate"] is False
     assert client.health_check()
+
+
+tei_requests = st.fixed_dictionaries({}, optional={
+    "inputs": fuzz.inputs,
+    "normalize": st.one_of(st.booleans(), fuzz.json_value),
+    "truncate": st.one_of(st.booleans(), fuzz.json_value),
+    "truncation_direction": st.one_of(st.sampled_from(["right", "Left", "middle"]), fuzz.json_value),
+    "prompt_name": st.one_of(st.sampled_from(["query", "nope"]), fuzz.json_value),
+    "dimensions": st.one_of(st.integers(min_value=-3, max_value=100), fuzz.json_value),
+    "add_special_tokens": st.one_of(st.booleans(), fuzz.json_value),
+})
+
+
+def check_tei(response: httpx.Response) -> None:
+    assert response.status_code in (200, 400, 422), response.text  # never 424/5xx: the service's fault
+    body = response.json()
+    if response.status_code == 200:
+        assert isinstance(body, list) and body and all(isinstance(row, list) for row in body)
+    else:
+        assert set(body) == {"error", "error_type"}
+
+
+@settings(fuzz.FUZZ, max_examples=300)
+@given(payload=tei_requests, route=st.sampled_from(["/embed", "/tokenize"]))
+def test_fuzzed_requests_get_tei_answers(http, payload, route):
+    check_tei(http.post(route, content=json.dumps(payload), headers={"content-type": "application/json"}))
+
+
+@settings(fuzz.FUZZ, max_examples=100)
+@given(body=fuzz.raw_bodies)
+def test_fuzzed_bodies_get_tei_answers(http, body):
+    check_tei(http.post("/", content=body, headers={"content-type": "application/json"}))
 
 
 # --- the schema's rules, without a server ------------------------------------------------------
