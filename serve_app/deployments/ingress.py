@@ -235,7 +235,7 @@ class Ingress:
         body = tei.render_vectors(tei.tei_vectors(vectors, req.dimensions, req.normalize, info["normalize"]))
         timer.lap("encode")
         self._log_request(spec.name, labels, len(vectors), n_tokens, timer)
-        chars = sum(map(len, req.inputs.texts)) if req.inputs.texts is not None else sum(map(len, req.inputs.token_ids))
+        chars = sum(map(len, req.inputs.texts if req.inputs.texts is not None else req.inputs.token_ids))
         # TEI's own response headers (it reports usage only there), beside the request class.
         headers = {
             REQUEST_CLASS_HEADER: labels["priority"],

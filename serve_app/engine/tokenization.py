@@ -153,7 +153,8 @@ class InputTokenizer:
         """The input's leading special tokens, its text, its trailing special tokens (each only
         where the input has them: client-supplied ids may lack a BOS)."""
         head = len(self.prefix) if ids[: len(self.prefix)] == self.prefix else 0
-        tail = len(self.suffix) if len(ids) - head >= len(self.suffix) and ids[len(ids) - len(self.suffix) :] == self.suffix else 0
+        ends_with_suffix = len(ids) - head >= len(self.suffix) and ids[len(ids) - len(self.suffix) :] == self.suffix
+        tail = len(self.suffix) if ends_with_suffix else 0
         return ids[:head], ids[head : len(ids) - tail], ids[len(ids) - tail :]
 
     def _with_eos(self, ids: list[int]) -> list[int]:
