@@ -111,6 +111,13 @@ def base_url(ray_session, tiny_family, api_keys):
                 "max_input_tokens": 1024,
             },
             local_config_model(),
+            {  # long inputs embedded in windows (tests/test_long_inputs.py)
+                "name": "tiny-sfr-chunk",
+                "source": str(tiny_family["base"]),
+                "max_input_tokens": TINY_MAX_TOKENS,
+                "long_input": "chunk",
+                "query_instruction": SFR_TASK,
+            },
         ],
         "limits": {"max_request_bytes": MAX_REQUEST_BYTES, "max_tokens_per_request": MAX_REQUEST_TOKENS},
         "cache": {"max_bytes": 256 * 1024},  # small, so the suite's traffic also evicts

@@ -43,7 +43,7 @@ def test_health_and_models(http):
     assert http.get("/health").json()["status"] == "ready"
     assert http.get("/health/live").json()["status"] == "alive"
     models = http.get("/v1/models").json()
-    assert [m["id"] for m in models["data"]] == ["tiny-sfr", "tiny-sfr-lora", "all-MiniLM-L6-v2"]
+    assert [m["id"] for m in models["data"]] == ["tiny-sfr", "tiny-sfr-lora", "all-MiniLM-L6-v2", "tiny-sfr-chunk"]
     assert http.get("/v1/models/tiny-sfr").json()["id"] == "tiny-sfr"
     assert http.get("/v1/models/nope").status_code == 404
 
@@ -178,11 +178,15 @@ BAD_REQUESTS = [
 ]
 
 
+def post_body(http, route: str, body) -> httpx.Response:
+    """POST `body` to `route`: bytes as they are, anything else as JSON."""
+    content = body if isinstance(body, bytes) else None
+    return http.post(route, content=content, json=None if content else body, headers={"content-type": "application/json"})
+
+
 @pytest.mark.parametrize("body, status, code", BAD_REQUESTS, ids=range(len(BAD_REQUESTS)))
 def test_bad_input_gets_an_openai_error(http, body, status, code):
-    content = body if isinstance(body, bytes) else None
-    response = http.post("/v1/embeddings", content=content, json=None if content else body,
-                         headers={"content-type": "application/json"})
+    response = post_body(http, "/v1/embeddings", body)
     assert response.status_code == status
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]

@@ -13,10 +13,13 @@ def apply_dimensions(vectors: np.ndarray, dimensions: int | None, normalize: boo
     if dimensions is None or dimensions >= vectors.shape[1]:
         return vectors
     cut = vectors[:, :dimensions]
-    if normalize:  # out of place: arrays from Ray's object store are read-only
-        norms = np.linalg.norm(cut, axis=1, keepdims=True)
-        return cut / np.maximum(norms, np.finfo(np.float32).tiny)
-    return np.ascontiguousarray(cut)
+    return l2_normalize(cut) if normalize else np.ascontiguousarray(cut)
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (out of place: arrays from Ray's object store are read-only)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
 def render_embeddings(

@@ -58,6 +58,11 @@ def invalid(message: str, param: str | None = None, code: str | None = "invalid_
     return OpenAIError(400, message, param, code)
 
 
+def internal_error() -> OpenAIError:
+    """What a client gets for a failure of ours; the details go to the logs only."""
+    return OpenAIError(500, "The server had an error while processing your request.", code="internal_error")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Replace FastAPI's {"detail": ...} shapes (404, 405, 422, 500) with OpenAI's."""
 
@@ -77,4 +82,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
         logger.exception("unhandled error")  # never the request body: it may hold user text
-        return OpenAIError(500, "The server had an error while processing your request.", code="internal_error").response()
+        return internal_error().response()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
 
 from .errors import OpenAIError, invalid
+
+Body = TypeVar("Body", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,15 @@ def parse_inputs(value: Any) -> Inputs:
 
 def parse_request(payload: Any) -> EmbeddingRequest:
     """Validate a decoded JSON body, turning pydantic's errors into one OpenAI error."""
+    return validate_body(EmbeddingRequest, payload)
+
+
+def validate_body(schema: type[Body], payload: Any) -> Body:
+    """A decoded JSON body as `schema`, or one 400 that names the first problem."""
     if not isinstance(payload, dict):
         raise invalid("The request body must be a JSON object.", code="invalid_request")
     try:
-        return EmbeddingRequest.model_validate(payload)
+        return schema.model_validate(payload)
     except ValidationError as exc:
         raise _describe(exc.errors()[0]) from None
 

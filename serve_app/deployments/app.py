@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.serve import Application
 
 from serve_app.api.auth import AuthConfig
@@ -16,6 +16,7 @@ from serve_app.api.cache import CacheConfig
 from serve_app.api.limits import RequestLimits
 from serve_app.api.priority import PriorityPolicy
 from serve_app.api.ratelimit import RateLimits
+from serve_app.api.tei import TeiConfig
 from serve_app.engine.spec import ModelSpec
 
 from .embedder import Embedder
@@ -35,6 +36,7 @@ class AppArgs(BaseModel):
     limits: RequestLimits = RequestLimits()
     priority: PriorityPolicy = PriorityPolicy()
     cache: CacheConfig = CacheConfig()
+    tei: TeiConfig = TeiConfig()  # TEI's routes (README "TEI's API")
     # The start-up guard's opt-out, for a cluster whose GPU nodes an autoscaler adds on demand
     # without telling Ray its node types (see check_gpus_exist).
     gpu_nodes_on_demand: bool = False
@@ -47,6 +49,13 @@ class AppArgs(BaseModel):
         if duplicated:
             raise ValueError(f"model names must be unique: {sorted(duplicated)}")
         return models
+
+    @model_validator(mode="after")
+    def _tei_model_is_served(self) -> "AppArgs":
+        names = [m.name for m in self.models]
+        if self.tei.model is not None and self.tei.model not in names:
+            raise ValueError(f"tei.model {self.tei.model!r} is not one of the models: {names}")
+        return self
 
 
 def deployment_names(model: str, n_models: int) -> tuple[str, str]:
@@ -124,4 +133,5 @@ def build_app(args: dict) -> Application:
         parsed.rate_limits.model_dump(),
         parsed.priority.model_dump(),
         parsed.cache.model_dump(),
+        parsed.tei.model_dump(),
     )

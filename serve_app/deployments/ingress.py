@@ -1,10 +1,12 @@
-"""HTTP entry point: OpenAI schema in, tokenizer and embedder fan-out, OpenAI response out."""
+"""HTTP entry point: OpenAI's and TEI's schemas in, tokenizer and embedder fan-out, their responses out."""
 
 
 import asyncio
+import importlib.metadata
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,8 +19,9 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.api.auth import AuthConfig, Authenticator
 from serve_app.api.cache import CacheConfig, VectorCache, look_up
+from serve_app.api import tei
 from serve_app.api.encoding import apply_dimensions, render_embeddings
-from serve_app.api.errors import OpenAIError, install_error_handlers, invalid
+from serve_app.api.errors import OpenAIError, install_error_handlers, internal_error, invalid
 from serve_app.api.limits import InflightTokens, RequestLimits, check_counts, check_tokens, read_body
 from serve_app.api.priority import BATCH, INTERACTIVE, PriorityPolicy, classify
 from serve_app.api.ratelimit import RateLimiter, RateLimits
@@ -28,7 +31,8 @@ from serve_app.deployments.metrics import IngressMetrics
 from serve_app.deployments.serve_logging import drop_batch_size_warning
 from serve_app.engine.tokenization import load_input_tokenizer, token_ids_rejected
 from serve_app.engine.errors import InputError
-from serve_app.engine.spec import ModelSpec
+from serve_app.engine.long_inputs import combine_windows, split_windows
+from serve_app.engine.spec import ModelSpec, dtype_name
 
 # Serve formats this logger's lines (JSON with `logging_config.encoding: JSON`) and stamps
 # each with the request id it took from, or created for, the X-Request-ID header.
@@ -82,6 +86,7 @@ class Work:
     truncate: bool
     priority: str | None  # the class the request asked for, if any
     is_query: bool
+    direction: str = "right"  # the side `truncate` cuts
 
 
 class _StageTimer:
@@ -115,6 +120,7 @@ class Ingress:
         rate_limits: dict,
         priority: dict,
         cache: dict,
+        tei_config: dict | None = None,
     ):
         drop_batch_size_warning()  # our batch sizes count tokens: see serve_logging
         self.specs = {m["name"]: ModelSpec.model_validate(m) for m in models}
@@ -131,6 +137,8 @@ class Ingress:
         self.auth = Authenticator(AuthConfig.model_validate(auth))
         self.rate = RateLimiter(RateLimits.model_validate(rate_limits), known_keys=self.auth.names)
         self.created = int(time.time())
+        self.tei = tei.TeiConfig.model_validate(tei_config or {})
+        self.tei_model = self.tei.model or next(iter(self.specs))
         self.metrics = IngressMetrics()
         self._described: dict[str, dict] = {}
         # Tokenizer files only (no weights): small requests are tokenized here.
@@ -142,32 +150,39 @@ class Ingress:
 
     @api.post("/v1/embeddings")
     async def create_embeddings(self, request: Request) -> Response:
+        return await self._front_door(request, self._create_embeddings, OpenAIError.response)
+
+    async def _front_door(
+        self,
+        request: Request,
+        handle: Callable[[Request, dict[str, str]], Awaitable[Response]],
+        render_error: Callable[[OpenAIError], Response],
+        observe: bool = True,
+    ) -> Response:
+        """What every route that does work shares, whatever its schema: the API key, the key's
+        request rate, the request metrics (`observe`), and errors rendered in the route's shape."""
         started = time.perf_counter()
         # Only configured names become metric labels: clients can send any string as model.
         labels = {"model": "unknown", "key": "anonymous", "priority": "unknown"}
-        status = 500
         try:
             labels["key"] = self.auth.authenticate(request.headers.get("authorization"))
             self.rate.check_request(labels["key"])
-            response = await self._create_embeddings(request, labels)
-            status = 200
-            return response
+            response = await handle(request, labels)
         except OpenAIError as exc:
-            status = exc.status
-            raise
-        finally:
-            self.metrics.requests.inc(tags={"model": labels["model"], "key": labels["key"], "status": str(status)})
+            response = render_error(exc)
+        except Exception:
+            logger.exception("unhandled error")  # never the request body: it may hold user text
+            response = render_error(internal_error())
+        if observe:
+            tags = {"model": labels["model"], "key": labels["key"], "status": str(response.status_code)}
+            self.metrics.requests.inc(tags=tags)
             self.metrics.latency.observe(
                 time.perf_counter() - started, tags={"model": labels["model"], "priority": labels["priority"]}
             )
+        return response
 
     async def _create_embeddings(self, request: Request, labels: dict[str, str]) -> Response:
-        body = await read_body(request, self.limits.max_request_bytes)
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise invalid("The request body is not valid JSON.", None, "invalid_json") from None
-        req = parse_request(payload)
+        req = parse_request(await self._read_json(request))
         spec = self._spec(req.model)
         labels["model"] = spec.name
         info = await self._describe(spec.name)
@@ -176,15 +191,7 @@ class Ingress:
                 f"dimensions must be at most {info['dimensions']} for model '{spec.name}'.", "dimensions"
             )
         task = req.instruction or (spec.query_instruction if req.input_type == "query" else None)
-        if req.inputs.token_ids is not None and spec.token_id_inputs == "reject":
-            rejected = token_ids_rejected(spec.name)
-            raise invalid(rejected.message, rejected.param, rejected.code)
-        if task is not None and req.inputs.token_ids is not None:
-            raise invalid(
-                "An instruction cannot be applied to token-id inputs; send text, or put the "
-                "instruction's tokens in the ids yourself.",
-                "instruction" if req.instruction else "input_type",
-            )
+        self._check_inputs(spec, req.inputs, task, "instruction" if req.instruction else "input_type")
         work = Work(req.inputs, task, req.truncate, req.priority, is_query=req.input_type == "query" or task is not None)
         vectors, n_tokens, timer = await self._run(spec, work, labels)
         vectors = apply_dimensions(vectors, req.dimensions, info["normalize"])
@@ -192,6 +199,98 @@ class Ingress:
         timer.lap("encode")
         self._log_request(spec.name, labels, len(vectors), n_tokens, timer)
         return Response(body, media_type="application/json", headers={REQUEST_CLASS_HEADER: labels["priority"]})
+
+    # ---- TEI's routes (serve_app/api/tei.py; README "TEI's API"): one model, TEI's shapes -------
+
+    @api.post("/embed")
+    async def tei_embed(self, request: Request) -> Response:
+        return await self._front_door(request, self._tei_embed, tei.tei_error)
+
+    @api.post("/")
+    async def tei_root(self, request: Request) -> Response:
+        """TEI answers POST / as /embed for an embedding model; clients given the bare URL post here."""
+        return await self._front_door(request, self._tei_embed, tei.tei_error)
+
+    @api.post("/tokenize")
+    async def tei_tokenize(self, request: Request) -> Response:
+        return await self._front_door(request, self._tei_tokenize, tei.tei_error, observe=False)
+
+    @api.get("/info")
+    async def tei_info(self, request: Request) -> Response:
+        return await self._front_door(request, self._tei_info, tei.tei_error, observe=False)
+
+    async def _tei_embed(self, request: Request, labels: dict[str, str]) -> Response:
+        req = tei.parse_embed(await self._read_json(request))
+        spec = self.specs[self.tei_model]
+        labels["model"] = spec.name
+        info = await self._describe(spec.name)
+        if req.dimensions is not None and req.dimensions > info["dimensions"]:
+            raise invalid(f"`dimensions` must be at most {info['dimensions']}, the model's dimension.", "dimensions")
+        tei.check_normalize(req.normalize, spec.name, info["normalize"])
+        task = tei.prompt_task(spec.prompt_tasks(), req.prompt_name)
+        self._check_inputs(spec, req.inputs, task, "prompt_name")
+        truncate = self.tei.auto_truncate if req.truncate is None else req.truncate
+        work = Work(req.inputs, task, truncate, req.priority, is_query=task is not None, direction=req.direction)
+        vectors, n_tokens, timer = await self._run(spec, work, labels)
+        body = tei.render_vectors(tei.tei_vectors(vectors, req.dimensions, req.normalize, info["normalize"]))
+        timer.lap("encode")
+        self._log_request(spec.name, labels, len(vectors), n_tokens, timer)
+        chars = sum(map(len, req.inputs.texts if req.inputs.texts is not None else req.inputs.token_ids))
+        # TEI's own response headers (it reports usage only there), beside the request class.
+        headers = {
+            REQUEST_CLASS_HEADER: labels["priority"],
+            "x-compute-tokens": str(n_tokens),
+            "x-compute-characters": str(chars),
+            "x-tokenization-time": str(round(timer.laps["tokenize"] * 1000)),
+            "x-inference-time": str(round(timer.laps["embed"] * 1000)),
+            "x-total-time": str(round(sum(timer.laps.values()) * 1000)),
+        }
+        return Response(body, media_type="application/json", headers=headers)
+
+    async def _tei_tokenize(self, request: Request, labels: dict[str, str]) -> Response:
+        req = tei.parse_tokenize(await self._read_json(request))
+        spec = self.specs[self.tei_model]
+        labels["model"] = spec.name
+        check_counts(len(req.texts), self.limits)
+        task = tei.prompt_task(spec.prompt_tasks(), req.prompt_name)
+        tokenizer = self.local_tokenizers[spec.name]
+        # Off the event loop: a large body takes a while, and nothing here waits on a model.
+        tokens = await asyncio.to_thread(tokenizer.describe_tokens, req.texts, task, req.add_special_tokens)
+        return Response(orjson.dumps(tokens), media_type="application/json")
+
+    async def _tei_info(self, request: Request, labels: dict[str, str]) -> Response:
+        spec = self.specs[self.tei_model]
+        described = await self._describe(spec.name)
+        dtype = "float8" if spec.quantization == "fp8" else dtype_name(spec.dtype, described["device"])
+        body = tei.info(
+            model_id=spec.source, revision=spec.revision, dtype=dtype, served_model_name=spec.name,
+            pooling=described["pooling"], max_input_length=described["max_input_tokens"],
+            max_batch_tokens=described["max_batch_tokens"], max_client_batch_size=self.limits.max_inputs_per_request,
+            auto_truncate=self.tei.auto_truncate, version=importlib.metadata.version("serve-embeddings"),
+        )
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    # ---- what every front door shares -----------------------------------------------------------
+
+    async def _read_json(self, request: Request):
+        body = await read_body(request, self.limits.max_request_bytes)
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise invalid("The request body is not valid JSON.", None, "invalid_json") from None
+
+    @staticmethod
+    def _check_inputs(spec: ModelSpec, inputs: Inputs, task: str | None, task_param: str) -> None:
+        """Refusals that depend on the model: token ids where it rejects them, an instruction on ids."""
+        if inputs.token_ids is not None and spec.token_id_inputs == "reject":
+            rejected = token_ids_rejected(spec.name)
+            raise invalid(rejected.message, rejected.param, rejected.code)
+        if task is not None and inputs.token_ids is not None:
+            raise invalid(
+                "An instruction cannot be applied to token-id inputs; send text, or put the "
+                "instruction's tokens in the ids yourself.",
+                task_param,
+            )
 
     async def _run(self, spec: ModelSpec, work: "Work", labels: dict[str, str]) -> tuple[np.ndarray, int, "_StageTimer"]:
         """Every front door's pipeline: limits, tokenize, class, backpressure, cache, Embedders.
@@ -204,11 +303,16 @@ class Ingress:
         key_default = self.rate.limits.priority_for(labels["key"])
         ids = await self._tokenize(spec, work, classify(self.priority, work.priority, key_default,
                                                         work.is_query, len(work.inputs), None))
+        # long_input: chunk: over-long inputs travel as their windows (batched and cached as
+        # inputs of their own) and are combined into one vector each afterwards.
+        counts = None
+        if spec.long_input == "chunk":
+            ids, counts = split_windows(ids, self.local_tokenizers[spec.name].windows)
         n_tokens = sum(len(seq) for seq in ids)
         check_tokens(n_tokens, self.limits)
         self.rate.check_tokens(labels["key"], n_tokens)
         timer.lap("tokenize")
-        request_class = classify(self.priority, work.priority, key_default, work.is_query, len(ids), n_tokens)
+        request_class = classify(self.priority, work.priority, key_default, work.is_query, len(work.inputs), n_tokens)
         labels["priority"] = request_class
         try:
             self.inflight.acquire(n_tokens, reserve=request_class == INTERACTIVE)
@@ -220,6 +324,8 @@ class Ingress:
             if exc.status == 503:  # shed before any work was done: don't charge the key
                 self.rate.refund_tokens(labels["key"], n_tokens)
             raise
+        if counts is not None:
+            vectors = combine_windows(vectors, ids, counts, spec.normalize)
         timer.lap("embed")
         return vectors, n_tokens, timer
 
@@ -296,11 +402,11 @@ class Ingress:
             local = self.local_tokenizers[spec.name]
             run = local.tokenize_texts if inputs.texts is not None else local.check_token_ids
             try:
-                return run(items, *extra, 0)
+                return run(items, *extra, 0, work.direction)
             except InputError as exc:
                 raise invalid(exc.message, exc.param, exc.code) from None
         slices = [items[i : i + TOKENIZE_SLICE] for i in range(0, len(items), TOKENIZE_SLICE)]
-        calls = [call.remote(s, *extra, k * TOKENIZE_SLICE) for k, s in enumerate(slices)]
+        calls = [call.remote(s, *extra, k * TOKENIZE_SLICE, work.direction) for k, s in enumerate(slices)]
         results = await self._gather(calls)
         for part in results:
             if isinstance(part, InputError):

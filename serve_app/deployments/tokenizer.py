@@ -17,15 +17,19 @@ class Tokenizer:
 
     # A client's bad input comes back as a value, not raised: Serve logs every exception raised
     # in a replica at ERROR with a traceback, which is noise for what is the client's 400.
-    def tokenize(self, texts: list[str], task: str | None, truncate: bool, offset: int) -> list[list[int]] | InputError:
+    def tokenize(
+        self, texts: list[str], task: str | None, truncate: bool, offset: int, direction: str = "right"
+    ) -> list[list[int]] | InputError:
         try:
-            return self.tokenizer.tokenize_texts(texts, task, truncate, offset)
+            return self.tokenizer.tokenize_texts(texts, task, truncate, offset, direction)
         except InputError as exc:
             return exc
 
-    def check_token_ids(self, sequences: list[list[int]], truncate: bool, offset: int) -> list[list[int]] | InputError:
+    def check_token_ids(
+        self, sequences: list[list[int]], truncate: bool, offset: int, direction: str = "right"
+    ) -> list[list[int]] | InputError:
         try:
-            return self.tokenizer.check_token_ids(sequences, truncate, offset)
+            return self.tokenizer.check_token_ids(sequences, truncate, offset, direction)
         except InputError as exc:
             return exc
 

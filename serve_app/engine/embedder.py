@@ -15,7 +15,7 @@ from .loading import load_model, load_tokenizer, resolve_spec
 from .scheduling import PassScheduler, Priority
 from .packing import pack_inputs_and_spans, pool_packed, supports_packing
 from .quantization import check_fp8_supported, quantize_fp8
-from .spec import ModelSpec
+from .spec import ModelSpec, dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +57,7 @@ def pick_device(requested: str) -> str:
 
 
 def pick_dtype(requested: str, device: str) -> torch.dtype:
-    if requested == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return _DTYPES[requested]
+    return _DTYPES[dtype_name(requested, device)]
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -133,7 +133,25 @@ class ModelSpec(BaseModel):
         "whose clients may tokenize with another vocabulary (LangChain's OpenAIEmbeddings sends "
         "tiktoken ids by default) and would otherwise get vectors of the wrong tokens.",
     )
+    long_input: Literal["error", "chunk"] = Field(
+        default="error",
+        description="An input longer than max_input_tokens (without truncate): error, a 400 that "
+        "states its length; chunk, embedded in consecutive windows that each fit (each with the "
+        "model's special tokens), the input's vector being their token-weighted mean, re-normalized "
+        "if the model normalizes. Queries with an instruction are never chunked.",
+    )
+    prompts: dict[str, Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description="Names for TEI's `prompt_name`, each mapped to a task applied as the query "
+        "instruction ('Instruct: {task}\\nQuery: {text}'). `query` means query_instruction unless "
+        "given here.",
+    )
     trust_remote_code: bool = False
+
+    def prompt_tasks(self) -> dict[str, str]:
+        """TEI's prompt names → instruction tasks: `query` is the query instruction by default."""
+        default = {"query": self.query_instruction} if self.query_instruction else {}
+        return default | self.prompts
 
     @field_validator("name")
     @classmethod
@@ -160,6 +178,13 @@ class ModelSpec(BaseModel):
                 f"dtype {self.dtype} cannot be combined with it (use dtype: auto or bfloat16)"
             )
         return self
+
+
+def dtype_name(requested: str, device: str) -> str:
+    """The dtype a model runs in: `auto` is bfloat16 on CUDA, float32 elsewhere."""
+    if requested == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return requested
 
 
 def format_query(task: str, text: str) -> str:
