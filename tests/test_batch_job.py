@@ -165,7 +165,7 @@ def test_killed_run_resumes_to_every_id_exactly_once(ray_session, http, tiny_con
     from serve_app.batch.job import run
 
     rng = np.random.default_rng(2)
-    texts = {f"q{i}": words(rng, 1, 12) for i in range(3000)}
+    texts = {f"q{i}": words(rng, 1, 12) for i in range(2000)}
     write_jsonl(tmp_path / "q.jsonl", [{"id": k, "text": v} for k, v in texts.items()] + [{"id": "bad", "text": ""}])
     output = tmp_path / "out"
     command = [
@@ -196,4 +196,4 @@ def test_killed_run_resumes_to_every_id_exactly_once(ray_session, http, tiny_con
     sample = ids[:: len(ids) // 20]
     np.testing.assert_allclose(np.stack([got[i][0] for i in sample]),
                                base_reference.embed([texts[i] for i in sample], SFR_TASK), atol=1e-5)
-    assert read_errors(output) == {("bad", "q.jsonl", 3001, "empty_text")}
+    assert read_errors(output) == {("bad", "q.jsonl", 2001, "empty_text")}

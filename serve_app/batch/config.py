@@ -31,7 +31,7 @@ class JobModel:
 
 def load_job_model(config_path: str | Path, model: str) -> JobModel:
     """The named model's spec and its Embedder's resources, from a `serve run` config file."""
-    config = yaml.safe_load(Path(config_path).read_text())
+    config = yaml.safe_load(Path(config_path).expanduser().read_text())  # `~`: a path on the job's node
     apps = [app for app in config.get("applications", []) if app.get("import_path") == BUILDER]
     names = []
     for app in apps:

@@ -69,6 +69,7 @@ class EmbeddingSink(ParquetDatasink):
         """Concatenate every task's bad rows into `filename` beside this sink's directory;
         returns how many there are."""
         destination = posixpath.join(posixpath.dirname(self.path), filename)
+        self.filesystem.create_dir(posixpath.dirname(destination), recursive=True)
         selector = FileSelector(posixpath.join(self.path, ERRORS_DIR), allow_not_found=True)
         parts = sorted(f.path for f in self.filesystem.get_file_info(selector) if f.type == FileType.File)
         count = 0
