@@ -94,38 +94,53 @@ def test_config_gives_the_spec_and_the_embedder_resources(tiny_config):
         load_job_model(tiny_config, "nope")
 
 
-def test_documents_from_jsonl_and_parquet_equal_the_service(ray_session, http, tiny_config, base_reference, tmp_path):
+def test_engine_actors_fit_the_free_resources(monkeypatch):
+    import ray
+
+    from serve_app.batch.job import engine_actors
+
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 2.0, "GPU": 3.0, "fake_gpu": 2.0})
+    assert engine_actors({"num_gpus": 1, "num_cpus": 4}, None) == 3  # one per GPU; CPUs are not counted
+    assert engine_actors({"num_cpus": 1}, 2) == 1  # 2 cores, 2 torch threads each
+    assert engine_actors({"num_cpus": 0.5}, None) == 4
+    assert engine_actors({"num_cpus": 1, "resources": {"fake_gpu": 1}}, 1) == 2
+    assert engine_actors({"num_gpus": 4}, None) == 1  # none fits now: one, for the autoscaler to place
+
+
+def test_queries_from_jsonl_and_parquet_equal_the_service(ray_session, http, tiny_config, base_reference, tmp_path):
+    """tiny-sfr (last-token pooling on the appended EOS) with the query instruction; bad rows."""
     from serve_app.batch.config import load_job_model
     from serve_app.batch.job import run
 
     rng = np.random.default_rng(0)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    texts = {f"doc-{i}": words(rng, 1, 30) for i in range(40)}
-    long_text = "search vectors " * TINY_MAX_TOKENS
+    texts = {f"q-{i}": words(rng, 1, 20) for i in range(40)}
     write_jsonl(corpus / "a.jsonl", [
         *({"id": k, "text": v, "other": 1} for k, v in texts.items()),
         {"id": "empty", "text": ""},       # line 41
         {"id": "number", "text": 5},       # 42
         {"text": "who am i"},              # 43
-        "{not json\n",                     # 44
-        "\n",                              # 45: blank, skipped
-        {"id": "long", "text": long_text},  # 46
+        "{not json\n",                    # 44
+        "\n",                             # 45: blank, skipped
+        {"id": "long", "text": "search vectors " * TINY_MAX_TOKENS},  # 46
         {"id": ["a"], "text": "x"},        # 47
         {"id": "none", "text": None},      # 48
     ])
     pq.write_table(pa.table({"id": [7, 8, None], "text": ["seven cats sleep", None, "no id"]}), corpus / "b.parquet")
     texts["7"] = "seven cats sleep"
 
-    summary = run(load_job_model(tiny_config, "tiny-sfr"), str(corpus), str(tmp_path / "out"), actors=1)
+    job = load_job_model(tiny_config, "tiny-sfr")
+    summary = run(job, str(corpus), str(tmp_path / "out"), input_type="query", actors=1)
 
     got = read_output(tmp_path / "out")
     assert sorted(got) == sorted(texts)
     ids = sorted(texts)
     vectors = np.stack([got[i][0] for i in ids])
-    np.testing.assert_allclose(vectors, served(http, "tiny-sfr", [texts[i] for i in ids]), atol=1e-5)
-    np.testing.assert_allclose(vectors, base_reference.embed([texts[i] for i in ids]), atol=1e-5)
-    assert [got[i][1] for i in ids] == [len(base_reference.token_ids(texts[i])) for i in ids]
+    queries = [texts[i] for i in ids]
+    np.testing.assert_allclose(vectors, served(http, "tiny-sfr", queries, input_type="query"), atol=1e-5)
+    np.testing.assert_allclose(vectors, base_reference.embed(queries, SFR_TASK), atol=1e-5)
+    assert [got[i][1] for i in ids] == [len(base_reference.token_ids(texts[i], SFR_TASK)) for i in ids]
     assert read_errors(tmp_path / "out") == {
         ("empty", "a.jsonl", 41, "empty_text"), ("number", "a.jsonl", 42, "invalid_text"),
         (None, "a.jsonl", 43, "missing_id"), (None, "a.jsonl", 44, "invalid_json"),
@@ -137,43 +152,26 @@ def test_documents_from_jsonl_and_parquet_equal_the_service(ray_session, http, t
     assert summary.tokens == sum(got[i][1] for i in ids)
 
 
-def test_local_config_model_equals_the_service(ray_session, http, tmp_path):
-    """deploy/local.yaml itself: all-MiniLM-L6-v2 (mean pooling), as `serve run` serves it."""
-    from serve_app.batch.config import load_job_model
-    from serve_app.batch.job import run
-
-    rng = np.random.default_rng(1)
-    texts = [words(rng, 1, 60) for _ in range(16)]
-    write_jsonl(tmp_path / "c.jsonl", [{"doc": i, "body": t} for i, t in enumerate(texts)])
-    job = load_job_model(ROOT / "deploy/local.yaml", "all-MiniLM-L6-v2")
-    run(job, str(tmp_path / "c.jsonl"), str(tmp_path / "out"), id_field="doc", text_field="body", actors=1)
-
-    got = read_output(tmp_path / "out")
-    vectors = np.stack([got[str(i)][0] for i in range(len(texts))])
-    # One text per request: in this app the Ingress coalesces by the smallest budget of its models
-    # (tiny-sfr's 512 tokens), which larger all-MiniLM-L6-v2 chunks would exceed.
-    service = np.concatenate([served(http, "all-MiniLM-L6-v2", [t]) for t in texts])
-    np.testing.assert_allclose(vectors, service, atol=1e-5)
-    np.testing.assert_allclose(vectors, minilm_reference(texts), atol=1e-5)
-
-
-def test_killed_run_resumes_to_every_id_exactly_once(ray_session, http, tiny_config, base_reference, tmp_path):
-    """Queries (the instruction applies), a run killed once some output exists, then a rerun."""
+def test_killed_run_of_the_local_config_resumes_to_every_id_exactly_once(ray_session, http, tmp_path):
+    """deploy/local.yaml itself (all-MiniLM-L6-v2, mean pooling): a run killed once some output
+    is committed, then a rerun on the same output."""
     import ray
 
     from serve_app.batch.config import load_job_model
     from serve_app.batch.job import run
 
     rng = np.random.default_rng(2)
-    texts = {f"q{i}": words(rng, 1, 12) for i in range(2000)}
-    write_jsonl(tmp_path / "q.jsonl", [{"id": k, "text": v} for k, v in texts.items()] + [{"id": "bad", "text": ""}])
+    texts = {str(i): words(rng, 1, 12) for i in range(2000)}
+    corpus = tmp_path / "docs.jsonl"
+    write_jsonl(corpus, [{"doc": int(k), "body": v} for k, v in texts.items()] + [{"doc": -1, "body": ""}])
     output = tmp_path / "out"
+    config = str(ROOT / "deploy/local.yaml")
     command = [
-        sys.executable, "-m", "serve_app.batch", "--config", tiny_config, "--model", "tiny-sfr",
-        "--input", str(tmp_path / "q.jsonl"), "--output", str(output), "--input-type", "query",
-        "--address", ray.get_runtime_context().gcs_address, "--actors", "1", "--batch-rows", "50",
+        sys.executable, "-m", "serve_app.batch", "--config", config, "--model", "all-MiniLM-L6-v2",
+        "--input", str(corpus), "--output", str(output), "--id-field", "doc", "--text-field", "body",
+        "--address", ray.get_runtime_context().gcs_address, "--actors", "1",
     ]
-    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while not committed(output) and time.monotonic() < deadline:
@@ -184,16 +182,19 @@ def test_killed_run_resumes_to_every_id_exactly_once(ray_session, http, tiny_con
         job.send_signal(signal.SIGKILL)
         job.wait()
 
-    summary = run(load_job_model(tiny_config, "tiny-sfr"), str(tmp_path / "q.jsonl"), str(output),
-                  input_type="query", actors=1, batch_rows=500)
+    summary = run(load_job_model(config, "all-MiniLM-L6-v2"), str(corpus), str(output),
+                  id_field="doc", text_field="body", actors=1)
     assert summary.documents < len(texts)  # the killed run's committed work was skipped
 
     got = read_output(output)
     assert sorted(got) == sorted(texts)
     ids = sorted(texts)
     vectors = np.stack([got[i][0] for i in ids])
-    np.testing.assert_allclose(vectors, served(http, "tiny-sfr", [texts[i] for i in ids], input_type="query"), atol=1e-5)
-    sample = ids[:: len(ids) // 20]
-    np.testing.assert_allclose(np.stack([got[i][0] for i in sample]),
-                               base_reference.embed([texts[i] for i in sample], SFR_TASK), atol=1e-5)
-    assert read_errors(output) == {("bad", "q.jsonl", 2001, "empty_text")}
+    np.testing.assert_allclose(vectors, minilm_reference([texts[i] for i in ids]), atol=1e-5)
+    # Requests of 20 short texts: in this app the Ingress coalesces by the smallest budget of its
+    # models (tiny-sfr's 512 tokens), which larger all-MiniLM-L6-v2 chunks would exceed.
+    sample = ids[:: len(ids) // 100]
+    service = np.concatenate([served(http, "all-MiniLM-L6-v2", [texts[i] for i in sample[k : k + 20]])
+                              for k in range(0, len(sample), 20)])
+    np.testing.assert_allclose(np.stack([got[i][0] for i in sample]), service, atol=1e-5)
+    assert read_errors(output) == {("-1", "docs.jsonl", 2001, "empty_text")}

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import posixpath
-import sys
 import time
 from dataclasses import dataclass
 
@@ -55,8 +55,6 @@ def output_uri(output: str) -> str:
     """A local path made absolute (Ray's checkpointing needs it); URIs pass through."""
     if "://" in output:
         return output.rstrip("/")
-    import os
-
     return os.path.abspath(output)
 
 
@@ -178,5 +176,5 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         ray.shutdown()
-    print(summary, file=sys.stdout, flush=True)
+    print(summary, flush=True)
     return 0
