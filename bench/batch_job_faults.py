@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
              f"max |diff| to the in-process engine on {len(sample)} documents: {res['max_abs_diff']}", "",
              "| check | |", "|---|---|", *(f"| {k} | {'yes' if v else 'NO'} |" for k, v in checks.items()), "",
              "| t (s) | documents committed | engine batches finished, by node |", "|---:|---:|---|",
-             *(f"| {s['t_s']} | {s['committed']} | {s['engine_batches']} |" for s in timeline)]
+             *(f"| {s['t_s']} | {s['committed']} | {s['engine_batches']} |"
+               for k, s in enumerate(timeline)  # the samples where something changed
+               if k == 0 or (s["committed"], s["engine_batches"]) != (timeline[k - 1]["committed"], timeline[k - 1]["engine_batches"]))]
     (args.out / "batch_job_faults.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:12]))
     shutil.rmtree(temp_dir, ignore_errors=True)
