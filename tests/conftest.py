@@ -86,6 +86,19 @@ def api_keys(tmp_path_factory) -> SimpleNamespace:
     return keys
 
 
+def tiny_sfr_model(tiny_family) -> dict:
+    """The served `tiny-sfr` entry (batch jobs embed with exactly these settings too)."""
+    return {
+        "name": "tiny-sfr",
+        "source": str(tiny_family["base"]),
+        "query_instruction": SFR_TASK,
+        "max_input_tokens": TINY_MAX_TOKENS,
+        "max_batch_tokens": 512,  # small, so large requests fan out over many chunks
+        # Two CPU lanes, so two batches in flight that share them, as deploy/local.yaml runs.
+        "cpu_threads": 2,
+    }
+
+
 @pytest.fixture(scope="session")
 def base_url(ray_session, tiny_family, api_keys):
     """The test app, served once per session: tiny SFR-like models plus deploy/local.yaml's model."""
@@ -95,15 +108,7 @@ def base_url(ray_session, tiny_family, api_keys):
 
     args = {
         "models": [
-            {
-                "name": "tiny-sfr",
-                "source": str(tiny_family["base"]),
-                "query_instruction": SFR_TASK,
-                "max_input_tokens": TINY_MAX_TOKENS,
-                "max_batch_tokens": 512,  # small, so large requests fan out over many chunks
-                # Two CPU lanes, so two batches in flight that share them, as deploy/local.yaml runs.
-                "cpu_threads": 2,
-            },
+            tiny_sfr_model(tiny_family),
             {
                 "name": "tiny-sfr-lora",
                 "source": str(tiny_family["base"]),

@@ -1,0 +1,182 @@
+"""The batch job on a 3-node local Ray cluster: work spreads over the nodes, and a node killed
+midway still leaves complete, correct output.
+
+`ray.cluster_utils.Cluster` on this machine (own RAY_TMPDIR): a head node (2 CPUs: reads,
+tokenizer, writes) and two worker nodes with one CPU and a custom resource `fake_gpu: 1` each,
+standing in for GPU nodes. The job runs deploy/local.yaml's all-MiniLM-L6-v2 with the
+Embedder's `ray_actor_options` set to `{num_cpus: 1, resources: {fake_gpu: 1}}` (and
+`cpu_threads: 1`), so its pool is one engine actor per worker node. Once both workers have
+finished engine batches and `--kill-at` of the documents are committed, worker-b is removed
+without grace (raylet and workers killed). Ray Data re-runs what was lost; the job must finish
+in the same run with every id exactly once and every vector equal to the in-process engine's.
+
+    python -m bench.batch_job_faults            # ~3 minutes; bench/results/batch_job_faults.{md,json}
+    python -m bench.batch_job_faults --documents 1024 --out bench/.work/faults   # smoke run
+
+Exits non-zero if the work did not reach both workers, the node was not killed mid-run, or
+the output is incomplete, duplicated or wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import yaml
+
+from bench.batch_job import CONFIG, DOCS_PER_REQUEST, MODEL, corpus
+from bench.servers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE_TASK = "MapWorker(MapBatches(Embed)).submit"
+
+
+def start_cluster(temp_dir: str):
+    os.environ["RAY_TMPDIR"] = temp_dir  # Cluster's address file stays out of /tmp/ray
+    import ray
+    from ray.cluster_utils import Cluster
+
+    common = dict(object_store_memory=200 << 20, temp_dir=os.path.join(temp_dir, "ray"))
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(
+        num_cpus=2, include_dashboard=True, dashboard_port=free_port(), **common))  # state API: actors' nodes
+    workers = [cluster.add_node(num_cpus=1, resources={"fake_gpu": 1}, **common) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    names = {cluster.head_node.node_id: "head"} | {w.node_id: f"worker-{'ab'[i]}" for i, w in enumerate(workers)}
+    return cluster, workers, names
+
+
+def job_config(path: Path) -> Path:
+    config = yaml.safe_load(CONFIG.read_text())
+    app = config["applications"][0]
+    app["args"]["models"][0]["cpu_threads"] = 1  # one core per stand-in GPU
+    embedder = next(d for d in app["deployments"] if d["name"] == "Embedder")
+    embedder["ray_actor_options"] = {"num_cpus": 1, "resources": {"fake_gpu": 1}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def committed_rows(checkpoint: Path) -> int:
+    files = [p for p in checkpoint.glob("*.parquet") if not p.name.endswith(".pending.parquet")]
+    return sum(pq.read_metadata(p).num_rows for p in files)
+
+
+def engine_tasks_by_node(address: str, names: dict) -> dict[str, int]:
+    """Engine batches finished so far, by the node that ran them (Ray's task events)."""
+    from ray.util.state import list_tasks
+
+    tasks = list_tasks(address=address, filters=[("name", "=", ENGINE_TASK), ("state", "=", "FINISHED")],
+                       limit=10_000, timeout=10, raise_on_missing_output=False)
+    counts: dict[str, int] = {}
+    for task in tasks:
+        node = names.get(task.node_id, task.node_id)
+        counts[node] = counts.get(node, 0) + 1
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--documents", type=int, default=2048)
+    p.add_argument("--kill-at", type=float, default=0.3, help="share of documents committed before the kill")
+    p.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from bench.inprocess import EngineRunner
+    from serve_app.batch.config import load_job_model
+    from serve_app.batch.job import run
+
+    temp_dir = tempfile.mkdtemp(prefix="rbf", dir="/tmp")  # short: Unix socket paths are limited
+    work = Path(temp_dir)
+    wl = corpus()
+    texts = [t for i in range(args.documents // DOCS_PER_REQUEST) for t in wl(i).texts]
+    (work / "corpus.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    job_model = load_job_model(job_config(work / "config.yaml"), MODEL)
+    cluster, workers, names = start_cluster(temp_dir)
+    outcome: dict = {}
+
+    def job() -> None:
+        try:
+            # Small engine batches, so that both actors get many and commits come in steps.
+            outcome["summary"] = run(job_model, str(work / "corpus.jsonl"), str(work / "out"), batch_rows=64)
+        except Exception as exc:  # noqa: BLE001 - reported below, and fails the scenario
+            outcome["error"] = repr(exc)
+
+    timeline, killed = [], None
+    started = time.monotonic()
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive() and time.monotonic() - started < 900:
+            t = round(time.monotonic() - started, 1)
+            done = committed_rows(work / "out/_checkpoint") if (work / "out/_checkpoint").exists() else 0
+            batches = engine_tasks_by_node(cluster.address, names)
+            timeline.append({"t_s": t, "committed": done, "engine_batches": batches})
+            both_worked = all(batches.get(names[w.node_id]) for w in workers)
+            if killed is None and both_worked and done >= args.kill_at * len(texts):
+                victim = workers[1]
+                cluster.remove_node(victim, allow_graceful=False)
+                killed = {"t_s": t, "node": names[victim.node_id], "committed": done}
+                print(f"killed {killed}", flush=True)
+            time.sleep(1.0)
+        thread.join(60)
+        timeline.append({"t_s": round(time.monotonic() - started, 1), "committed": committed_rows(work / "out/_checkpoint"),
+                         "engine_batches": engine_tasks_by_node(cluster.address, names)})
+        table = pads.dataset(work / "out/embeddings", format="parquet").to_table()
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.shutdown()
+
+    ids = table["id"].to_pylist()
+    sample = np.random.default_rng(0).choice(len(texts), size=min(128, len(texts)), replace=False)
+    row = {i: k for k, i in enumerate(ids)}
+    got = np.array([table["embedding"][row[str(i)]].as_py() for i in sample if str(i) in row], dtype=np.float32)
+    expected = EngineRunner(job_model.spec)([texts[i] for i in sample])
+    nodes_used = sorted({n for s in timeline for n in s["engine_batches"]})
+    res = {
+        "documents": len(texts), "killed": killed, "outcome": outcome.get("error") or str(outcome.get("summary")),
+        "rows": len(ids), "unique_ids": len(set(ids)), "missing": len(set(map(str, range(len(texts)))) - set(ids)),
+        "max_abs_diff": float(np.abs(got - expected).max()) if len(got) == len(sample) else None,
+        "engine_batch_nodes": nodes_used, "timeline": timeline,
+    }
+    checks = {
+        "engine batches ran on both workers": {"worker-a", "worker-b"} <= set(nodes_used),
+        "a worker killed mid-run": killed is not None and killed["committed"] < len(texts),
+        "the job finished in the same run": "summary" in outcome,
+        "every id exactly once": res["rows"] == res["unique_ids"] == len(texts) and res["missing"] == 0,
+        "vectors equal the in-process engine's (1e-5)": res["max_abs_diff"] is not None and res["max_abs_diff"] <= 1e-5,
+    }
+    res["checks"] = checks
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "batch_job_faults.json").write_text(json.dumps(res, indent=2))
+    lines = ["# Batch job: a worker node killed midway", "",
+             f"`python -m bench.batch_job_faults --documents {len(texts)} --kill-at {args.kill_at}`, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Head (2 CPUs) + 2 workers (1 CPU, fake_gpu 1 each); "
+             f"{MODEL}, one engine actor per worker.", "",
+             f"- killed: {killed}", f"- run: {res['outcome']}",
+             f"- output: {res['rows']} rows, {res['unique_ids']} unique ids, {res['missing']} missing; "
+             f"max |diff| to the in-process engine on {len(sample)} documents: {res['max_abs_diff']}", "",
+             "| check | |", "|---|---|", *(f"| {k} | {'yes' if v else 'NO'} |" for k, v in checks.items()), "",
+             "| t (s) | documents committed | engine batches finished, by node |", "|---:|---:|---|",
+             *(f"| {s['t_s']} | {s['committed']} | {s['engine_batches']} |"
+               for k, s in enumerate(timeline)  # the samples where something changed
+               if k == 0 or (s["committed"], s["engine_batches"]) != (timeline[k - 1]["committed"], timeline[k - 1]["engine_batches"]))]
+    (args.out / "batch_job_faults.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:12]))
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
