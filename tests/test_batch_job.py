@@ -198,3 +198,27 @@ def test_killed_run_of_the_local_config_resumes_to_every_id_exactly_once(ray_ses
                               for k in range(0, len(sample), 20)])
     np.testing.assert_allclose(np.stack([got[i][0] for i in sample]), service, atol=1e-5)
     assert read_errors(output) == {("-1", "docs.jsonl", 2001, "empty_text")}
+
+
+def test_long_documents_are_embedded_in_windows_as_the_service_does(ray_session, http, tiny_family, tmp_path):
+    """long_input: chunk: an over-long document becomes the service's window mean, with usage's tokens."""
+    from serve_app.batch.config import load_job_model
+    from serve_app.batch.job import run
+
+    model = {"name": "tiny-sfr-chunk", "source": str(tiny_family["base"]), "max_input_tokens": TINY_MAX_TOKENS,
+             "long_input": "chunk"}
+    rng = np.random.default_rng(3)
+    texts = {f"d-{i}": words(rng, 1, 8) * int(rng.integers(1, 12)) for i in range(30)}
+    corpus = tmp_path / "long.jsonl"
+    write_jsonl(corpus, [{"id": k, "text": v} for k, v in texts.items()])
+    job = load_job_model(job_config(tmp_path / "chunk.yaml", model), "tiny-sfr-chunk")
+    run(job, str(corpus), str(tmp_path / "out"), actors=1)
+
+    got = read_output(tmp_path / "out")
+    ids = sorted(texts)
+    documents = [texts[i] for i in ids]
+    np.testing.assert_allclose(np.stack([got[i][0] for i in ids]), served(http, "tiny-sfr-chunk", documents), atol=1e-5)
+    for i in ids[:5]:  # per document: the service's usage counts every window's tokens
+        usage = http.post("/v1/embeddings", json={"model": "tiny-sfr-chunk", "input": texts[i]}).json()["usage"]
+        assert got[i][1] == usage["prompt_tokens"]
+    assert max(got[i][1] for i in ids) > TINY_MAX_TOKENS  # some documents really were windowed

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from serve_app.deployments.chunks import cut_to_budget
 from serve_app.engine.errors import InputError
+from serve_app.engine.long_inputs import combine_windows
 from serve_app.engine.spec import ModelSpec
 from serve_app.engine.tokenization import InputTokenizer, load_input_tokenizer
 
@@ -26,7 +27,7 @@ def tokenize_rows(tokenizer: InputTokenizer, texts: list[str], task: str | None)
 
     The one place that decides what a text becomes before the engine sees it (instruction, EOS,
     length policy). An over-long input is an error row here (the service's 400 without
-    `truncate`); a policy that splits long inputs into windows plugs in here.
+    `truncate`), unless the model embeds long inputs in windows (`long_input: chunk`).
     """
     try:
         return tokenizer.tokenize_texts(texts, task, truncate=False)
@@ -56,19 +57,27 @@ class Tokenize:
         errors = batch["error"].to_pylist()
         messages = batch["message"].to_pylist()
         valid = [i for i, error in enumerate(errors) if error is None]
-        token_ids: list[list[int]] = [[] for _ in errors]
+        # Each row's windows: one, unless the model embeds an over-long input in several.
+        windows: list[list[list[int]]] = [[] for _ in errors]
         texts = batch["text"].take(valid).to_pylist()
         for i, result in zip(valid, tokenize_rows(self.tokenizer, texts, self.task)):
             if isinstance(result, InputError):
                 errors[i], messages[i] = result.code, _error_message(result, self.tokenizer.max_tokens)
             else:
-                token_ids[i] = result
+                windows[i] = self.tokenizer.windows(result) if self.spec.long_input == "chunk" else [result]
         return (
             batch.drop_columns(["text", "error", "message"])
             .append_column("error", pa.array(errors, pa.string()))
             .append_column("message", pa.array(messages, pa.string()))
-            .append_column("token_ids", pa.array(token_ids, pa.list_(pa.int32())))
+            .append_column("token_ids", pa.array(windows, pa.list_(pa.list_(pa.int32()))))
         )
+
+
+def _sum_per_row(window_lengths: np.ndarray, windows_per_row: np.ndarray) -> np.ndarray:
+    """Tokens per row from the lengths of all windows, row after row."""
+    ends = np.cumsum(windows_per_row)
+    totals = np.concatenate([[0], np.cumsum(window_lengths)])
+    return totals[ends] - totals[ends - windows_per_row]
 
 
 class Embed:
@@ -88,13 +97,19 @@ class Embed:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         valid = pc.is_null(batch["error"]).to_numpy(zero_copy_only=False)
-        sequences = batch["token_ids"].filter(pa.array(valid)).to_pylist()
+        windows_per_row = batch["token_ids"].filter(pa.array(valid)).to_pylist()
+        windows = [window for row in windows_per_row for window in row]
         vectors = np.zeros((batch.num_rows, self.engine.dimensions), dtype=np.float32)
-        vectors[valid] = self._embed(sequences)
+        # As the service does: the windows are embedded as inputs, then combined per row.
+        vectors[valid] = combine_windows(
+            self._embed(windows), windows, [len(row) for row in windows_per_row], self.spec.normalize
+        )
         embedding = pa.FixedSizeListArray.from_arrays(
             pa.array(vectors.ravel()), self.engine.dimensions, mask=pa.array(~valid)
         )
-        tokens = pc.list_value_length(batch["token_ids"]).cast(pa.int32())
+        # Every token fed to the model, as the service's usage counts them.
+        tokens = pc.list_value_length(pc.list_flatten(batch["token_ids"]))
+        tokens = pa.array(_sum_per_row(tokens.to_numpy(), pc.list_value_length(batch["token_ids"]).to_numpy()), pa.int32())
         return batch.drop_columns(["token_ids"]).append_column("embedding", embedding).append_column("tokens", tokens)
 
     def _embed(self, sequences: list[list[int]]) -> np.ndarray:
