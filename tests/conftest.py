@@ -33,6 +33,11 @@ def merged_reference(tiny_family):
     return SFRReference(tiny_family["merged"], TINY_MAX_TOKENS)
 
 
+@pytest.fixture(scope="session")
+def merged2_reference(tiny_family):
+    return SFRReference(tiny_family["merged2"], TINY_MAX_TOKENS)
+
+
 def free_port() -> int:
     import socket
 
@@ -104,11 +109,23 @@ def base_url(ray_session, tiny_family, api_keys):
                 # Two CPU lanes, so two batches in flight that share them, as deploy/local.yaml runs.
                 "cpu_threads": 2,
             },
+            # Two adapters of tiny-sfr's base: the three share one Embedder deployment (one base,
+            # adapters unmerged), so they share its settings too.
             {
                 "name": "tiny-sfr-lora",
                 "source": str(tiny_family["base"]),
                 "adapter": str(tiny_family["adapter"]),
-                "max_input_tokens": 1024,
+                "max_input_tokens": 512,
+                "max_batch_tokens": 512,
+                "cpu_threads": 2,
+            },
+            {
+                "name": "tiny-sfr-lora-b",
+                "source": str(tiny_family["base"]),
+                "adapter": str(tiny_family["adapter2"]),
+                "max_input_tokens": TINY_MAX_TOKENS,
+                "max_batch_tokens": 512,
+                "cpu_threads": 2,
             },
             local_config_model(),
         ],
