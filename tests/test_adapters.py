@@ -121,6 +121,17 @@ def test_a_shared_engine_needs_each_rows_model(shared, tokenize):
         shared.embed(ids)
     with pytest.raises(ValueError, match="'nope' is not one of"):
         shared.embed(ids, models=["base", "nope"])
+    with pytest.raises(ValueError, match="one engine per model"):  # its hooks would override the first's
+        EmbeddingEngine(shared.model, "cpu", "last_token", True, 64, adapters=shared.adapters)
+
+
+def test_adapters_keep_the_models_dtype(tiny_family):
+    """PEFT's default keeps a bf16 model's adapters in float32 (for training): every pass's LoRA
+    products would run in float32."""
+    import torch
+
+    engine = EmbeddingEngine.load_models([spec_for(tiny_family, name, dtype="bfloat16") for name in ("base", "lora")])
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
 
 
 def test_models_on_one_base_share_one_deployment_named_after_the_first():

@@ -55,10 +55,13 @@ def load_adapters(model: torch.nn.Module, models: list[ModelSpec], names: dict[s
             continue
         source = resolve_source(spec.adapter)
         logger.info("loading LoRA adapter %s (unmerged) for model %s", source, spec.name)
+        # autocast_adapter_dtype=False: in the model's dtype. PEFT's default, made for training,
+        # keeps a bf16 model's adapters in float32, which makes every pass's LoRA products fp32.
+        load = dict(adapter_name=name, revision=spec.adapter_revision, autocast_adapter_dtype=False)
         if peft_model is None:
-            peft_model = PeftModel.from_pretrained(model, source, adapter_name=name, revision=spec.adapter_revision)
+            peft_model = PeftModel.from_pretrained(model, source, **load)
         else:
-            peft_model.load_adapter(source, adapter_name=name, revision=spec.adapter_revision)
+            peft_model.load_adapter(source, **load)
         config = peft_model.peft_config[name]
         if config.peft_type != "LORA" or getattr(config, "use_dora", False):
             raise ValueError(
@@ -75,6 +78,10 @@ class RowAdapters:
         from peft.tuners.lora import LoraLayer
         from peft.utils import AuxiliaryTrainingWrapper
 
+        if getattr(model, "_serve_row_adapters", False):
+            # A second set of hooks would overwrite the first's names with its own (or none).
+            raise ValueError("this model already has per-row adapters: use one engine per model")
+        model._serve_row_adapters = True
         self._local = threading.local()
         layers = [m for m in model.modules() if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
         if not layers:

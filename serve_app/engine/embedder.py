@@ -250,11 +250,13 @@ class EmbeddingEngine:
 
     # ---- the hook a pass scheduler calls: plan a call's passes, then run each ----------------
 
-    def _plan(self, lengths: list[int], max_tokens: int, adapters: list[str] | None = None) -> list[MicroBatch | PackedPass]:
-        """Passes of at most `max_tokens` for sequences of these lengths: sorted padded
-        micro-batches, or packed passes when the padded ones would waste more than
-        `pack_above_padding` of their tokens. With each sequence's `adapters`, a packed row (and,
-        unless mix_adapters, a padded pass) holds one adapter's sequences only."""
+    def _plan(self, lengths: list[int], max_tokens: int | None = None,
+              adapters: list[str] | None = None) -> list[MicroBatch | PackedPass]:
+        """Passes of at most `max_tokens` (default: the interactive pass size) for sequences of
+        these lengths: sorted padded micro-batches, or packed passes when the padded ones would
+        waste more than `pack_above_padding` of their tokens. With each sequence's `adapters`, a
+        packed row (and, unless mix_adapters, a padded pass) holds one adapter's sequences only."""
+        max_tokens = max_tokens or self.micro_batch_tokens
         groups = None
         if adapters is not None:
             positions: dict[str, list[int]] = {}
