@@ -22,10 +22,6 @@ settings taking turns within a round. Writes bench/results/cpu_adapters.{md,json
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -37,7 +33,7 @@ import torch
 
 from serve_app.engine.embedder import CPU_MICRO_BATCH_TOKENS, EmbeddingEngine
 
-from .cpu_engine import RESULTS, cpu_flags
+from .cpu_engine import RESULTS, intro, run_header, write_report
 from .gpu_engine import (LORA_MODELS, add_random_adapters, build_random_model, log_uniform_lengths, lora_engine,
                          mistral_config, random_text, run_engine, run_lora)
 
@@ -115,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_abs_diff_vs_mixed": float(np.abs(ours - mixed).max()) if setting.startswith("3 models") else None,
             })
     res = {
-        "command": "python -m bench.cpu_adapters " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{os.cpu_count()} CPUs ({platform.machine()}; {cpu_flags()}), torch {torch.__version__}",
+        **run_header("bench.cpu_adapters", argv),
         "model": "random Mistral, 4 layers, hidden 512, fp32, sdpa; 2 random LoRA adapters, rank 8 on every linear layer",
         "threads": args.threads, "micro_batch_tokens": CPU_MICRO_BATCH_TOKENS, "rounds": args.rounds,
         "workloads": {w: f"{len(cs)} call(s), {sum(map(len, cs))} texts, {sum(len(s) for c in cs for s in c)} tokens"
@@ -127,11 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Several LoRA adapters over one base, on CPU",
         "",
-        f"`{res['command'].strip()}`, {res['generated']}, {res['machine']}. {res['model']}; in-process, "
-        f"{args.threads} one-thread lanes, {CPU_MICRO_BATCH_TOKENS}-token passes, two calls at a time. Texts go to "
-        "the bare base and the two adapters, a third each. Workloads: "
-        + "; ".join(f"{w}: {d}" for w, d in res["workloads"].items())
-        + f". Median of {args.rounds} rounds; settings take turns within a round.",
+        intro(res, f"{res['model']}; in-process, {args.threads} one-thread lanes, {CPU_MICRO_BATCH_TOKENS}-token "
+              "passes, two calls at a time. Texts go to the bare base and the two adapters, a third each", args.rounds),
         "",
         "| workload | setting | tokens/s | × merged | padding | max abs diff vs mixed passes |",
         "|---|---|---:|---:|---:|---:|",
@@ -140,11 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         diff = "–" if r["max_abs_diff_vs_mixed"] is None else f"{r['max_abs_diff_vs_mixed']:.1e}"
         lines.append(f"| {r['workload']} | {r['setting']} | {r['tokens_per_s']:,.0f} | {r['vs_merged']:.2f}× "
                      f"| {r['padding']:.1%} | {diff} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(Path(args.out), res, lines)
     return 0
 
 

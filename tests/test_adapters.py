@@ -12,16 +12,9 @@ from serve_app.engine.embedder import EmbeddingEngine
 from serve_app.engine.spec import ModelSpec, share_base
 from serve_app.engine.tokenization import load_input_tokenizer
 from tests.conftest import TINY_MAX_TOKENS
+from tests.test_engine import TEXTS as ENGINE_TEXTS
 
-TEXTS = [
-    "how do cats sleep",
-    "the quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun",
-    "x",
-    "embeddings turn text into vectors",
-    "Ray Serve batches requests on the GPU and autoscales replicas across a cluster; " * 2,
-    "why do dogs dream about chasing rabbits",
-    "numbers 0 1 2 3 and punctuation",
-]
+TEXTS = ENGINE_TEXTS + ["why do dogs dream about chasing rabbits", "numbers 0 1 2 3 and punctuation"]
 MODELS = ("base", "lora", "lora-b")
 
 
