@@ -44,7 +44,8 @@ GPU_BATCH_PASS_TOKENS = 4096
 DEFAULT_PACK_ABOVE_PADDING = {"cpu": 1.0, "cuda": 1.0}
 # With several adapters over one base, a padded pass takes rows of any adapters (PEFT applies
 # each row's own), rather than one pass per adapter; packed passes always keep one adapter per
-# row, since PEFT picks adapters per row. See bench/cpu_engine.py --adapters.
+# row, since PEFT picks adapters per row. Measured by `python -m bench.cpu_adapters` (CPU) and
+# bench/gpu_engine.py's LoRA rows (GPU).
 MIX_ADAPTERS_IN_PASSES = True
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
