@@ -203,6 +203,7 @@ def share_base(models: list[ModelSpec]) -> list[list[ModelSpec]]:
 
 
 def check_shareable(models: list[ModelSpec]) -> None:
+    """Raise unless these models can be one Embedder deployment over one base."""
     first = models[0]
     for spec in models[1:]:
         differ = [f for f in SHARED_FIELDS if getattr(spec, f) != getattr(first, f)]
@@ -212,8 +213,9 @@ def check_shareable(models: list[ModelSpec]) -> None:
                 f"Embedder deployment, but set {', '.join(differ)} differently; set them alike, or give a "
                 "model with an adapter merge_adapter: true for a deployment of its own"
             )
-        if spec.merge_adapter:
-            raise ValueError(f"model {spec.name!r}: merge_adapter: true cannot share a base with other models")
+    merged = [spec.name for spec in models if spec.merge_adapter]
+    if merged and len(models) > 1:
+        raise ValueError(f"model(s) {merged}: merge_adapter: true cannot share a base with other models")
 
 
 def merges_adapter(models: list[ModelSpec]) -> bool:
