@@ -53,6 +53,30 @@ def cpu_flags() -> str:
     return ", ".join(wanted) or "none of avx2/avx512f/avx512_bf16/amx_bf16"
 
 
+def run_header(command: str, argv: list[str] | None) -> dict:
+    """What every CPU results file starts with: the command, when, and on what."""
+    return {
+        "command": f"python -m {command} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{os.cpu_count()} CPUs ({platform.machine()}; {cpu_flags()}), torch {torch.__version__}",
+    }
+
+
+def intro(res: dict, what: str, rounds: int) -> str:
+    """A results file's first paragraph: command, when, machine, what ran, workloads, rounds."""
+    return (f"`{res['command'].strip()}`, {res['generated']}, {res['machine']}. {what}. Workloads: "
+            + "; ".join(f"{w}: {d}" for w, d in res["workloads"].items())
+            + f". Median of {rounds} rounds; settings take turns within a round.")
+
+
+def write_report(out: Path, res: dict, lines: list[str]) -> None:
+    """`out`.json (the figures) and `out`.md (the table), and the table on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--micro", default="512,1024,2048,4096", help="forward-pass sizes in padded tokens")
@@ -118,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     base = next((r for r in rows if (r["dtype"], r["lanes"], r["micro_batch_tokens"]) == baseline), None)
 
     res = {
-        "command": "python -m bench.cpu_engine " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{os.cpu_count()} CPUs ({platform.machine()}; {cpu_flags()}), torch {torch.__version__}",
+        **run_header("bench.cpu_engine", argv),
         "threads": args.threads, "rounds": args.rounds, "texts": texts, "rows": rows,
     }
     lines = [
@@ -144,11 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['dtype']} | {r['lanes']} × {args.threads // r['lanes']} | {r['micro_batch_tokens']} | "
                      f"{r['bulk_texts_per_s']:.1f} | "
                      f"{ratio('bulk_texts_per_s')} | {r['search_texts_per_s']:.1f} | {ratio('search_texts_per_s')} | {cos} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(Path(args.out), res, lines)
     return 0
 
 
@@ -199,9 +217,7 @@ def packing_main(args, argv) -> int:
                 "max_abs_diff_vs_padded": float(np.abs(d.vectors - ref.vectors).max()) if ref else None,
             })
     res = {
-        "command": "python -m bench.cpu_engine " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{os.cpu_count()} CPUs ({platform.machine()}; {cpu_flags()}), torch {torch.__version__}",
+        **run_header("bench.cpu_engine", argv),
         "model": "random Mistral, 4 layers, hidden 512, fp32, sdpa", "threads": args.threads,
         "micro_batch_tokens": CPU_MICRO_BATCH_TOKENS, "rounds": args.rounds,
         "workloads": {w: f"{len(s)} texts, {sum(map(len, s))} tokens" for w, s in workloads.items()}, "rows": rows,
@@ -209,10 +225,8 @@ def packing_main(args, argv) -> int:
     lines = [
         "# Packed vs sorted padded forward passes on CPU",
         "",
-        f"`{res['command'].strip()}`, {res['generated']}, {res['machine']}. {res['model']}, in-process, "
-        f"{args.threads} one-thread lanes, {CPU_MICRO_BATCH_TOKENS}-token passes. Workloads: "
-        + "; ".join(f"{w}: {d}" for w, d in res["workloads"].items())
-        + f". Median of {args.rounds} rounds; settings take turns within a round.",
+        intro(res, f"{res['model']}, in-process, {args.threads} one-thread lanes, "
+              f"{CPU_MICRO_BATCH_TOKENS}-token passes", args.rounds),
         "",
         "| workload | passes | tokens/s | × padded | padding | max abs diff vs padded |",
         "|---|---|---:|---:|---:|---:|",
@@ -221,11 +235,7 @@ def packing_main(args, argv) -> int:
         vs = f"{r['vs_padded']:.2f}×" if r["vs_padded"] else "–"
         diff = f"{r['max_abs_diff_vs_padded']:.1e}" if r["max_abs_diff_vs_padded"] is not None else "–"
         lines.append(f"| {r['workload']} | {r['setting']} | {r['tokens_per_s']:,.0f} | {vs} | {r['padding']:.1%} | {diff} |")
-    out = Path(args.out or RESULTS / "cpu_engine_packing")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(Path(args.out or RESULTS / "cpu_engine_packing"), res, lines)
     return 0
 
 

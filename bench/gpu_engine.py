@@ -16,9 +16,14 @@ What it measures, all in one run on the same data:
     (batch_size=32, sorted by length, each batch padded to its longest);
   * tokens/s, texts/s, model FLOP utilisation against the bf16 (and FP8) matmul peak measured
     here and against the card's datasheet, padding ratio, peak GPU memory, cost per 1M tokens;
+  * several LoRA adapters over one base (--no-lora skips them): two random adapters of rank 8
+    on every linear layer (SFR's adapter shape) plus the bare base, each text one of the three,
+    unmerged in one engine, with passes that mix adapters and with one pass per adapter, and one
+    adapter alone unmerged; "ours" is what a merged model costs (the same architecture);
   * single forward passes of 512 … 16384 padded tokens (how long a query may wait behind one);
   * the targets, with verdicts; correctness: the engine's vectors (bf16 padded and packed,
-    FP8) against an fp32 one-text-at-a-time reference on a smaller random Mistral.
+    FP8, bf16 with the LoRA adapters unmerged) against an fp32 one-text-at-a-time reference on
+    a smaller random Mistral (for LoRA: the reference with each text's adapter merged).
 
 Usage (repo root):
   python bench/gpu_engine.py --out bench/results/gpu          # H100/H200, ~4 min
@@ -48,6 +53,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 try:
     from serve_app.deployments.chunks import cut_to_budget  # numpy only: no Ray needed
+    from serve_app.engine.adapters import BASE
     from serve_app.engine.embedder import EmbeddingEngine, pick_dtype
     from serve_app.engine.quantization import FP8Unsupported, check_fp8_supported, quantize_fp8
 except ImportError as exc:  # e.g. pydantic missing on a bare GPU image: say so plainly
@@ -142,6 +148,48 @@ def make_engine(model, device: str, max_batch_tokens: int, packed: bool = False)
     return EmbeddingEngine(model, device, "last_token", True, max_batch_tokens, pack_above_padding=0.0 if packed else 1.0)
 
 
+# The models of a shared base in the LoRA rows: the bare base and two adapters.
+LORA_MODELS = {"base": BASE, "a": "adapter_0", "b": "adapter_1"}
+
+
+@torch.no_grad()
+def add_random_adapters(model, n: int, rank: int, seed: int, std: float = 0.02):
+    """`model` as a PeftModel with `n` LoRA adapters (`adapter_0`, ...) of rank `rank` on every
+    linear layer, unmerged, in the model's dtype, with N(0, std) weights: large enough to move
+    the vectors (PEFT's default init leaves them unchanged)."""
+    from peft import LoraConfig, get_peft_model
+
+    def config():
+        return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config(), adapter_name="adapter_0", autocast_adapter_dtype=False)
+    for k in range(1, n):
+        peft_model.add_adapter(f"adapter_{k}", config())
+    for name, param in peft_model.named_parameters():
+        if ".lora_" in name:
+            param.normal_(mean=0.0, std=std)
+    return peft_model.eval()
+
+
+def lora_engine(model, device: str, max_batch_tokens: int) -> EmbeddingEngine:
+    """Our engine over a PeftModel of LORA_MODELS' adapters (one engine per model)."""
+    return EmbeddingEngine(model, device, "last_token", True, max_batch_tokens, adapters=LORA_MODELS)
+
+
+def run_lora(engine: EmbeddingEngine, seqs: list[list[int]], mix: bool, models: list[str] | None = None):
+    """The texts through a LoRA engine, each its row_models() model unless `models` says;
+    `mix`: passes mix adapters (else one pass per adapter)."""
+    engine.mix_adapters = mix
+    return run_engine(engine, seqs, models or row_models(len(seqs)))
+
+
+def row_models(n: int) -> list[str]:
+    """Each text's model in the LoRA rows: the three in turn (the workloads' order is random)."""
+    names = list(LORA_MODELS)
+    return [names[i % len(names)] for i in range(n)]
+
+
 def fp8_model(config, device: str, seed: int, granularity: str):
     """The same random model (same seed), its linear layers quantized by torchao."""
     return quantize_fp8(build_random_model(config, device, torch.bfloat16, seed), granularity)
@@ -199,8 +247,9 @@ def pad_right(rows: list[list[int]], device: str) -> tuple[torch.Tensor, torch.T
     return ids.to(device), mask.to(device)
 
 
-def run_engine(engine: EmbeddingEngine, seqs: list[list[int]]) -> tuple[np.ndarray, RunStats]:
-    done = engine.embed_counted(seqs)
+def run_engine(engine: EmbeddingEngine, seqs: list[list[int]], models: list[str] | None = None
+               ) -> tuple[np.ndarray, RunStats]:
+    done = engine.embed_counted(seqs, models=models)
     return done.vectors, RunStats(done.real_tokens, done.padded_tokens)
 
 
@@ -291,6 +340,7 @@ class Method:
     run: Callable[[list], tuple[np.ndarray, RunStats]]
     prepare: Callable[[list[list[int]]], list] = lambda seqs: seqs
     precision: str = "bf16"  # whose matmul peak its MFU is measured against
+    same_model_as_ours: bool = True  # False (LoRA rows): its vectors are another model's
 
 
 def make_st_method(model, device: str) -> Method | None:
@@ -401,10 +451,35 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1)
 
 
+def reference_vectors(models: list, seqs: list[list[int]], device: str) -> np.ndarray:
+    """Each text alone through its model (`models[i]` for text i), pooled at its last token."""
+    rows = []
+    for model, seq in zip(models, seqs):
+        hidden = model(input_ids=torch.tensor([seq], device=device)).last_hidden_state[0, -1]
+        rows.append(torch.nn.functional.normalize(hidden.float(), dim=-1).cpu().numpy())
+    return np.stack(rows)
+
+
+def lora_check(config, device: str, seed: int, seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray, RunStats]:
+    """bf16 vectors of the bare base and two adapters unmerged in one engine (LORA_MODELS, each
+    text one of the three, passes mixing them), and fp32 references with each text's adapter
+    merged into the same weights."""
+    import copy
+
+    fp32 = add_random_adapters(build_random_model(config, device, torch.float32, seed), 2, 8, seed + 1)
+    engine = lora_engine(copy.deepcopy(fp32).to(torch.bfloat16), device, 4096)
+    models = row_models(len(seqs))
+    ours, stats = run_engine(engine, seqs, models)
+    merged = {name: copy.deepcopy(fp32).unload() if adapter == BASE
+              else copy.deepcopy(fp32).merge_and_unload(adapter_names=[adapter])
+              for name, adapter in LORA_MODELS.items()}
+    return ours, reference_vectors([merged[m] for m in models], seqs, device), stats
+
+
 @torch.inference_mode()
-def correctness_check(device: str, seed: int, fp8: bool, n_texts: int = 64) -> dict:
-    """The engine's vectors — bf16 padded and packed, FP8 per-row and per-tensor — vs fp32 one
-    text at a time, mixed lengths sharing passes.
+def correctness_check(device: str, seed: int, fp8: bool, lora: bool, n_texts: int = 64) -> dict:
+    """The engine's vectors — bf16 padded and packed, FP8 per-row and per-tensor, bf16 with LoRA
+    adapters unmerged — vs fp32 one text at a time, mixed lengths sharing passes.
 
     The reference takes the hidden state at each text's last position (the EOS) of an
     unpadded forward pass, so any padding or packing leak, wrong pooled position or batch
@@ -421,19 +496,18 @@ def correctness_check(device: str, seed: int, fp8: bool, n_texts: int = 64) -> d
 
     rng = np.random.default_rng(seed + 1)
     seqs = [random_text(rng, n, config.vocab_size) for n in log_uniform_lengths(rng, n_texts, 4, 1024)]
-    ref = []
-    for seq in seqs:
-        hidden = reference(input_ids=torch.tensor([seq], device=device)).last_hidden_state[0, -1]
-        ref.append(torch.nn.functional.normalize(hidden.float(), dim=-1).cpu().numpy())
-    ref = np.stack(ref)
+    ref = reference_vectors([reference] * len(seqs), seqs, device)
     bf16 = same_weights()
     engines = {"bf16 padded": make_engine(bf16, device, 4096), "bf16 packed": make_engine(bf16, device, 4096, True)}
     for granularity in ("row", "tensor") if fp8 else ():
         engines[f"fp8 per-{granularity}"] = make_engine(same_weights(granularity), device, 4096)
+    results = {name: (*run_engine(engine, seqs), ref) for name, engine in engines.items()}  # 4096-token passes
+    if lora:
+        ours, lora_ref, stats = lora_check(config, device, seed, seqs)
+        results["bf16 LoRA: 2 adapters + base, unmerged"] = (ours, stats, lora_ref)
     variants = {}
-    for name, engine in engines.items():  # 4096-token passes: several per variant
-        ours, stats = run_engine(engine, seqs)
-        cos = cosine_rows(ours, ref)
+    for name, (ours, stats, expected) in results.items():
+        cos = cosine_rows(ours, expected)
         variants[name] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
                           "padding_ratio": 1 - stats.real_tokens / stats.padded_tokens, "passed": bool(cos.min() >= 0.999)}
     control = cosine_rows(ref, np.roll(ref, 1, axis=0))
@@ -531,17 +605,18 @@ def benchmark(ctx: Context, methods: list[Method], workloads: dict, out_dir: Pat
                 reset_memory(ctx.device)
                 continue
             row = make_row(workload, method, seqs, stats, seconds, peak, ctx)
-            results.append((row, vectors))
+            results.append((row, vectors, method))
             ctx.rows.append(row)
             print(f"  {workload:8s} {method.name[:44]:44s} {seconds:7.2f} s  {row.tokens_per_s:10.0f} tok/s"
                   f"  pad {row.padding_ratio:6.1%}", flush=True)
         if not results or results[0][0].method != methods[0].name:
             continue  # ours failed: nothing to compare against
-        ours_row, ours_vectors = results[0]
-        for row, vectors in results:
+        ours_row, ours_vectors, _ = results[0]
+        for row, vectors, method in results:
             row.ours_over_this = ours_row.tokens_per_s / row.tokens_per_s
             # Same model and data, other batching or FP8: the vectors must agree with bf16's.
-            row.min_cosine_vs_ours = float(cosine_rows(vectors, ours_vectors).min())
+            if method.same_model_as_ours:
+                row.min_cosine_vs_ours = float(cosine_rows(vectors, ours_vectors).min())
         write_results(ctx, meta, out_dir)  # after every workload: a timeout still leaves data
 
 
@@ -609,6 +684,9 @@ def markdown(ctx: Context, meta: dict) -> str:
         f"FP8: torchao {meta['versions']['torchao']} Float8DynamicActivationFloat8WeightConfig "
         f"({meta.get('fp8_skipped') or 'per-row and per-tensor scales'}); baselines: {meta['st_label']}, "
         f"batch_size {BASELINE_BATCH}",
+        "- LoRA rows: the bare base and two random adapters (rank 8 on every linear layer, as SFR's) unmerged "
+        "in one engine, texts taking the three in turn; a merged model costs what ours does; their MFU counts "
+        "the base's FLOPs only (rank-8 products add ~0.3% on SFR)",
         "- Workloads (random ids, <s> … </s>): "
         + "; ".join(f"{name}: {text}" for name, text in meta["workloads"].items()),
         "- Measured matmul peaks: " + ", ".join(f"**{k} {v:.1f} TFLOP/s**" for k, v in ctx.peaks.items())
@@ -689,6 +767,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pass-sizes", default=None, help="single-pass sizes (default 512…16384; --small 128…1024)")
     parser.add_argument("--usd-per-gpu-hour", type=float, default=2.5)
     parser.add_argument("--no-baselines", action="store_true", help="only our engine")
+    parser.add_argument("--no-lora", action="store_true", help="no LoRA rows (several adapters over one base)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -720,7 +799,7 @@ OURS = "ours (EmbeddingEngine)"  # in the run's dtype: bf16 on a GPU
 
 
 def build_methods(models: dict, device: str, max_batch_tokens: int, baselines: bool) -> tuple[list[Method], dict]:
-    """Ours first (the others are compared to it), then packed, served, FP8 and the baselines;
+    """Ours first (the others are compared to it), then packed, served, FP8, LoRA and the baselines;
     also the engines whose single passes are timed."""
     engine = make_engine(models["bf16"], device, max_batch_tokens)
     packed = make_engine(models["bf16"], device, max_batch_tokens, packed=True)
@@ -739,6 +818,20 @@ def build_methods(models: dict, device: str, max_batch_tokens: int, baselines: b
                 fp8_packed = make_engine(model, device, max_batch_tokens, packed=True)
                 methods.append(Method(f"ours {name}, packed passes", lambda seqs: run_engine(fp8_packed, seqs),
                                       precision="fp8"))
+    if "lora bf16" in models:
+        lora = lora_engine(models["lora bf16"], device, max_batch_tokens)
+        methods += [
+            Method("LoRA: 2 adapters + base unmerged, mixed passes", lambda seqs: run_lora(lora, seqs, True),
+                   same_model_as_ours=False),
+            Method("LoRA: 2 adapters + base unmerged, a pass per adapter", lambda seqs: run_lora(lora, seqs, False),
+                   same_model_as_ours=False),
+            Method("LoRA: 1 adapter unmerged", lambda seqs: run_lora(lora, seqs, True, ["a"] * len(seqs)),
+                   same_model_as_ours=False),
+        ]
+    if "lora fp8 per-row" in models:
+        lora_fp8 = lora_engine(models["lora fp8 per-row"], device, max_batch_tokens)
+        methods.append(Method("LoRA fp8 per-row: 2 adapters + base unmerged, mixed passes",
+                              lambda seqs: run_lora(lora_fp8, seqs, True), precision="fp8", same_model_as_ours=False))
     st = make_st_method(models["bf16"], device) if baselines else None
     methods += [st] if st else []
     return methods, timed_engines
@@ -759,7 +852,7 @@ def main() -> None:
         print(f"FP8 rows skipped: {fp8_skipped}", flush=True)
 
     print("correctness check ...", flush=True)
-    check = correctness_check(device, args.seed, fp8=not fp8_skipped)
+    check = correctness_check(device, args.seed, fp8=not fp8_skipped, lora=not args.no_lora)
     for variant, v in check["variants"].items():
         print(f"  {variant:14s} min cosine {v['min_cosine']:.6f} -> {'PASS' if v['passed'] else 'FAIL'}", flush=True)
 
@@ -776,6 +869,11 @@ def main() -> None:
     if not fp8_skipped:
         for granularity in ("row", "tensor"):
             models[f"fp8 per-{granularity}"] = fp8_model(config, device, args.seed, granularity)
+    if not args.no_lora:  # its own copy of the base: PEFT wraps the layers of the model it is given
+        models["lora bf16"] = add_random_adapters(build_random_model(config, device, dtype, args.seed), 2, 8, args.seed + 1)
+        if not fp8_skipped:  # the adapters first, then FP8 for the base's layers (LoRA's stay bf16)
+            lora = add_random_adapters(build_random_model(config, device, torch.bfloat16, args.seed), 2, 8, args.seed + 1)
+            models["lora fp8 per-row"] = quantize_fp8(lora)
     synchronize(device)
     init_s = time.perf_counter() - t_init
     print(f"models built in {init_s:.1f} s: {', '.join(models)}", flush=True)

@@ -33,6 +33,11 @@ def merged_reference(tiny_family):
     return SFRReference(tiny_family["merged"], TINY_MAX_TOKENS)
 
 
+@pytest.fixture(scope="session")
+def merged2_reference(tiny_family):
+    return SFRReference(tiny_family["merged2"], TINY_MAX_TOKENS)
+
+
 def free_port() -> int:
     import socket
 
@@ -109,19 +114,33 @@ def base_url(ray_session, tiny_family, api_keys):
     args = {
         "models": [
             tiny_sfr_model(tiny_family),
+            # Two adapters of tiny-sfr's base: they, tiny-sfr and tiny-sfr-chunk share one Embedder deployment (one base,
+            # adapters unmerged), so they share its settings too.
             {
                 "name": "tiny-sfr-lora",
                 "source": str(tiny_family["base"]),
                 "adapter": str(tiny_family["adapter"]),
-                "max_input_tokens": 1024,
+                "max_input_tokens": 512,
+                "max_batch_tokens": 512,
+                "cpu_threads": 2,
+            },
+            {
+                "name": "tiny-sfr-lora-b",
+                "source": str(tiny_family["base"]),
+                "adapter": str(tiny_family["adapter2"]),
+                "max_input_tokens": TINY_MAX_TOKENS,
+                "max_batch_tokens": 512,
+                "cpu_threads": 2,
             },
             local_config_model(),
-            {  # long inputs embedded in windows (tests/test_long_inputs.py)
+            {  # long inputs embedded in windows (tests/test_long_inputs.py); also on tiny-sfr's base
                 "name": "tiny-sfr-chunk",
                 "source": str(tiny_family["base"]),
                 "max_input_tokens": TINY_MAX_TOKENS,
                 "long_input": "chunk",
                 "query_instruction": SFR_TASK,
+                "max_batch_tokens": 512,
+                "cpu_threads": 2,
             },
         ],
         "limits": {"max_request_bytes": MAX_REQUEST_BYTES, "max_tokens_per_request": MAX_REQUEST_TOKENS},

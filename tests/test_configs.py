@@ -18,9 +18,8 @@ def test_config_is_a_valid_serve_config_with_valid_args(name):
     (app,) = config["applications"]
     assert app["import_path"] == "serve_app.deployments.app:build_app"
     args = AppArgs.model_validate(app["args"])
-    expected = {"Ingress"}
-    for model in args.models:
-        expected.update(deployment_names(model.name, len(args.models)))
+    tokenizers, embedders = deployment_names(args.models)
+    expected = {"Ingress", *tokenizers.values(), *embedders.values()}
     assert {d["name"] for d in app["deployments"]} == expected
 
 

@@ -43,7 +43,8 @@ def test_health_and_models(http):
     assert http.get("/health").json()["status"] == "ready"
     assert http.get("/health/live").json()["status"] == "alive"
     models = http.get("/v1/models").json()
-    assert [m["id"] for m in models["data"]] == ["tiny-sfr", "tiny-sfr-lora", "all-MiniLM-L6-v2", "tiny-sfr-chunk"]
+    assert [m["id"] for m in models["data"]] == ["tiny-sfr", "tiny-sfr-lora", "tiny-sfr-lora-b", "all-MiniLM-L6-v2",
+                                                 "tiny-sfr-chunk"]
     assert http.get("/v1/models/tiny-sfr").json()["id"] == "tiny-sfr"
     assert http.get("/v1/models/nope").status_code == 404
 
@@ -141,12 +142,62 @@ def test_base_plus_adapter_serves_the_merged_model(client, merged_reference):
     np.testing.assert_allclose(got, merged_reference.embed(batch), atol=1e-5)
 
 
+def test_models_on_one_base_share_an_embedder_and_each_get_their_own_vectors(
+    base_url, api_keys, http, base_reference, merged_reference, merged2_reference
+):
+    """tiny-sfr and its two adapters run in one Embedder deployment (one base, adapters unmerged).
+    Concurrent requests for the three get coalesced into calls that mix their rows; each must
+    get its own merged model's vectors, also the second time, from the cache."""
+    from ray import serve
+
+    deployments = serve.status().applications["embeddings"].deployments
+    assert sorted(d for d in deployments if d.startswith("Embedder")) == ["Embedder-all-MiniLM-L6-v2", "Embedder-tiny-sfr"]
+    references = {"tiny-sfr": base_reference, "tiny-sfr-lora": merged_reference, "tiny-sfr-lora-b": merged2_reference}
+    batch = texts(3, seed=21)  # the same texts for all three: a mixed-up adapter or cache entry shows
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=api_keys.tester, max_retries=0, timeout=120)
+        calls = [(model, client.embeddings.create(model=model, input=batch)) for model in references for _ in range(4)]
+        responses = await asyncio.gather(*(call for _, call in calls))
+        await client.close()
+        return [(model, response) for (model, _), response in zip(calls, responses)]
+
+    for _ in range(2):  # small requests are interactive: the first round fills the cache
+        for model, response in asyncio.run(run()):
+            np.testing.assert_allclose(vectors(response), references[model].embed(batch), atol=1e-5, err_msg=model)
+    # Each model keeps its own limits on the shared deployment.
+    assert http.get("/v1/models/tiny-sfr").json()["max_input_tokens"] == TINY_MAX_TOKENS
+    assert http.get("/v1/models/tiny-sfr-lora").json()["max_input_tokens"] == 512
+
+
 def test_local_config_model_matches_sentence_transformers(client):
     from tests.reference import minilm_reference
 
     batch = ["A man is eating food.", "A man is riding a horse.", "embeddings for search"]
     got = vectors(client.embeddings.create(model="all-MiniLM-L6-v2", input=batch))
     np.testing.assert_allclose(got, minilm_reference(batch), atol=1e-5)
+
+
+def test_models_with_different_batch_budgets_coalesce_within_their_own(client, base_reference):
+    """all-MiniLM-L6-v2 batches 8192 tokens, the tiny models 512: concurrent requests of both are
+    coalesced together, and each Embedder still gets calls within its own budget."""
+    from tests.reference import minilm_reference
+
+    long_texts = [" ".join(WORDS * 6) + f" {i}" for i in range(40)]  # ~100 tokens each
+    small = texts(30, seed=9)
+
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=str(client.base_url), api_key=client.api_key, max_retries=0, timeout=120)
+        results = await asyncio.gather(
+            aclient.embeddings.create(model="all-MiniLM-L6-v2", input=long_texts),
+            aclient.embeddings.create(model="tiny-sfr", input=small),
+        )
+        await aclient.close()
+        return results
+
+    minilm, tiny = asyncio.run(run())
+    np.testing.assert_allclose(vectors(minilm), minilm_reference(long_texts), atol=1e-5)
+    np.testing.assert_allclose(vectors(tiny), base_reference.embed(small), atol=1e-5)
 
 
 BAD_REQUESTS = [
@@ -162,7 +213,7 @@ BAD_REQUESTS = [
     ({"model": "tiny-sfr", "input": [1, 99999]}, 400, "invalid_token_id"),
     ({"model": "tiny-sfr", "input": [[-3]]}, 400, "invalid_token_id"),
     ({"model": "tiny-sfr", "input": ["x"] * 2049}, 400, "too_many_inputs"),
-    ({"model": "tiny-sfr-lora", "input": [[7] * 1000] * 132}, 400, "too_many_tokens"),
+    ({"model": "tiny-sfr-lora", "input": [[7] * 500] * 263}, 400, "too_many_tokens"),
     ({"model": "tiny-sfr", "input": "the quick brown fox " * 40}, 400, "context_length_exceeded"),
     # Large enough to be tokenized by the Tokenizer deployment rather than in the ingress:
     ({"model": "tiny-sfr", "input": ["a sentence with some words"] * 400 + ["the quick brown fox " * 40]},

@@ -1,4 +1,4 @@
-"""Builds a tiny SFR-like model family on disk: tokenizer, base model, LoRA adapter, merged model.
+"""Builds a tiny SFR-like model family on disk: tokenizer, base model, two LoRA adapters, merged models.
 
 The tokenizer mimics SFR-Embedding-Mistral's files: `tokenizer_config.json` claims
 `add_eos_token: true`, but the `tokenizer.json` post-processor adds only `<s>`, so with
@@ -66,11 +66,13 @@ def write_sentence_transformers_files(directory: Path) -> None:
 
 
 def build_family(root: Path) -> dict[str, Path]:
-    """root/base (model + tokenizer), root/adapter (LoRA), root/merged (base+adapter, merged)."""
-    from peft import LoraConfig, get_peft_model
+    """root/base (model + tokenizer); two LoRA adapters of that base, root/adapter (r=8 on every
+    linear layer, like SFR's) and root/adapter2 (r=4 on some, as another tenant might train),
+    and each one merged into the base: root/merged and root/merged2."""
+    from peft import LoraConfig
     from transformers import AutoTokenizer, MistralConfig, MistralModel
 
-    base, adapter, merged = root / "base", root / "adapter", root / "merged"
+    base = root / "base"
     build_tokenizer(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
     config = MistralConfig(
@@ -89,18 +91,27 @@ def build_family(root: Path) -> dict[str, Path]:
     model = MistralModel(config).eval()
     model.save_pretrained(base)
     write_sentence_transformers_files(base)
+    family = {"base": base}
+    adapters = {
+        "": LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,  # random A and B: vectors change
+                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        "2": LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj", "up_proj"]),
+    }
+    for seed, (suffix, lora) in enumerate(adapters.items(), start=1):
+        family[f"adapter{suffix}"], family[f"merged{suffix}"] = build_adapter(root, base, lora, suffix, seed)
+    return family
 
-    torch.manual_seed(1)
-    lora = LoraConfig(
-        r=8,
-        lora_alpha=16,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        init_lora_weights=False,  # random A and B, so the adapter really changes the vectors
-    )
+
+def build_adapter(root: Path, base: Path, lora, suffix: str, seed: int) -> tuple[Path, Path]:
+    """root/adapter{suffix} (a LoRA adapter of `base`) and root/merged{suffix} (the two merged)."""
+    from peft import get_peft_model
+    from transformers import MistralModel
+
+    adapter, merged = root / f"adapter{suffix}", root / f"merged{suffix}"
+    torch.manual_seed(seed)
     peft_model = get_peft_model(MistralModel.from_pretrained(base), lora)
     peft_model.save_pretrained(adapter)
-    merged_model = peft_model.merge_and_unload()
-    merged_model.save_pretrained(merged)
+    peft_model.merge_and_unload().save_pretrained(merged)
     build_tokenizer(merged)
     write_sentence_transformers_files(merged)
-    return {"base": base, "adapter": adapter, "merged": merged}
+    return adapter, merged

@@ -40,7 +40,7 @@ def load_job_model(config_path: str | Path, model: str) -> JobModel:
         spec = next((m for m in args.models if m.name == model), None)
         if spec is None:
             continue
-        _, embedder = deployment_names(spec.name, len(args.models))
+        embedder = deployment_names(args.models)[1][spec.name]
         deployment = next((d for d in app.get("deployments", []) if d.get("name") == embedder), {})
         options = deployment.get("ray_actor_options") or DEFAULT_ACTOR_OPTIONS
         return JobModel(spec, {k: options[k] for k in ACTOR_RESOURCE_KEYS if k in options})

@@ -17,7 +17,7 @@ from serve_app.api.limits import RequestLimits
 from serve_app.api.priority import PriorityPolicy
 from serve_app.api.ratelimit import RateLimits
 from serve_app.api.tei import TeiConfig
-from serve_app.engine.spec import ModelSpec
+from serve_app.engine.spec import ModelSpec, share_base
 
 from .embedder import Embedder
 from .ingress import Ingress
@@ -48,6 +48,7 @@ class AppArgs(BaseModel):
         duplicated = {n for n in names if names.count(n) > 1}
         if duplicated:
             raise ValueError(f"model names must be unique: {sorted(duplicated)}")
+        share_base(models)  # models on one base must agree on its deployment's settings
         return models
 
     @model_validator(mode="after")
@@ -58,11 +59,15 @@ class AppArgs(BaseModel):
         return self
 
 
-def deployment_names(model: str, n_models: int) -> tuple[str, str]:
-    """`Tokenizer`/`Embedder` for a single model, suffixed with the model name for several."""
-    if n_models == 1:
-        return "Tokenizer", "Embedder"
-    return f"Tokenizer-{model}", f"Embedder-{model}"
+def deployment_names(models: list[ModelSpec]) -> tuple[dict[str, str], dict[str, str]]:
+    """Each model's Tokenizer and Embedder deployment: `Tokenizer` and `Embedder` for a single
+    model; with several, `Tokenizer-<model>` for each, and `Embedder-<model>` named after the
+    first (in config order) of the models that share it (spec.share_base)."""
+    if len(models) == 1:
+        return {models[0].name: "Tokenizer"}, {models[0].name: "Embedder"}
+    tokenizers = {spec.name: f"Tokenizer-{spec.name}" for spec in models}
+    embedders = {spec.name: f"Embedder-{group[0].name}" for group in share_base(models) for spec in group}
+    return tokenizers, embedders
 
 
 def needs_gpu(spec: ModelSpec) -> bool:
@@ -118,12 +123,14 @@ def build_app(args: dict) -> Application:
     parsed = AppArgs.model_validate(args)
     if not parsed.gpu_nodes_on_demand:
         check_gpus_exist(parsed.models)
-    tokenizers, embedders = {}, {}
-    for spec in parsed.models:
-        tokenizer_name, embedder_name = deployment_names(spec.name, len(parsed.models))
-        spec_dict = spec.model_dump()
-        tokenizers[spec.name] = Tokenizer.options(name=tokenizer_name).bind(spec_dict)
-        embedders[spec.name] = Embedder.options(name=embedder_name).bind(spec_dict)
+    tokenizer_names, embedder_names = deployment_names(parsed.models)
+    tokenizers = {spec.name: Tokenizer.options(name=tokenizer_names[spec.name]).bind(spec.model_dump())
+                  for spec in parsed.models}
+    embedders = {}
+    for group in share_base(parsed.models):
+        # One deployment per base: every model of the group maps to the same bound deployment.
+        embedder = Embedder.options(name=embedder_names[group[0].name]).bind([spec.model_dump() for spec in group])
+        embedders.update((spec.name, embedder) for spec in group)
     return Ingress.bind(
         [spec.model_dump() for spec in parsed.models],
         tokenizers,

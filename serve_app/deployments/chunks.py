@@ -6,16 +6,21 @@ from __future__ import annotations
 import numpy as np
 
 
-def cut_to_budget(sequences: list[list[int]], max_tokens: int) -> list[list[list[int]]]:
-    """Consecutive chunks of at most `max_tokens` tokens each (a longer sequence alone), in order."""
+def cut_to_budget(items: list, max_tokens: int, size=len) -> list[list]:
+    """Consecutive groups of items of at most `max_tokens` tokens each (a larger item alone), in
+    order; `size` counts an item's tokens (default: a token-id sequence's length)."""
     chunks, current, tokens = [], [], 0
-    for ids in sequences:
-        if current and tokens + len(ids) > max_tokens:
+    for item in items:
+        if current and tokens + size(item) > max_tokens:
             chunks.append(current)
             current, tokens = [], 0
-        current.append(ids)
-        tokens += len(ids)
+        current.append(item)
+        tokens += size(item)
     return chunks + [current] if current else chunks
+
+
+def count_tokens_of_chunk(chunk: list[list[int]]) -> int:
+    return sum(len(ids) for ids in chunk)
 
 
 def count_tokens(chunks: list[list[list[int]]]) -> int:

@@ -20,8 +20,12 @@ from serve_app.engine.scheduling import Priority
 from serve_app.engine.spec import MAX_BATCHES_IN_FLIGHT, ModelSpec
 
 
-def count_queued_tokens(items: list[tuple[list[list[int]], float]]) -> int:
-    return count_tokens([chunk for chunk, _ in items])
+# A queued chunk: its token ids, each row's model, and when it arrived.
+Queued = tuple[list[list[int]], list[str], float]
+
+
+def count_queued_tokens(items: list[Queued]) -> int:
+    return count_tokens([chunk for chunk, _, _ in items])
 
 
 # A replica being replaced (redeploy) or scaled down serves the chunks already queued at it
@@ -32,14 +36,17 @@ def count_queued_tokens(items: list[tuple[list[list[int]], float]]) -> int:
 @serve.deployment(name="Embedder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
                   graceful_shutdown_timeout_s=120)
 class Embedder:
-    def __init__(self, spec: dict):
+    def __init__(self, specs: list[dict]):
+        """The deployment's models: one, or several over one base (spec.share_base), which share
+        the deployment's settings and differ in their adapters."""
         drop_batch_size_warning()  # our batch sizes count tokens: see serve_logging
-        self.spec = ModelSpec.model_validate(spec)
+        self.specs = {spec.name: spec for spec in map(ModelSpec.model_validate, specs)}
+        self.spec = next(iter(self.specs.values()))  # the settings they share
         # Ray sets OMP_NUM_THREADS from the replica's num_cpus; match torch to it so that
         # replicas sharing a machine don't oversubscribe its cores.
         threads = max(1, self.spec.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
         torch.set_num_threads(threads)
-        self.engine = EmbeddingEngine.load(self.spec, cpu_threads=threads)
+        self.engine = EmbeddingEngine.load_models(list(self.specs.values()), cpu_threads=threads)
         # Per request class, by default one batch in flight per CPU lane: the lanes take the
         # next batch's passes while a batch's last pass, its replies and the next batch's
         # assembly finish, and two small batches (one pass each) run side by side. The engine's
@@ -62,15 +69,18 @@ class Embedder:
         # Work held by this replica (queued in the batchers or in forward passes), per class.
         self.backlog = {request_class: [0, 0] for request_class in Priority}  # tokens, chunks
         self.metrics = EmbedderMetrics()
-        self.metrics_tags = {"model": self.spec.name}
+        self.metrics_tags = {"model": "+".join(self.specs)}  # a shared base: all of its models
 
-    async def embed(self, chunk: list[list[int]], priority: str = Priority.INTERACTIVE.value) -> np.ndarray:
-        """Vectors for one chunk (whose tokens fit the batch budget), in order."""
+    async def embed(self, chunk: list[list[int]], priority: str, models: list[str]) -> np.ndarray:
+        """Vectors for one chunk (whose tokens fit the batch budget), in order; `models` names
+        each row's model, so that a batch may mix the adapters of a shared base."""
+        if len(models) != len(chunk) or not self.specs.keys() >= set(models):
+            raise ValueError(f"models must name one of {list(self.specs)} for each of the chunk's {len(chunk)} rows")
         request_class = Priority(priority)
         tokens = sum(len(ids) for ids in chunk)
         self._change_backlog(request_class, tokens, 1)
         try:
-            return await self._batchers[request_class]((chunk, time.perf_counter()))
+            return await self._batchers[request_class]((chunk, models, time.perf_counter()))
         finally:
             self._change_backlog(request_class, -tokens, -1)
 
@@ -93,24 +103,25 @@ class Embedder:
     # per class, so a query's chunk never waits in a queue behind batch-class chunks.
     @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, max_concurrent_batches=MAX_BATCHES_IN_FLIGHT,
                  batch_size_fn=count_queued_tokens)
-    async def _embed_interactive(self, items: list[tuple[list[list[int]], float]]) -> list[np.ndarray]:
+    async def _embed_interactive(self, items: list[Queued]) -> list[np.ndarray]:
         return await self._run_batch(items, Priority.INTERACTIVE)
 
     @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, max_concurrent_batches=MAX_BATCHES_IN_FLIGHT,
                  batch_size_fn=count_queued_tokens)
-    async def _embed_batch(self, items: list[tuple[list[list[int]], float]]) -> list[np.ndarray]:
+    async def _embed_batch(self, items: list[Queued]) -> list[np.ndarray]:
         return await self._run_batch(items, Priority.BATCH)
 
-    async def _run_batch(self, items: list[tuple[list[list[int]], float]], request_class: Priority) -> list[np.ndarray]:
+    async def _run_batch(self, items: list[Queued], request_class: Priority) -> list[np.ndarray]:
         async with self._slots[request_class]:
             started = time.perf_counter()
             tags = self.metrics_tags | {"priority": request_class.value}
-            for _, queued_at in items:
+            for _, _, queued_at in items:
                 self.metrics.queue_wait.observe(started - queued_at, tags)
-            chunks = [chunk for chunk, _ in items]
+            chunks = [chunk for chunk, _, _ in items]
+            models = [model for _, chunk_models, _ in items for model in chunk_models]
             # Off the event loop, so new requests keep queueing (and batches fill) while it runs.
             done = await asyncio.get_running_loop().run_in_executor(
-                self._forward_threads, self.engine.embed_counted, flatten(chunks), request_class
+                self._forward_threads, self.engine.embed_counted, flatten(chunks), request_class, models
             )
             forward_s = time.perf_counter() - started
         self.metrics.forward.observe(forward_s, self.metrics_tags)
@@ -136,8 +147,9 @@ class Embedder:
             )
             window[:] = [0.0, now]
 
-    def describe(self) -> dict:
-        resolved = self.engine.resolved
+    def describe(self, model: str) -> dict:
+        """What the Ingress needs to know of one of this deployment's models."""
+        resolved = self.engine.resolved_models[model]
         return {
             "dimensions": self.engine.dimensions,
             "max_input_tokens": resolved.max_input_tokens,

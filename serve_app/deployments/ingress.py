@@ -26,7 +26,7 @@ from serve_app.api.limits import InflightTokens, RequestLimits, check_counts, ch
 from serve_app.api.priority import BATCH, INTERACTIVE, PriorityPolicy, classify
 from serve_app.api.ratelimit import RateLimiter, RateLimits
 from serve_app.api.schemas import Inputs, parse_request
-from serve_app.deployments.chunks import count_tokens, cut_to_budget, flatten, split_rows
+from serve_app.deployments.chunks import count_tokens, count_tokens_of_chunk, cut_to_budget, flatten, split_rows
 from serve_app.deployments.metrics import IngressMetrics
 from serve_app.deployments.serve_logging import drop_batch_size_warning
 from serve_app.engine.tokenization import load_input_tokenizer, token_ids_rejected
@@ -125,14 +125,20 @@ class Ingress:
         drop_batch_size_warning()  # our batch sizes count tokens: see serve_logging
         self.specs = {m["name"]: ModelSpec.model_validate(m) for m in models}
         self.tokenizers = {name: h.options(_by_reference=True) for name, h in tokenizers.items()}
-        self.embedders = {name: h.options(_by_reference=True) for name, h in embedders.items()}
-        self.embedders_by_value = {name: h.options(_by_reference=False) for name, h in embedders.items()}
+        # Models on one base share one Embedder deployment (spec.share_base): `embedders` maps each
+        # model to its deployment's handle. One handle per deployment, so that one router sees
+        # (and balances) all of its calls; calls go per deployment, naming each row's model.
+        self.embedder_of = {name: h.deployment_name for name, h in embedders.items()}
+        deployments = {h.deployment_name: h for h in embedders.values()}
+        self.embedders = {d: h.options(_by_reference=True) for d, h in deployments.items()}
+        self.embedders_by_value = {d: h.options(_by_reference=False) for d, h in deployments.items()}
         self.limits = RequestLimits.model_validate(limits)
         self.inflight = InflightTokens(self.limits.max_inflight_tokens, self.limits.interactive_reserve_tokens)
         self.priority = PriorityPolicy.model_validate(priority)
         cache_bytes = CacheConfig.model_validate(cache).max_bytes
         self.cache = VectorCache(cache_bytes) if cache_bytes else None
-        # Everything that changes a model's vectors (source, revision, adapter, pooling, dtype, ...).
+        # Everything that changes a model's vectors (source, revision, adapter, pooling, dtype, ...):
+        # models that share an Embedder (one base, several adapters) never share cache entries.
         self.fingerprints = {name: spec.model_dump_json() for name, spec in self.specs.items()}
         self.auth = Authenticator(AuthConfig.model_validate(auth))
         self.rate = RateLimiter(RateLimits.model_validate(rate_limits), known_keys=self.auth.names)
@@ -143,7 +149,8 @@ class Ingress:
         self._described: dict[str, dict] = {}
         # Tokenizer files only (no weights): small requests are tokenized here.
         self.local_tokenizers = {name: load_input_tokenizer(spec) for name, spec in self.specs.items()}
-        budget = min(spec.max_batch_tokens for spec in self.specs.values())
+        # The largest budget: _call_coalesced cuts each deployment's share to its own.
+        budget = max(spec.max_batch_tokens for spec in self.specs.values())
         for coalesce in (self._coalesce_interactive, self._coalesce_batch):
             coalesce.set_max_batch_size(budget)
             coalesce.set_batch_wait_timeout_s(COALESCE_WAIT_S)
@@ -360,7 +367,7 @@ class Ingress:
     async def health(self) -> Response:
         """Ready only when every tokenizer and embedder has loaded its model and answers."""
         checks = [h.ready.remote() for h in self.tokenizers.values()]
-        checks += [self._describe(name) for name in self.embedders]
+        checks += [self._describe(name) for name in self.specs]
         try:
             await asyncio.wait_for(asyncio.gather(*checks), HEALTH_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 — any failure means "not ready"
@@ -388,7 +395,7 @@ class Ingress:
 
     async def _describe(self, name: str) -> dict:
         if name not in self._described:
-            self._described[name] = await self.embedders[name].describe.remote()
+            self._described[name] = await self.embedders[self.embedder_of[name]].describe.remote(name)
         return self._described[name]
 
     async def _tokenize(self, spec: ModelSpec, work: "Work", provisional_class: str) -> list[list[int]]:
@@ -438,7 +445,7 @@ class Ingress:
         parts = await asyncio.gather(*(coalesce((name, chunk)) for chunk in chunks))
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    # Chunks of concurrent requests are coalesced into one Embedder call per model: each Serve
+    # Chunks of concurrent requests are coalesced into one call per Embedder deployment: each Serve
     # call costs a millisecond or more of CPU on both sides, and under many small concurrent
     # requests this turns N calls into one. Each class coalesces apart, so a query's chunk is
     # never merged into (and never waits for) a batch-class call.
@@ -453,29 +460,47 @@ class Ingress:
         return await self._call_coalesced(items, BATCH)
 
     async def _call_coalesced(self, items: list[tuple[str, list[list[int]]]], request_class: str) -> list[np.ndarray]:
-        """One Embedder call per model for all chunks that arrived together, split back after."""
-        by_model: dict[str, list[int]] = {}
-        for position, (name, _) in enumerate(items):
-            by_model.setdefault(name, []).append(position)
-        chunks_by_model = {name: [items[p][1] for p in positions] for name, positions in by_model.items()}
-        calls = [self._call_embedder(name, flatten(chunks), request_class) for name, chunks in chunks_by_model.items()]
+        """One call per Embedder deployment for all chunks that arrived together (of any of its
+        models: each row names its own), split back after. A deployment whose batch budget is
+        below the coalescer's (the largest of all models) gets as many calls as fit its budget."""
+        by_call: list[list[int]] = []
+        for positions in self._group_by_deployment(items).values():
+            budget = self.specs[items[positions[0]][0]].max_batch_tokens  # shared within a deployment
+            calls = cut_to_budget([items[p][1] for p in positions], budget, size=count_tokens_of_chunk)
+            start = 0
+            for call in calls:
+                by_call.append(positions[start : start + len(call)])
+                start += len(call)
+        calls = []
+        for positions in by_call:
+            chunks = [items[p][1] for p in positions]
+            models = [items[p][0] for p in positions for _ in items[p][1]]
+            calls.append(self._call_embedder(self.embedder_of[items[positions[0]][0]], flatten(chunks), models, request_class))
         results: list[np.ndarray] = [None] * len(items)  # type: ignore[list-item]
-        for positions, chunks, vectors in zip(by_model.values(), chunks_by_model.values(), await self._gather(calls)):
-            for p, part in zip(positions, split_rows(vectors, chunks)):
+        for positions, vectors in zip(by_call, await self._gather(calls)):
+            for p, part in zip(positions, split_rows(vectors, [items[p][1] for p in positions])):
                 results[p] = part
         return results
 
-    async def _call_embedder(self, name: str, sequences: list[list[int]], request_class: str) -> np.ndarray:
+    def _group_by_deployment(self, items: list[tuple[str, list[list[int]]]]) -> dict[str, list[int]]:
+        by_deployment: dict[str, list[int]] = {}
+        for position, (name, _) in enumerate(items):
+            by_deployment.setdefault(self.embedder_of[name], []).append(position)
+        return by_deployment
+
+    async def _call_embedder(self, deployment: str, sequences: list[list[int]], models: list[str],
+                             request_class: str) -> np.ndarray:
         """Embedding is idempotent: if the replica dies mid-batch, retry once on another."""
-        # Bounds: a token id pickles to at most 8 bytes; the result is float32 rows.
-        dims = (await self._describe(name))["dimensions"]
-        size = 8 * sum(map(len, sequences)) + 4 * len(sequences) * dims
-        handle = (self.embedders_by_value if size <= BY_VALUE_MAX_BYTES else self.embedders)[name]
+        # Bounds: a token id pickles to at most 8 bytes, a row's model name (the same few
+        # strings, which pickle memoizes) to 8; the result is float32 rows.
+        dims = (await self._describe(models[0]))["dimensions"]
+        size = 8 * sum(map(len, sequences)) + (8 + 4 * dims) * len(sequences)
+        handle = (self.embedders_by_value if size <= BY_VALUE_MAX_BYTES else self.embedders)[deployment]
         try:
-            return await handle.embed.remote(sequences, request_class)
+            return await handle.embed.remote(sequences, request_class, models)
         except (RayActorError, ActorUnavailableError) as exc:
             logger.warning("Embedder replica lost (%s); retrying the chunk once", type(exc).__name__)
-            return await handle.embed.remote(sequences, request_class)
+            return await handle.embed.remote(sequences, request_class, models)
 
     @staticmethod
     async def _gather(calls) -> list:

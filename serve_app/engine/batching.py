@@ -93,3 +93,16 @@ def plan_packed_passes(lengths: list[int], max_tokens: int, max_rows: int = 512)
         current.append(row)
     passes.append(PackedPass([rows[r] for r in current], fill[current[0]]))
     return passes
+
+
+def plan_per_group(planner, lengths: list[int], max_tokens: int, groups: list[list[int]]) -> list[MicroBatch | PackedPass]:
+    """`planner`'s passes for each group of positions on its own, so that no pass mixes groups
+    (e.g. sequences of different adapters), numbered as positions in `lengths`."""
+    passes: list[MicroBatch | PackedPass] = []
+    for group in groups:
+        for p in planner([lengths[i] for i in group], max_tokens):
+            if isinstance(p, PackedPass):
+                passes.append(PackedPass([[group[i] for i in row] for row in p.rows], p.width))
+            else:
+                passes.append(MicroBatch([group[i] for i in p.indices], p.width))
+    return passes

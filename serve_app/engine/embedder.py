@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
 
-from .batching import MicroBatch, PackedPass, padding_ratio, plan_micro_batches, plan_packed_passes
+from .adapters import RowAdapters, adapter_names, load_adapters
+from .batching import MicroBatch, PackedPass, padding_ratio, plan_micro_batches, plan_packed_passes, plan_per_group
 from .host_memory import HostMemoryTrimmer
 from .loading import load_model, load_tokenizer, resolve_spec
 from .scheduling import PassScheduler, Priority
 from .packing import pack_inputs_and_spans, pool_packed, supports_packing
 from .quantization import check_fp8_supported, quantize_fp8
-from .spec import ModelSpec, dtype_name
+from .spec import ModelSpec, check_shareable, dtype_name, merges_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,11 @@ GPU_BATCH_PASS_TOKENS = 4096
 # stay at padded passes, the only layout measured so far, until `python -m bench.cpu_engine`
 # (CPU) and `bench/gpu_engine.py` (GPU) have run on quiet machines: they print which wins.
 DEFAULT_PACK_ABOVE_PADDING = {"cpu": 1.0, "cuda": 1.0}
+# With several adapters over one base, a padded pass takes rows of any adapters (PEFT applies
+# each row's own), rather than one pass per adapter; packed passes always keep one adapter per
+# row, since PEFT picks adapters per row. Measured by `python -m bench.cpu_adapters` (CPU) and
+# bench/gpu_engine.py's LoRA rows (GPU).
+MIX_ADAPTERS_IN_PASSES = True
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -91,8 +99,14 @@ class EmbeddingEngine:
         batch_pass_tokens: int | None = None,
         batch_share: float = 0.25,
         pack_above_padding: float = 1.0,
+        adapters: Mapping[str, str] | None = None,
     ):
         self.model = model.eval()
+        # Several models over one base (a PeftModel with their LoRA adapters unmerged): each
+        # model's adapter name (adapters.BASE: the bare base); every call names each row's model.
+        self.adapters = dict(adapters) if adapters else None
+        self._row_adapters = RowAdapters(self.model) if adapters else None
+        self.mix_adapters = MIX_ADAPTERS_IN_PASSES
         self.cpu_threads = cpu_threads or torch.get_num_threads()
         # A GPU runs one pass at a time (the host only queues work); CPU cores split into lanes.
         self.lanes = 1 if device != "cpu" else max(1, min(cpu_lanes or self.cpu_threads, self.cpu_threads))
@@ -117,16 +131,33 @@ class EmbeddingEngine:
         self._previous_pass_done = None  # GPU: completion event of the pass launched before
         lane_setup = (lambda: torch.set_num_threads(self.threads_per_lane)) if device == "cpu" else None
         self._scheduler = PassScheduler(self.lanes, batch_share, lane_setup)
-        self.resolved = None  # what load() decided from the model's files, when it loaded them
+        # What load() decided from the models' files, when it loaded them: per model, and the first's.
+        self.resolved_models = {}
+        self.resolved = None
 
     @classmethod
     def load(cls, spec: ModelSpec, cpu_threads: int | None = None) -> "EmbeddingEngine":
+        return cls.load_models([spec], cpu_threads)
+
+    @classmethod
+    def load_models(cls, specs: Sequence[ModelSpec], cpu_threads: int | None = None) -> "EmbeddingEngine":
+        """One model, or several over one base (spec.share_base): the base loads once, and the
+        models' adapters stay unmerged beside it. A lone model's adapter is merged into the
+        weights unless it says merge_adapter: false (spec.merges_adapter)."""
+        specs = list(specs)
+        check_shareable(specs)
+        spec = specs[0]  # the settings all of them share
         device = pick_device(spec.device)
         if spec.quantization == "fp8":
             check_fp8_supported(spec.name, device)  # before minutes of loading weights
         tokenizer = load_tokenizer(spec)
-        resolved = resolve_spec(spec, tokenizer)
-        model = load_model(resolved, device, pick_dtype(spec.dtype, device))
+        resolved = {s.name: resolve_spec(s, tokenizer) for s in specs}
+        merge = merges_adapter(specs)
+        model = load_model(resolved[spec.name], device, pick_dtype(spec.dtype, device), merge_adapter=merge)
+        names = adapter_names(specs)
+        unmerged = not merge and any(s.adapter for s in specs)
+        if unmerged:
+            model = load_adapters(model, specs, names).to(device)
         if spec.quantization == "fp8":
             quantize_fp8(model)
         on_gpu = device.startswith("cuda")
@@ -135,26 +166,35 @@ class EmbeddingEngine:
         )
         batch_pass = spec.batch_pass_tokens or min(micro, GPU_BATCH_PASS_TOKENS if on_gpu else micro)
         engine = cls(
-            model, device, resolved.pooling, spec.normalize, micro, cpu_threads, spec.cpu_lanes,
+            model, device, resolved[spec.name].pooling, spec.normalize, micro, cpu_threads, spec.cpu_lanes,
             batch_pass, spec.batch_share, choose_pack_above_padding(spec, model, device),
+            names if unmerged else None,
         )
-        engine.resolved = resolved
+        engine.resolved_models = resolved
+        engine.resolved = resolved[spec.name]
         return engine
 
-    def embed(self, sequences: list[list[int]], priority: Priority = Priority.BATCH) -> np.ndarray:
+    def embed(self, sequences: list[list[int]], priority: Priority = Priority.BATCH,
+              models: Sequence[str] | None = None) -> np.ndarray:
         """One float32 row per sequence, in the order given."""
-        return self.embed_counted(sequences, priority).vectors
+        return self.embed_counted(sequences, priority, models).vectors
 
-    def embed_counted(self, sequences: list[list[int]], priority: Priority = Priority.BATCH) -> Embedded:
-        """The vectors, with the real and padded token counts of the passes that made them."""
+    def embed_counted(self, sequences: list[list[int]], priority: Priority = Priority.BATCH,
+                      models: Sequence[str] | None = None) -> Embedded:
+        """The vectors, with the real and padded token counts of the passes that made them.
+
+        `models`: each sequence's model, needed (and read) only by an engine of several adapters.
+        """
         lengths = [len(ids) for ids in sequences]
-        plan = self._plan(lengths, self.pass_tokens[priority])
+        adapters = self._row_adapter_names(models, len(sequences))
+        plan = self._plan(lengths, self.pass_tokens[priority], adapters)
         # Biggest first, so that the lanes finish together. A batch under one pass's budget
         # stays one pass on one lane: split across lanes, small batches cost more CPU per
         # text, and on served search such a split did not win consistently in A/B rounds.
         plan.sort(key=lambda batch: batch.padded_tokens, reverse=True)
         running = [
-            self._scheduler.submit(priority, partial(self._run_pass, batch, [sequences[i] for i in batch.indices]))
+            self._scheduler.submit(priority, partial(self._run_pass, batch, [sequences[i] for i in batch.indices],
+                                                     _pass_adapters(batch, adapters)))
             for batch in plan
         ]
         out = np.empty((len(sequences), self.dimensions), dtype=np.float32)
@@ -171,14 +211,28 @@ class EmbeddingEngine:
 
         One full pass per lane and pass size: a batch under one pass's budget reaches one lane.
         """
+        models = list(self.adapters or [None])
         for priority, tokens in self.pass_tokens.items():
             width = min(16, tokens)
-            rows_per_pass = tokens // width if self.lanes > 1 else 1
-            self.embed([[0] * width] * (rows_per_pass * self.lanes), priority)
+            n = (tokens // width if self.lanes > 1 else 1) * self.lanes
+            # Rows of every adapter, so that each one's layers have run too.
+            self.embed([[0] * width] * n, priority, [models[k % len(models)] for k in range(n)])
 
-    def _run_pass(self, batch: MicroBatch | PackedPass, rows: list[list[int]]):
+    def _row_adapter_names(self, models: Sequence[str] | None, n: int) -> list[str] | None:
+        """Each row's adapter name, for an engine of several adapters (else None)."""
+        if self._row_adapters is None:
+            return None
+        if models is None or len(models) != n:
+            raise ValueError(f"this engine serves {sorted(self.adapters)}: name the model of each of the {n} rows")
+        try:
+            return [self.adapters[model] for model in models]
+        except KeyError as exc:
+            raise ValueError(f"model {exc.args[0]!r} is not one of this engine's {sorted(self.adapters)}") from None
+
+    def _run_pass(self, batch: MicroBatch | PackedPass, rows: list[list[int]], adapters: list[str] | None):
         """One pass, on a lane: its rows on the host, and (GPU) the event that says they are there."""
-        pooled = self._forward(batch, rows)
+        with self._row_adapters.rows(adapters) if adapters is not None else nullcontext():
+            pooled = self._forward(batch, rows)
         if not self.pin_memory:
             return pooled, None
         host = torch.empty(pooled.shape, dtype=pooled.dtype, pin_memory=True)
@@ -195,15 +249,26 @@ class EmbeddingEngine:
 
     # ---- the hook a pass scheduler calls: plan a call's passes, then run each ----------------
 
-    def _plan(self, lengths: list[int], max_tokens: int | None = None) -> list[MicroBatch | PackedPass]:
+    def _plan(self, lengths: list[int], max_tokens: int | None = None,
+              adapters: list[str] | None = None) -> list[MicroBatch | PackedPass]:
         """Passes of at most `max_tokens` (default: the interactive pass size) for sequences of
         these lengths: sorted padded micro-batches, or packed passes when the padded ones would
-        waste more than `pack_above_padding` of their tokens."""
+        waste more than `pack_above_padding` of their tokens. With each sequence's `adapters`, a
+        packed row (and, unless mix_adapters, a padded pass) holds one adapter's sequences only."""
         max_tokens = max_tokens or self.micro_batch_tokens
-        padded = plan_micro_batches(lengths, max_tokens)
+        groups = None
+        if adapters is not None:
+            positions: dict[str, list[int]] = {}
+            for i, name in enumerate(adapters):
+                positions.setdefault(name, []).append(i)
+            groups = list(positions.values()) if len(positions) > 1 else None
+        padded = plan_micro_batches(lengths, max_tokens) if groups is None or self.mix_adapters else (
+            plan_per_group(plan_micro_batches, lengths, max_tokens, groups))
         if self.pack_above_padding >= 1.0 or padding_ratio(lengths, padded) <= self.pack_above_padding:
             return padded
-        return plan_packed_passes(lengths, max_tokens)
+        if groups is None:
+            return plan_packed_passes(lengths, max_tokens)
+        return plan_per_group(plan_packed_passes, lengths, max_tokens, groups)
 
     @torch.inference_mode()  # per thread: lanes need it too
     def _forward(self, batch: MicroBatch | PackedPass, rows: list[list[int]]) -> torch.Tensor:
@@ -239,6 +304,15 @@ class EmbeddingEngine:
 
     def _normalized(self, pooled: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
+
+
+def _pass_adapters(batch: MicroBatch | PackedPass, adapters: list[str] | None) -> list[str] | None:
+    """The adapter of each row of a pass (a packed row's sequences share one)."""
+    if adapters is None:
+        return None
+    if isinstance(batch, PackedPass):
+        return [adapters[row[0]] for row in batch.rows]
+    return [adapters[i] for i in batch.indices]
 
 
 def choose_pack_above_padding(spec: ModelSpec, model, device: str) -> float:

@@ -117,15 +117,16 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def load_model(resolved: ResolvedSpec, device: str, dtype):
-    """The encoder (no LM head), with any LoRA adapter merged into its weights."""
+def load_model(resolved: ResolvedSpec, device: str, dtype, merge_adapter: bool = True):
+    """The encoder (no LM head); with `merge_adapter`, its spec's LoRA adapter (if any) merged
+    into the weights (for adapters kept apart, see adapters.py)."""
     from transformers import AutoModel
 
     spec = resolved.spec
     model = AutoModel.from_pretrained(
         resolved.path, revision=spec.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code
     )
-    if spec.adapter:
+    if merge_adapter and spec.adapter:
         from peft import PeftModel
 
         adapter = resolve_source(spec.adapter)

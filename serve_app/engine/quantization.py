@@ -55,11 +55,19 @@ def check_fp8_supported(model_name: str, device: str) -> None:
 
 
 def quantize_fp8(model: torch.nn.Module, granularity: str = "row") -> torch.nn.Module:
-    """Quantize every nn.Linear of `model` in place (embeddings and norms stay as they are)."""
+    """Quantize every nn.Linear of `model` in place (embeddings and norms stay as they are).
+
+    Unmerged LoRA adapters (adapters.py) keep their low-rank matrices in the model's dtype: they
+    are a small share of the work, and a rank such as 8 is below the 16 that FP8 matmuls need.
+    """
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
     scale = PerRow() if granularity == "row" else PerTensor()
-    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=scale))
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=scale), filter_fn=_base_linear)
     return model
+
+
+def _base_linear(module: torch.nn.Module, name: str) -> bool:
+    return isinstance(module, torch.nn.Linear) and ".lora_" not in f".{name}"

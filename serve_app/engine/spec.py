@@ -25,9 +25,19 @@ class ModelSpec(BaseModel):
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
     adapter: str | None = Field(
-        default=None, description="PEFT LoRA adapter (hub id, directory or package:), merged at load."
+        default=None,
+        description="PEFT LoRA adapter (hub id, directory or package:). Models that name the same "
+        "source and revision share one Embedder deployment, which loads the base once and keeps "
+        "their adapters unmerged (see merge_adapter).",
     )
     adapter_revision: str | None = None
+    merge_adapter: bool | None = Field(
+        default=None,
+        description="true: merge the adapter into the weights at load, in an Embedder deployment "
+        "of this model's own (nothing extra per pass, one more copy of the base); false: keep it "
+        "unmerged (LoRA's low-rank products run beside every linear layer of each pass). "
+        "Default: merged when no other model names this base, else unmerged on the shared base.",
+    )
     pooling: Pooling | None = Field(
         default=None,
         description="Default: the model's sentence-transformers Pooling config, else last_token.",
@@ -171,6 +181,12 @@ class ModelSpec(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _merge_needs_an_adapter(self) -> "ModelSpec":
+        if self.merge_adapter is not None and self.adapter is None:
+            raise ValueError("merge_adapter is set, but the model has no adapter")
+        return self
+
+    @model_validator(mode="after")
     def _fp8_computes_in_bfloat16(self) -> "ModelSpec":
         if self.quantization == "fp8" and self.dtype not in ("auto", "bfloat16"):
             raise ValueError(
@@ -185,6 +201,52 @@ def dtype_name(requested: str, device: str) -> str:
     if requested == "auto":
         return "bfloat16" if device.startswith("cuda") else "float32"
     return requested
+
+
+# What one loaded base and its Embedder deployment are: models that share a base must agree on
+# these (the rest, such as adapter, max_input_tokens or query_instruction, is each model's own).
+SHARED_FIELDS = (
+    "source", "revision", "trust_remote_code", "dtype", "device", "quantization", "pooling", "normalize",
+    "max_batch_tokens", "micro_batch_tokens", "pack_above_padding", "batch_wait_timeout_s",
+    "busy_batch_wait_timeout_s", "batch_pass_tokens", "batch_share", "cpu_threads", "cpu_lanes",
+    "batches_in_flight",
+)
+
+
+def share_base(models: list[ModelSpec]) -> list[list[ModelSpec]]:
+    """The models of each Embedder deployment, in config order: those that name the same source
+    and revision share one (one base in memory, their adapters unmerged), except a model with
+    `merge_adapter: true`, which gets one of its own. Raises if models on one base disagree on
+    a setting of the base's deployment (SHARED_FIELDS)."""
+    groups: dict[tuple, list[ModelSpec]] = {}
+    for spec in models:
+        key = (spec.name,) if spec.merge_adapter else (spec.source, spec.revision)
+        groups.setdefault(key, []).append(spec)
+    for group in groups.values():
+        check_shareable(group)
+    return list(groups.values())
+
+
+def check_shareable(models: list[ModelSpec]) -> None:
+    """Raise unless these models can be one Embedder deployment over one base."""
+    first = models[0]
+    for spec in models[1:]:
+        differ = [f for f in SHARED_FIELDS if getattr(spec, f) != getattr(first, f)]
+        if differ:
+            raise ValueError(
+                f"models {first.name!r} and {spec.name!r} share a base ({first.source}), so they share one "
+                f"Embedder deployment, but set {', '.join(differ)} differently; set them alike, or give a "
+                "model with an adapter merge_adapter: true for a deployment of its own"
+            )
+    merged = [spec.name for spec in models if spec.merge_adapter]
+    if merged and len(models) > 1:
+        raise ValueError(f"model(s) {merged}: merge_adapter: true cannot share a base with other models")
+
+
+def merges_adapter(models: list[ModelSpec]) -> bool:
+    """Whether a deployment of these models merges its adapter into the weights: one model with
+    an adapter, unless it says merge_adapter: false."""
+    return len(models) == 1 and models[0].adapter is not None and models[0].merge_adapter is not False
 
 
 def format_query(task: str, text: str) -> str:
