@@ -160,18 +160,19 @@ async def run_load(
         if bar is not None:
             bar.update(1)
 
-    def next_index() -> int | None:
+    def next_index(now: float) -> int | None:
+        """The next request's index, or None once the count is reached or `now` is past the deadline."""
         nonlocal issued, stopped_by
         if issued >= max_requests or (arrivals is not None and issued >= len(arrivals)):
             return None
-        if time.perf_counter() >= deadline:
+        if now >= deadline:
             stopped_by = "duration"
             return None
         issued += 1
         return index_offset + issued - 1
 
     async def client_loop(cid: int, client: httpx.AsyncClient) -> None:
-        while (index := next_index()) is not None:
+        while (index := next_index(time.perf_counter())) is not None:
             await send(client, cid, index, time.perf_counter())
 
     async def dispatcher(client: httpx.AsyncClient) -> None:
@@ -186,9 +187,9 @@ async def run_load(
         k = 0
         while True:
             due = start + arrivals[min(k, len(arrivals) - 1)]
-            await asyncio.sleep(max(0.0, min(due, deadline) - time.perf_counter()))
-            if (index := next_index()) is None:
+            if (index := next_index(due)) is None:  # a request due before the deadline is sent, even late
                 break
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
             await slots.acquire()
             task = asyncio.create_task(one(k, index, due))
             tasks.add(task)
@@ -339,8 +340,9 @@ def format_summary(s: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from bench import workloads
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="base URL (…/v1 for our service, http://host:port for Infinity)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000/v1",
+                   help="base URL (…/v1 for our service, http://host:port for Infinity)")
     p.add_argument("--model", default="all-MiniLM-L6-v2")
     p.add_argument("--workload", choices=sorted(workloads.WORKLOADS), default="search")
     p.add_argument("--seed", type=int, default=0)
