@@ -1,6 +1,6 @@
 """Autoscaling on the token backlog, end to end on a 3-node Ray cluster on this machine.
 
-    python -m bench.autoscaling_scenario            # ~2-3 min; writes bench/results/autoscaling.{png,md,json}
+    python -m bench.autoscaling_scenario            # ~4 min; writes bench/results/autoscaling.{png,md,json}
     python -m bench.autoscaling_scenario --quick    # shorter phases (smoke run)
 
 An SFR-like Mistral (tests/tiny_models.py's tokenizer, hidden 384 / 4 layers: slow enough on
@@ -178,9 +178,11 @@ async def drive(opts, url: str, controller, node_names, requests: list[Request],
                             max_requests=len(requests), max_duration_s=load_end, arrivals=schedule,
                             timeout_s=opts.request_timeout_s, validate=checked(opts.shape.hidden, tokens), t0=t0,
                             progress=False)
-    # The idle tail: until its scheduled end, or until one replica is left and stays so for 5 s.
-    drained, total = time.perf_counter() - t0, sum(p.duration_s for p in opts.phases)
-    while time.perf_counter() - t0 < total:
+    # The idle tail: a whole idle phase after the last response at least (a late load drains past
+    # its schedule), ended early once one replica is left and stays so for 5 s.
+    drained = time.perf_counter() - t0
+    tail_end = max(sum(p.duration_s for p in opts.phases), drained + opts.phases[-1].duration_s)
+    while time.perf_counter() - t0 < tail_end:
         after = [s for s in samples if s["t"] > drained][-10:]
         if len(after) == 10 and all(s["running_replicas"] == 1 and s["target_replicas"] == 1 for s in after):
             break
@@ -318,7 +320,7 @@ def parse_args(argv=None):
     p.add_argument("--max-in-flight", type=int, default=48)
     p.add_argument("--max-requests", type=int, default=1500)
     p.add_argument("--request-timeout-s", type=float, default=60.0)
-    p.add_argument("--max-wall-s", type=float, default=360.0)
+    p.add_argument("--max-wall-s", type=float, default=480.0)
     p.add_argument("--out", default=str(harness.RESULTS / "autoscaling"), help="path prefix of .png/.md/.json")
     opts = p.parse_args(argv)
     opts.shape, opts.texts_per_request, opts.min_words, opts.max_words = ModelShape(), 4, 60, 140
