@@ -109,16 +109,22 @@ def serve_config(port: int, model_dir: Path, embedder: dict, max_batch_tokens: i
     }
 
 
-def checked(dims: int, tokens: list[int], refs: list[np.ndarray] | None = None, atol: float = 1e-4):
+def checked(dims: int, tokens: list[int], refs: list[np.ndarray] | None = None, atol: float = 1e-4,
+            worst: dict | None = None):
     """A `validate` for loadgen: every vector `dims` wide and unit length (or within `atol` of
-    its reference), and usage equal to the request's token count."""
+    its reference; the largest difference seen goes to `worst["max_abs_diff"]`), and usage equal
+    to the request's token count."""
 
     def validate(index: int, payload: dict) -> str | None:
         got = vectors(payload)
         if got.shape[1] != dims:
             return "wrong_shape"
-        if refs is not None and float(np.max(np.abs(got - refs[index]))) > atol:
-            return "wrong_vector"
+        if refs is not None:
+            diff = float(np.max(np.abs(got - refs[index])))
+            if worst is not None:
+                worst["max_abs_diff"] = max(diff, worst.get("max_abs_diff", 0.0))
+            if diff > atol:
+                return "wrong_vector"
         if not np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4):
             return "not_normalized"
         return None if payload["usage"]["prompt_tokens"] == tokens[index] else "wrong_usage"

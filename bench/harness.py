@@ -334,7 +334,7 @@ def md_figures(figures: dict) -> list[str]:
         if isinstance(v, dict) and "p50_s" in v:
             return " / ".join(f"{k[:-2]} {ms(v[k])}" for k in ("p50_s", "p99_s", "max_s")) + f" ms (n={v['n']})"
         if isinstance(v, float):
-            return round(v) if abs(v) >= 1000 or v.is_integer() else round(v, 3)
+            return round(v) if abs(v) >= 1000 or v.is_integer() else f"{v:.2e}" if abs(v) < 0.01 else round(v, 3)
         return v
 
     return md_table(["figure", "value"], [[k.replace("_", " "), cell(v)] for k, v in figures.items()])

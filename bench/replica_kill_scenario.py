@@ -36,7 +36,7 @@ MAX_ABS_DIFF = 1e-4
 async def drive(opts, url: str, controller, names, requests: list[Request], tokens, refs) -> dict:
     import ray
 
-    t0, stop, timeline, kill = time.perf_counter(), asyncio.Event(), [], {}
+    t0, stop, timeline, kill, worst = time.perf_counter(), asyncio.Event(), [], {}, {}
 
     def look() -> dict:
         return {"running": [(r["replica_id"], names.get(r["node_id"], r["node_id"]), r["actor_name"])
@@ -57,7 +57,7 @@ async def drive(opts, url: str, controller, names, requests: list[Request], toke
     result, _ = await asyncio.gather(
         run_load(url + "/v1", MODEL, requests.__getitem__, concurrency=opts.clients, max_requests=len(requests),
                  max_duration_s=opts.duration_s, timeout_s=opts.request_timeout_s, t0=t0, progress=False,
-                 validate=checked(opts.shape.hidden, tokens, refs, MAX_ABS_DIFF)),
+                 validate=checked(opts.shape.hidden, tokens, refs, MAX_ABS_DIFF, worst)),
         killer())
     give_up = time.perf_counter() + opts.replace_timeout_s  # watch until the replacement is RUNNING (bounded)
     while time.perf_counter() < give_up and not (timeline and replaced(timeline[-1])):
@@ -69,7 +69,7 @@ async def drive(opts, url: str, controller, names, requests: list[Request], toke
     gone = (s["t"] for s in after if all(rid != kill.get("replica_id") for rid, _, _ in s["running"]))
     kill["t_victim_gone_s"] = next(gone, None)
     kill["t_two_running_again_s"] = next((s["t"] for s in after if replaced(s)), None)
-    return {"result": result, "kill": kill, "timeline": timeline}
+    return {"result": result, "kill": kill, "timeline": timeline, **worst}
 
 
 def analyse(run: dict, opts, logs_dir: str) -> dict:
@@ -85,6 +85,7 @@ def analyse(run: dict, opts, logs_dir: str) -> dict:
         "requests_answered": len(records), "requests_ok_and_correct": sum(r.ok for r in records),
         "requests_failed": len(failed), "failures_by_kind": sorted({f"{r['status']}:{r['error']}" for r in failed}),
         "vectors_compared_with_their_references": sum(r.n_texts for r in records if r.ok),
+        "max_abs_diff_vs_reference": run.get("max_abs_diff"),
         "killed": f"`{kill.get('actor_name')}` on {kill.get('node')}", "killed_at_s": t_kill,
         "requests_spanning_the_kill": len(spanning), "of_those_ok": sum(r.ok for r in spanning),
         "ingress_chunk_retries_logged": retries, "victim_gone_from_running_at_s": kill.get("t_victim_gone_s"),
