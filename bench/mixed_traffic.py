@@ -125,7 +125,8 @@ def measure(opts, name: str, system, model: str, queries, bulk, bulk_extra: dict
         entry["classes"] = {c: latency_stats([r.latency_s for r in records if r.ok and r.tag == c]) for c in CLASSES}
         entry["bulk"], entry["queries"] = summarize(bulk_result), summarize(query_result)
         entry["records"] = [{"class": r.tag, "t": round(r.start_s, 3), "latency_s": round(r.latency_s, 4),
-                             "status": r.status, "error": r.error} for r in records]
+                             "send_delay_s": round(r.send_delay_s, 4), "status": r.status, "error": r.error}
+                            for r in records]
         c = entry["classes"]
         harness.log(f"{name}: unique p99 {harness.ms(c['unique']['p99_s'])} ms, repeated p50 "
                     f"{harness.ms(c['repeated']['p50_s'])} ms, bulk {entry['bulk']['texts_per_s'] or 0:.1f} texts/s")
@@ -241,7 +242,8 @@ def parse_args(argv=None):
     p.add_argument("--pool", type=int, default=20, help="queries in the pool of repeated ones")
     p.add_argument("--bulk-clients", type=int, default=8)
     p.add_argument("--max-bulk-requests", type=int, default=400)
-    p.add_argument("--max-in-flight", type=int, default=64, help="queries in flight at most")
+    p.add_argument("--max-in-flight", type=int, default=256,
+                   help="queries in flight at most (default: more than a run sends, so none waits at the client)")
     p.add_argument("--request-timeout-s", type=float, default=120.0)
     p.add_argument("--metrics-settle-s", type=float, default=15.0, help="wait for Ray's metrics export (every 10 s)")
     p.add_argument("--seed", type=int, default=0)
