@@ -1,16 +1,20 @@
-"""Closed-loop load generator for OpenAI-compatible `/embeddings` endpoints (asyncio + httpx).
+"""Load generator for OpenAI-compatible `/embeddings` endpoints (asyncio + httpx).
 
-N clients each send requests back to back (the next as soon as the previous answered) until
-a request count or a duration runs out, whichever comes first; requests in flight at the
-deadline are awaited (each bounded by `timeout_s`). Every request is recorded: latency, texts,
-tokens from the response's `usage`, and the HTTP status or the exception that failed it.
+Closed loop (default): N clients each send requests back to back (the next as soon as the
+previous answered). Open loop (`arrivals`): request k is sent at its scheduled time whatever
+the earlier ones are doing (at most N in flight), and its latency counts from that time, so a
+slow server cannot hide its queue by slowing the client down (no coordinated omission). Either
+stops when a request count or a duration runs out; requests in flight then are awaited (each
+bounded by `timeout_s`). Every request is recorded: latency, texts, tokens from the response's
+`usage`, and the HTTP status or the exception or failed check that failed it.
 
-Function API (reused by other benchmarks):
+Function API (reused by the other benchmarks):
 
-    from bench.loadgen import run_load_sync, summarize
+    from bench.loadgen import run_load_sync, summarize, arrivals
     from bench import workloads
     result = run_load_sync("http://127.0.0.1:8000/v1", "all-MiniLM-L6-v2",
                            workloads.search(), concurrency=32, max_requests=2000, max_duration_s=20)
+    result = run_load_sync(..., arrivals=arrivals(lambda t: 4.0, 60), ...)  # 4 requests/s, open loop
     print(summarize(result))
 
 `source` is any callable `index -> Request` (see bench/workloads.py) or `index -> list[str]`.
@@ -19,12 +23,14 @@ CLI (targets 127.0.0.1 by default; bounded by --requests and --duration):
 
     python -m bench.loadgen --workload search --duration 20 --requests 2000
     python -m bench.loadgen --url http://127.0.0.1:7997 --workload bulk --concurrency 8 --json out.json
+    python -m bench.loadgen --workload search --rate 4 --duration 30   # open loop, 4 requests/s
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import sys
 import time
@@ -33,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import httpx
+import numpy as np
 
 try:
     import orjson
@@ -43,7 +50,7 @@ except ImportError:  # pragma: no cover - orjson is a dependency of the service
     _loads = json.loads
 
 try:
-    from tqdm import tqdm
+    from tqdm import tqdm  # progress bars: pip install -e '.[bench]'
 except ImportError:  # pragma: no cover
     tqdm = None
 
@@ -53,12 +60,13 @@ class RequestRecord:
     index: int  # position in the workload's request stream
     tag: str  # the request's kind (e.g. "search", "bulk")
     client: int
-    start_s: float  # since the run started
-    latency_s: float
+    start_s: float  # since the run started (open loop: when it was due)
+    latency_s: float  # from start_s to the response
     n_texts: int
     status: int  # HTTP status; 0 when no response (connection error, timeout)
     error: str | None = None  # error code from the body, or the exception's class name
     usage_tokens: int | None = None  # response usage.prompt_tokens
+    send_delay_s: float = 0.0  # open loop: sent this long after it was due (waiting for a slot)
 
     @property
     def ok(self) -> bool:
@@ -76,12 +84,6 @@ class LoadResult:
     stopped_by: str  # "requests", "duration" or "interrupted"
     records: list[RequestRecord] = field(default_factory=list)
     label: str = ""
-
-    def to_dict(self, with_records: bool = False) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "records"}
-        if with_records:
-            d["records"] = [asdict(r) for r in self.records]
-        return d
 
 
 def _as_request(item: Any, index: int) -> tuple[Sequence[str], str]:
@@ -107,19 +109,25 @@ async def run_load(
     concurrency: int,
     max_requests: int,
     max_duration_s: float,
+    arrivals: Sequence[float] | None = None,
     extra_body: dict | None = None,
     encoding_format: str | None = "base64",
     timeout_s: float = 60.0,
     headers: dict | None = None,
     index_offset: int = 0,
+    validate: Callable[[int, dict], str | None] | None = None,
+    t0: float | None = None,
     progress: bool = True,
     label: str = "",
 ) -> LoadResult:
-    """Drive `concurrency` closed-loop clients; stop after `max_requests` or `max_duration_s`.
+    """Drive the load; stop after `max_requests` or `max_duration_s`.
 
-    Request k of the run uses `source(index_offset + k)`, so every system driven with the same
-    source and offset sees the same texts in the same order. `encoding_format=None` leaves the
-    field out (the server's default, usually float).
+    Closed loop: `concurrency` clients. Open loop: request k is due `arrivals[k]` seconds after
+    the start, at most `concurrency` in flight (a request waiting for a slot is late, and its
+    latency shows it). Request k uses `source(index_offset + k)`, so every system driven with
+    the same source and offset sees the same texts in the same order. `validate(index, payload)`
+    checks each 200 further (an error code, or None). `t0`: a `time.perf_counter()` origin
+    shared with other tasks (default: now). `encoding_format=None` leaves the field out.
     """
     if concurrency < 1 or max_requests < 1 or max_duration_s <= 0:
         raise ValueError("concurrency, max_requests and max_duration_s must be positive")
@@ -128,44 +136,73 @@ async def run_load(
     if encoding_format is not None:
         body_extra["encoding_format"] = encoding_format
     send_headers = {"content-type": "application/json", **(headers or {})}
-
     records: list[RequestRecord] = []
-    issued = 0
-    t0 = time.perf_counter()
-    deadline = t0 + max_duration_s
-    stopped_by = "requests"
-    bar = _Progress(max_requests, label, progress)
+    t0 = time.perf_counter() if t0 is None else t0
+    deadline = time.perf_counter() + max_duration_s
+    issued, stopped_by = 0, "requests"
+    bar = tqdm(total=max_requests, desc=label or "requests", unit="req", leave=False, file=sys.stderr,
+               mininterval=0.5, dynamic_ncols=True) if progress and tqdm is not None else None
 
-    def next_index() -> int | None:
+    async def send(client: httpx.AsyncClient, cid: int, index: int, due: float) -> None:
+        texts, tag = _as_request(source(index), index)
+        body = _dumps({"model": model, "input": texts, **body_extra})
+        sent = time.perf_counter()
+        status, error, usage = 0, None, None
+        try:
+            response = await client.post(url, content=body, headers=send_headers)
+            status = response.status_code
+            error, usage = _check(response, len(texts), validate and (lambda payload: validate(index, payload)))
+        except httpx.HTTPError as exc:
+            error = type(exc).__name__
+        end = time.perf_counter()
+        records.append(RequestRecord(index, tag, cid, due - t0, end - due, len(texts), status, error, usage,
+                                     sent - due))
+        if bar is not None:
+            bar.update(1)
+
+    def next_index(now: float) -> int | None:
+        """The next request's index, or None once the count is reached or `now` is past the deadline."""
         nonlocal issued, stopped_by
-        if issued >= max_requests:
+        if issued >= max_requests or (arrivals is not None and issued >= len(arrivals)):
             return None
-        if time.perf_counter() >= deadline:
+        if now >= deadline:
             stopped_by = "duration"
             return None
         issued += 1
         return index_offset + issued - 1
 
     async def client_loop(cid: int, client: httpx.AsyncClient) -> None:
-        while (index := next_index()) is not None:
-            texts, tag = _as_request(source(index), index)
-            body = _dumps({"model": model, "input": texts, **body_extra})
-            start = time.perf_counter()
-            status, error, usage = 0, None, None
+        while (index := next_index(time.perf_counter())) is not None:
+            await send(client, cid, index, time.perf_counter())
+
+    async def dispatcher(client: httpx.AsyncClient) -> None:
+        slots, start, tasks = asyncio.Semaphore(concurrency), time.perf_counter(), set()
+
+        async def one(k: int, index: int, due: float) -> None:
             try:
-                response = await client.post(url, content=body, headers=send_headers)
-                status = response.status_code
-                error, usage = _check(response, len(texts))
-            except httpx.HTTPError as exc:
-                error = type(exc).__name__
-            end = time.perf_counter()
-            records.append(RequestRecord(index, tag, cid, start - t0, end - start, len(texts), status, error, usage))
-            bar.update(records[-1])
+                await send(client, k % concurrency, index, due)
+            finally:
+                slots.release()
+
+        k = 0
+        while True:
+            due = start + arrivals[min(k, len(arrivals) - 1)]
+            if (index := next_index(due)) is None:  # a request due before the deadline is sent, even late
+                break
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            await slots.acquire()
+            task = asyncio.create_task(one(k, index, due))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            k += 1
+        if tasks:
+            await asyncio.wait(tasks)
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
     async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
-        tasks = [asyncio.create_task(client_loop(c, client)) for c in range(concurrency)]
+        loops = [dispatcher(client)] if arrivals is not None else [client_loop(c, client) for c in range(concurrency)]
+        tasks = [asyncio.create_task(loop) for loop in loops]
         try:
             await asyncio.gather(*tasks)
         except asyncio.CancelledError:
@@ -174,12 +211,34 @@ async def run_load(
                 task.cancel()
             raise
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
     wall = max((r.start_s + r.latency_s for r in records), default=0.0)
     return LoadResult(url, model, concurrency, max_requests, max_duration_s, wall, stopped_by, records, label)
 
 
-def _check(response: httpx.Response, n_texts: int) -> tuple[str | None, int | None]:
+def arrivals(rate: Callable[[float], float], duration_s: float, max_requests: int = 1_000_000) -> list[float]:
+    """The schedule of an open-loop load: send times (s) at `rate(t)` requests/s for `duration_s`."""
+    out, t = [], 0.0
+    while t < duration_s and len(out) < max_requests:
+        r = rate(t)
+        if r <= 0:
+            t += 0.05
+            continue
+        out.append(t)
+        t += 1.0 / r
+    return out
+
+
+def vectors(payload: dict) -> np.ndarray:
+    """A 200's embeddings in `index` order, float32 (from base64 or float lists)."""
+    data = sorted(payload["data"], key=lambda d: d["index"])
+    if data and isinstance(data[0]["embedding"], str):
+        return np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in data])
+    return np.array([d["embedding"] for d in data], dtype=np.float32)
+
+
+def _check(response: httpx.Response, n_texts: int, validate=None) -> tuple[str | None, int | None]:
     """(error, usage tokens): an error code for a non-200 or a malformed 200, else None."""
     try:
         payload = _loads(response.content)
@@ -192,9 +251,10 @@ def _check(response: httpx.Response, n_texts: int) -> tuple[str | None, int | No
     data = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(data, list) or len(data) != n_texts:
         return "wrong_item_count", None
-    usage = payload.get("usage") or {}
-    tokens = usage.get("prompt_tokens")
-    return None, tokens if isinstance(tokens, int) else None
+    if [d.get("index") for d in data] != list(range(n_texts)):
+        return "wrong_indexes", None
+    tokens = (payload.get("usage") or {}).get("prompt_tokens")
+    return (validate(payload) if validate else None), tokens if isinstance(tokens, int) else None
 
 
 def run_load_sync(*args, **kwargs) -> LoadResult:
@@ -207,60 +267,14 @@ def run_load_sync(*args, **kwargs) -> LoadResult:
         return asyncio.run(run_load(*args, **kwargs))
 
 
-class _Progress:
-    """tqdm when installed, else a line every 5 s; silent when disabled."""
-
-    def __init__(self, total: int, label: str, enabled: bool):
-        self.enabled, self.label = enabled, label
-        self.n = self.failed = self.texts = 0
-        self.t0 = self.last = time.perf_counter()
-        self.bar = None
-        if enabled and tqdm is not None:
-            self.bar = tqdm(total=total, desc=label or "requests", unit="req", leave=False, file=sys.stderr,
-                            mininterval=0.5, dynamic_ncols=True)
-
-    def update(self, rec: RequestRecord) -> None:
-        if not self.enabled:
-            return
-        self.n += 1
-        self.failed += not rec.ok
-        self.texts += rec.n_texts if rec.ok else 0
-        now = time.perf_counter()
-        if self.bar is not None:
-            self.bar.update(1)
-            if now - self.last > 0.5:
-                self.bar.set_postfix(texts_s=f"{self.texts / (now - self.t0):.1f}", failed=self.failed, refresh=False)
-                self.last = now
-        elif now - self.last >= 5.0:
-            print(f"  {self.label}: {self.n} requests, {self.texts / (now - self.t0):.1f} texts/s, "
-                  f"{self.failed} failed", file=sys.stderr, flush=True)
-            self.last = now
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in 0..100) of an already sorted sequence."""
-    if not sorted_values:
-        return None
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 def latency_stats(latencies: Sequence[float]) -> dict:
-    values = sorted(latencies)
-    return {
-        "n": len(values),
-        "mean_s": sum(values) / len(values) if values else None,
-        "p50_s": percentile(values, 50),
-        "p90_s": percentile(values, 90),
-        "p99_s": percentile(values, 99),
-        "max_s": values[-1] if values else None,
-    }
+    """Count, mean, p50/p90/p95/p99 (linear interpolation) and max, in seconds."""
+    v = np.asarray(latencies, dtype=float)
+    if not len(v):
+        return {"n": 0, **dict.fromkeys(("mean_s", "p50_s", "p90_s", "p95_s", "p99_s", "max_s"))}
+    p50, p90, p95, p99 = (float(x) for x in np.percentile(v, [50, 90, 95, 99]))
+    return {"n": len(v), "mean_s": float(v.mean()), "p50_s": p50, "p90_s": p90, "p95_s": p95, "p99_s": p99,
+            "max_s": float(v.max())}
 
 
 def summarize(
@@ -326,12 +340,15 @@ def format_summary(s: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from bench import workloads
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="base URL (…/v1 for our service, http://host:port for Infinity)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000/v1",
+                   help="base URL (…/v1 for our service, http://host:port for Infinity)")
     p.add_argument("--model", default="all-MiniLM-L6-v2")
     p.add_argument("--workload", choices=sorted(workloads.WORKLOADS), default="search")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--concurrency", type=int, default=None, help="clients (default: the workload's)")
+    p.add_argument("--concurrency", type=int, default=None, help="clients (default: the workload's); open loop: "
+                   "the most requests in flight")
+    p.add_argument("--rate", type=float, default=None, help="open loop: requests per second (default: closed loop)")
     p.add_argument("--requests", type=int, default=1000, help="stop after this many requests")
     p.add_argument("--duration", type=float, default=20.0, help="stop sending after this many seconds")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
@@ -351,14 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup:
         run_load_sync(args.url, args.model, wl, max_requests=args.warmup, max_duration_s=args.duration,
                       index_offset=1_000_000, progress=False, **common)
+    schedule = arrivals(lambda t: args.rate, args.duration, args.requests) if args.rate else None
     result = run_load_sync(args.url, args.model, wl, max_requests=args.requests, max_duration_s=args.duration,
-                           progress=not args.no_progress, label=args.workload, **common)
+                           arrivals=schedule, progress=not args.no_progress, label=args.workload, **common)
     summary = summarize(result)
     print(f"{args.workload} × {wl.concurrency} clients → {args.url}: {format_summary(summary)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"run": result.to_dict(), "summary": summary,
-                       "records": [asdict(r) for r in result.records]}, f, indent=1)
+            json.dump({"summary": summary, "records": [asdict(r) for r in result.records]}, f, indent=1)
     return 1 if summary["ok"] == 0 else 0
 
 

@@ -28,12 +28,10 @@ import yaml
 
 from . import workloads as wls
 from .loadgen import format_summary, run_load_sync, summarize
+from .harness import LOCAL_CONFIG as SHIPPED, RESULTS, WORK, without_direct_ingress
 from .procstats import CpuMeter
-from .scenario_common import DIRECT_INGRESS
-from .servers import REPO_ROOT, WORK_DIR, ServedSystem
+from .servers import ServedSystem
 
-SHIPPED = REPO_ROOT / "deploy" / "local.yaml"
-RESULTS = REPO_ROOT / "bench" / "results"
 WARMUP_OFFSET = 1_000_000
 
 
@@ -51,11 +49,6 @@ def _log_level(level: str):
     def change(config: dict) -> None:
         _app(config).setdefault("logging_config", {})["log_level"] = level
     return change
-
-
-def _via_proxy(config: dict) -> None:
-    config.pop("controller_options", None)
-    _app(config)["runtime_env"]["env_vars"].pop(DIRECT_INGRESS, None)
 
 
 def _model(**fields):
@@ -78,7 +71,8 @@ def _replica_env(**env: str):
 # its controller_options instead).
 VARIANTS = {
     "shipped": ("deploy/local.yaml as committed (access log off)", lambda config: None),
-    "via-proxy": ("no direct ingress: clients reach the Ingress through Serve's proxy (as before)", _via_proxy),
+    "via-proxy": ("no direct ingress: clients reach the Ingress through Serve's proxy (as before)",
+                  without_direct_ingress),
     "one-lane": ("the engine as before lanes: one forward pass at a time on both threads, 2048-token passes",
                  _model(cpu_lanes=1, micro_batch_tokens=2048)),
     "one-batch-in-flight": ("the Embedder runs one batch at a time (shipped: one per CPU lane, two here)",
@@ -119,7 +113,7 @@ VARIANTS.update({name: (desc, lambda config: None) for name, (desc, _) in PROCES
 
 def write_variant(name: str, base: dict, out_dir: Path) -> Path:
     config = copy.deepcopy(base)
-    VARIANTS[name][1](config)
+    config = VARIANTS[name][1](config) or config  # a change edits the config, or returns a new one
     path = out_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -202,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     base = yaml.safe_load(SHIPPED.read_text())
     model = _app(base)["args"]["models"][0]["name"]
     wl = wls.get(args.workload)
-    out_dir = WORK_DIR / "variants"
+    out_dir = WORK / "variants"
     out_dir.mkdir(parents=True, exist_ok=True)
     configs = {name: write_variant(name, base, out_dir) for name in names}
 

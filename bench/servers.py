@@ -1,7 +1,7 @@
-"""Start and stop the HTTP systems under test, each a subprocess in its own session.
+"""The HTTP systems under test, each a subprocess in its own session.
 
-* `ServedSystem`: our service from a Serve config (deploy/local.yaml) via bench/serve_local.py,
-  on a fresh private Ray instance.
+* `ServedSystem`: our service from a Serve config (deploy/local.yaml), `python -m bench.harness
+  CONFIG` on a fresh private Ray instance.
 * `InfinitySystem`: `infinity_emb v2` from its own virtual environment (bench/.venv-infinity),
   installed on first use, serving the same local model directory offline.
 
@@ -12,10 +12,10 @@ process they started, then killing what is left of that process's tree, by pid.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,46 +24,16 @@ from pathlib import Path
 import httpx
 import psutil
 
+from .harness import OFFLINE_ENV, REPO, WORK, free_port, port_listeners
 from .procstats import descendants
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-WORK_DIR = BENCH_DIR / ".work"
+BENCH_DIR = REPO / "bench"
+REPO_ROOT, WORK_DIR = REPO, WORK  # the names other benchmarks import
 
 INFINITY_VERSION = "0.0.78"
 # torch pinned in the same command: pip then takes the CPU wheel on local disk instead of a
 # multi-GB CUDA build.
 INFINITY_REQUIREMENTS = [f"infinity-emb[server,torch]=={INFINITY_VERSION}", "torch==2.13.0"]
-
-
-def port_listeners(port: int) -> set[int]:
-    """Pids listening on TCP `port` (any address)."""
-    pids = set()
-    for c in psutil.net_connections(kind="tcp"):
-        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
-            pids.add(c.pid)
-    return pids
-
-
-def port_is_free(port: int) -> bool:
-    if port_listeners(port):
-        return False
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port_is_free(port):
-            return port
-    raise RuntimeError("no free port found")
 
 
 class _Subprocess:
@@ -75,18 +45,36 @@ class _Subprocess:
         self.tree: dict[int, float] = {}  # pid -> create_time of everything we started
         self.port: int | None = None
 
-    def _spawn(self, cmd: list[str], env: dict) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,  # own process group: signals to it reach nothing else
-        )
-        log.close()
-
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def _start(self, cmd: list[str], env: dict, timeout_s: float) -> dict:
+        """Spawn `cmd` in a session of its own; wait until /health answers 200 from a listener
+        that is ours."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        while time.time() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            self._remember_tree()
+            listeners = port_listeners(self.port)
+            foreign = listeners - descendants(self.proc.pid)
+            if foreign:
+                raise RuntimeError(f"port {self.port} is also listened on by pids {sorted(foreign)}, not ours: "
+                                   "refusing to send load there")
+            try:
+                if listeners and httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=5.0,
+                                           trust_env=False).status_code == 200:
+                    self._remember_tree()
+                    return {"port": self.port, "startup_s": time.time() - t0, "command": " ".join(cmd)}
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"{self.name} not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
     def _remember_tree(self) -> None:
         for pid in descendants(self.proc.pid):
@@ -100,28 +88,6 @@ class _Subprocess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
-
-    def wait_ready(self, url: str, timeout_s: float, ok=lambda r: r.status_code == 200) -> float:
-        """Poll `url` until it answers OK from a listener that is ours; seconds it took."""
-        t0 = time.time()
-        while time.time() - t0 < timeout_s:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            self._remember_tree()
-            listeners = port_listeners(self.port)
-            if listeners:
-                foreign = listeners - set(descendants(self.proc.pid))
-                if foreign:
-                    raise RuntimeError(f"port {self.port} is also listened on by pids {sorted(foreign)}, "
-                                       "not ours: refusing to send load there")
-                try:
-                    if ok(httpx.get(url, timeout=5.0, trust_env=False)):
-                        self._remember_tree()
-                        return time.time() - t0
-                except httpx.HTTPError:
-                    pass
-            time.sleep(1.0)
-        raise TimeoutError(f"{self.name} not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
     def stop(self, grace_s: float = 60.0) -> None:
         if self.proc is None:
@@ -150,32 +116,37 @@ class _Subprocess:
 
 
 class ServedSystem(_Subprocess):
-    """Our service from a Serve config file, on its own fresh Ray instance."""
+    """Our service from a Serve config file, on its own fresh Ray instance.
+
+    `env` is process-wide (it reaches the proxy and controller, not just replicas);
+    `metrics_url` is Ray's Prometheus endpoint of that instance."""
 
     name = "served"
 
-    def __init__(self, config: Path, preferred_port: int = 8000, env: dict[str, str] | None = None):
-        super().__init__(WORK_DIR / "serve.log")
-        self.config = config
-        self.extra_env = env or {}  # process-wide: reaches the proxy and controller, not just replicas
-        self.preferred_port = preferred_port
+    def __init__(self, config: Path, env: dict[str, str] | None = None, num_cpus: int | None = None):
+        super().__init__(WORK / "serve.log")
+        self.config, self.extra_env, self.num_cpus = config, env or {}, num_cpus
         self.temp_dir = Path(f"/tmp/rb{os.getpid()}")  # short: Ray's socket paths have a length limit
+        self.metrics_port: int | None = None
 
     def start(self, timeout_s: float = 300.0) -> dict:
-        self.port = self.preferred_port if port_is_free(self.preferred_port) else free_port()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
-               **self.extra_env}
+        self.port = free_port()
+        self.metrics_port = next(p for p in iter(free_port, None) if p != self.port)
+        env = {**os.environ, **OFFLINE_ENV, **self.extra_env}
         env.pop("RAY_ADDRESS", None)
-        cmd = [sys.executable, "-m", "bench.serve_local", str(self.config), "--port", str(self.port),
-               "--temp-dir", str(self.temp_dir)]
-        t0 = time.time()
-        self._spawn(cmd, env)
-        self.wait_ready(f"http://127.0.0.1:{self.port}/health", timeout_s)
-        return {"port": self.port, "startup_s": time.time() - t0, "command": " ".join(cmd)}
+        cmd = [sys.executable, "-m", "bench.harness", str(self.config), "--port", str(self.port),
+               "--temp-dir", str(self.temp_dir), "--metrics-port", str(self.metrics_port)]
+        if self.num_cpus:
+            cmd += ["--num-cpus", str(self.num_cpus)]
+        return self._start(cmd, env, timeout_s)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def stop(self, grace_s: float = 60.0) -> None:
         super().stop(grace_s)
@@ -189,24 +160,18 @@ class InfinitySystem(_Subprocess):
 
     def __init__(self, model_dir: str, served_name: str, venv: Path = BENCH_DIR / ".venv-infinity",
                  dtype: str | None = None):
-        super().__init__(WORK_DIR / "infinity.log")
-        self.model_dir = model_dir
+        super().__init__(WORK / "infinity.log")
+        self.model_dir, self.served_name, self.venv = model_dir, served_name, venv
         self.dtype = dtype  # None: Infinity's default (float32 on CPU)
-        self.served_name = served_name
-        self.venv = venv
-
-    @property
-    def marker(self) -> Path:
-        return self.venv / ".bench-installed"
 
     def ensure_installed(self, timeout_s: float = 900.0) -> dict:
         """Create the venv and install Infinity unless a previous run did; reports the time."""
-        spec = " ".join(INFINITY_REQUIREMENTS)
-        if self.marker.exists() and self.marker.read_text().strip() == spec:
+        spec, marker = " ".join(INFINITY_REQUIREMENTS), self.venv / ".bench-installed"
+        if marker.exists() and marker.read_text().strip() == spec:
             return {"installed_now": False, "install_s": 0.0, "requirements": spec, **self.versions()}
         t0 = time.time()
-        WORK_DIR.mkdir(parents=True, exist_ok=True)
-        log = WORK_DIR / "infinity-install.log"
+        WORK.mkdir(parents=True, exist_ok=True)
+        log = WORK / "infinity-install.log"
         print(f"installing {spec} into {self.venv} (log: {log}) ...", file=sys.stderr, flush=True)
         with open(log, "w") as f:
             if not (self.venv / "bin" / "python").exists():
@@ -214,7 +179,7 @@ class InfinitySystem(_Subprocess):
                                stderr=subprocess.STDOUT, timeout=120)
             subprocess.run([str(self.venv / "bin" / "python"), "-m", "pip", "install", *INFINITY_REQUIREMENTS],
                            check=True, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s)
-        self.marker.write_text(spec + "\n")
+        marker.write_text(spec + "\n")
         return {"installed_now": True, "install_s": time.time() - t0, "requirements": spec, **self.versions()}
 
     def versions(self) -> dict:
@@ -223,8 +188,6 @@ class InfinitySystem(_Subprocess):
         out = subprocess.run([str(self.venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
                              timeout=60)
         try:
-            import json
-
             return {"versions": json.loads(out.stdout)}
         except ValueError:
             return {"versions": None}
@@ -236,13 +199,8 @@ class InfinitySystem(_Subprocess):
         env.pop("VIRTUAL_ENV", None)
         cmd = [str(self.venv / "bin" / "infinity_emb"), "v2", "--model-id", self.model_dir,
                "--served-model-name", self.served_name, "--engine", "torch", "--device", "cpu",
-               "--host", "127.0.0.1", "--port", str(self.port)]
-        if self.dtype:
-            cmd += ["--dtype", self.dtype]
-        t0 = time.time()
-        self._spawn(cmd, env)
-        self.wait_ready(f"http://127.0.0.1:{self.port}/health", timeout_s)
-        return {"port": self.port, "startup_s": time.time() - t0, "command": " ".join(cmd)}
+               "--host", "127.0.0.1", "--port", str(self.port)] + (["--dtype", self.dtype] if self.dtype else [])
+        return self._start(cmd, env, timeout_s)
 
     @property
     def base_url(self) -> str:

@@ -108,12 +108,15 @@ class Workload:
     doc_words: tuple[int, int] = (20, 300)
     docs_per_request: int = 64
     bulk_share: float = 0.0  # probability that a request is bulk-like (1.0: all bulk)
+    cache: bool = True  # False: generate each request anew (a long run's memory stays flat)
     _cache: dict[int, Request] = field(default_factory=dict, repr=False)
 
     def request(self, index: int) -> Request:
         cached = self._cache.get(index)
         if cached is None:
-            cached = self._cache[index] = self._generate(index)
+            cached = self._generate(index)
+            if self.cache:
+                self._cache[index] = cached
         return cached
 
     __call__ = request

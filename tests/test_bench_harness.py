@@ -1,0 +1,64 @@
+"""The benchmark harness's own logic, without a server: open-loop schedules, the mixed-traffic
+benchmark's query stream and config patch, the cache report, and where clients connect."""
+
+import copy
+
+import pytest
+
+from bench import harness
+from bench.loadgen import arrivals
+from bench.mixed_traffic import cache_report, fifo_config, query_stream
+
+
+def test_open_loop_schedule_follows_the_rate_and_skips_idle_time():
+    assert arrivals(lambda t: 4.0, 2.0) == pytest.approx([k * 0.25 for k in range(8)])
+    ramp = arrivals(lambda t: 0.0 if t < 1.0 else 2.0, 3.0)
+    assert ramp[0] == pytest.approx(1.0) and ramp == pytest.approx([1.0, 1.5, 2.0, 2.5])
+    assert len(arrivals(lambda t: 100.0, 10.0, max_requests=7)) == 7
+
+
+def test_a_query_is_repeated_only_when_its_text_was_sent_before():
+    stream = query_stream(400, repeat_share=0.3, pool_size=20, seed=0)
+    seen = set()
+    for request in stream:
+        (text,) = request.texts
+        assert request.tag == ("repeated" if text in seen else "unique")
+        seen.add(text)
+    repeated = sum(r.tag == "repeated" for r in stream)
+    assert 0 < repeated < 0.3 * len(stream)  # a pool query's first use counts as unique
+    assert [r.texts for r in query_stream(400, 0.3, 20, seed=0)] == [r.texts for r in stream]  # seeded
+
+
+def test_fifo_config_turns_classes_and_cache_off_and_leaves_the_original_alone():
+    config = harness.read_config()
+    before = copy.deepcopy(config)
+    fifo = fifo_config(config)
+    assert config == before
+    args = fifo["applications"][0]["args"]
+    assert args["priority"] == {"enabled": False}
+    assert all(model["cache"] is False for model in args["models"])
+
+
+def test_cache_report_counts_only_the_measured_window():
+    before = {"ray_embeddings_cache_hits_total": 10.0, "ray_embeddings_cache_misses_total": 90.0,
+              "ray_embeddings_cache_evictions_total": None}
+    after = {"ray_embeddings_cache_hits_total": 40.0, "ray_embeddings_cache_misses_total": 150.0,
+             "ray_embeddings_cache_evictions_total": None, "ray_embeddings_cache_bytes": 4096.0}
+    report = cache_report(before, after)
+    assert (report["hits"], report["misses"], report["evictions"]) == (30.0, 60.0, None)
+    assert report["hit_rate"] == pytest.approx(1 / 3)
+    assert cache_report({}, {})["hit_rate"] is None  # a system without the counters
+
+
+def test_clients_reach_the_ingress_port_under_direct_ingress_and_the_proxy_otherwise():
+    from ray.serve.schema import ServeDeploySchema
+
+    direct = ServeDeploySchema.model_validate(harness.read_config())
+    harness.set_client_port(direct, 45678)
+    env = direct.controller_options.runtime_env["env_vars"]
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "45678"
+    assert env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] == "45679"  # exclusive: that one port
+    assert direct.http_options.port != 45678  # the proxy moves out of the way
+    proxied = ServeDeploySchema.model_validate(harness.without_direct_ingress(harness.read_config()))
+    harness.set_client_port(proxied, 45678)
+    assert proxied.http_options.port == 45678 and proxied.http_options.host == "127.0.0.1"
