@@ -83,7 +83,8 @@ def cache_report(before: dict, after: dict) -> dict:
     for name in CACHE_COUNTERS:
         a, b = after.get(name), before.get(name)
         key = name.removeprefix("ray_embeddings_cache_").removesuffix("_total")
-        out[key] = None if a is None or b is None else a - b
+        # A counter not exported yet has not counted anything yet.
+        out[key] = None if a is None else a - (b or 0.0)
     lookups = (out["hits"] or 0) + (out["misses"] or 0)
     out["hit_rate"] = out["hits"] / lookups if lookups else None
     return out
