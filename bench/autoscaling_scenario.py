@@ -31,6 +31,7 @@ import numpy as np
 
 from bench import harness
 from bench.loadgen import arrivals, latency_stats, run_load, vectors
+from bench.scenario import header
 from bench.workloads import Request
 
 MODEL = "tiny-sfr-wide"
@@ -299,9 +300,8 @@ def plot(path: Path, samples: list[dict], opts) -> None:
 
 def markdown(report: dict, opts) -> list[str]:
     return [
-        "# Embedder autoscaling on the token backlog — scenario on this machine", "",
-        f"`{report['command']}`, {report['generated']}; {harness.machine_line(report['machine'])}. "
-        "Plot: `autoscaling.png`; every sample and request: `autoscaling.json`. How it works: bench/README.md.", "",
+        *header("Embedder autoscaling on the token backlog — scenario on this machine", report,
+                "Plot: `autoscaling.png`; every sample and request: `autoscaling.json`. How it works: bench/README.md."),
         f"- Cluster: head (controller, proxy, Ingress, Tokenizer) + 2 workers with `fake_gpu` {FAKE_GPU_WORKERS}; "
         "Embedder `{fake_gpu: 1, num_cpus: 0.1}`, `cpu_threads: 1`, autoscaling 1..3, "
         f"`TokenBacklogPolicy(target_backlog_tokens={opts.target_backlog_tokens})`, upscale/downscale delay "

@@ -29,25 +29,24 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import yaml
 
+from bench import harness
 from bench.batch_job import CONFIG, DOCS_PER_REQUEST, MODEL, corpus
-from bench.servers import free_port
+from bench.scenario import changes, header
 
-ROOT = Path(__file__).resolve().parents[1]
 ENGINE_TASK = "MapWorker(MapBatches(Embed)).submit"
 
 
 def start_cluster(temp_dir: str):
-    os.environ["RAY_TMPDIR"] = temp_dir  # Cluster's address file stays out of /tmp/ray
+    """harness.start_cluster's layout, with the head's dashboard: the state API (which node ran
+    each engine batch) needs it."""
     import ray
     from ray.cluster_utils import Cluster
 
     common = dict(object_store_memory=200 << 20, temp_dir=os.path.join(temp_dir, "ray"))
     cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(
-        num_cpus=2, include_dashboard=True, dashboard_port=free_port(), **common))  # state API: actors' nodes
+        num_cpus=2, include_dashboard=True, dashboard_port=harness.free_port(), **common))
     workers = [cluster.add_node(num_cpus=1, resources={"fake_gpu": 1}, **common) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
@@ -66,6 +65,8 @@ def job_config(path: Path) -> Path:
 
 
 def committed_rows(checkpoint: Path) -> int:
+    import pyarrow.parquet as pq
+
     files = [p for p in checkpoint.glob("*.parquet") if not p.name.endswith(".pending.parquet")]
     return sum(pq.read_metadata(p).num_rows for p in files)
 
@@ -87,22 +88,25 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--documents", type=int, default=2048)
     p.add_argument("--kill-at", type=float, default=0.3, help="share of documents committed before the kill")
-    p.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    p.add_argument("--out", type=Path, default=harness.RESULTS)
     args = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import pyarrow.dataset as pads
+
     from bench.inprocess import EngineRunner
     from serve_app.batch.config import load_job_model
     from serve_app.batch.job import run
 
+    wall0, m = time.monotonic(), harness.machine()
+    os.environ.update({k: v for k, v in harness.OFFLINE_ENV.items() if k not in os.environ})
     temp_dir = tempfile.mkdtemp(prefix="rbf", dir="/tmp")  # short: Unix socket paths are limited
-    work = Path(temp_dir)
-    wl = corpus()
+    os.environ["RAY_TMPDIR"] = temp_dir  # Cluster's address file stays out of /tmp/ray
+    work, wl = Path(temp_dir), corpus()
     texts = [t for i in range(args.documents // DOCS_PER_REQUEST) for t in wl(i).texts]
-    (work / "corpus.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    (work / "corpus.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n"
+                                               for i, t in enumerate(texts)))
     job_model = load_job_model(job_config(work / "config.yaml"), MODEL)
     cluster, workers, names = start_cluster(temp_dir)
-    outcome: dict = {}
+    outcome, checkpoint = {}, work / "out/_checkpoint"
 
     def job() -> None:
         try:
@@ -111,38 +115,34 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - reported below, and fails the scenario
             outcome["error"] = repr(exc)
 
-    timeline, killed = [], None
-    started = time.monotonic()
+    timeline, killed, started = [], None, time.monotonic()
     thread = threading.Thread(target=job, daemon=True)
     thread.start()
     try:
         while thread.is_alive() and time.monotonic() - started < 900:
             t = round(time.monotonic() - started, 1)
-            done = committed_rows(work / "out/_checkpoint") if (work / "out/_checkpoint").exists() else 0
+            done = committed_rows(checkpoint) if checkpoint.exists() else 0
             batches = engine_tasks_by_node(cluster.address, names)
             timeline.append({"t_s": t, "committed": done, "engine_batches": batches})
             both_worked = all(batches.get(names[w.node_id]) for w in workers)
             if killed is None and both_worked and done >= args.kill_at * len(texts):
-                victim = workers[1]
-                cluster.remove_node(victim, allow_graceful=False)
-                killed = {"t_s": t, "node": names[victim.node_id], "committed": done}
-                print(f"killed {killed}", flush=True)
+                cluster.remove_node(workers[1], allow_graceful=False)
+                killed = {"t_s": t, "node": names[workers[1].node_id], "committed": done}
+                harness.log(f"killed {killed}")
             time.sleep(1.0)
         thread.join(60)
-        timeline.append({"t_s": round(time.monotonic() - started, 1), "committed": committed_rows(work / "out/_checkpoint"),
+        timeline.append({"t_s": round(time.monotonic() - started, 1), "committed": committed_rows(checkpoint),
                          "engine_batches": engine_tasks_by_node(cluster.address, names)})
         table = pads.dataset(work / "out/embeddings", format="parquet").to_table()
     finally:
-        import ray
-
-        ray.shutdown()
-        cluster.shutdown()
+        harness.stop_ray(None, cluster)
 
     ids = table["id"].to_pylist()
     sample = np.random.default_rng(0).choice(len(texts), size=min(128, len(texts)), replace=False)
     row = {i: k for k, i in enumerate(ids)}
     got = np.array([table["embedding"][row[str(i)]].as_py() for i in sample if str(i) in row], dtype=np.float32)
     expected = EngineRunner(job_model.spec)([texts[i] for i in sample])
+    shutil.rmtree(temp_dir, ignore_errors=True)
     nodes_used = sorted({n for s in timeline for n in s["engine_batches"]})
     res = {
         "documents": len(texts), "killed": killed, "outcome": outcome.get("error") or str(outcome.get("summary")),
@@ -150,31 +150,26 @@ def main(argv: list[str] | None = None) -> int:
         "max_abs_diff": float(np.abs(got - expected).max()) if len(got) == len(sample) else None,
         "engine_batch_nodes": nodes_used, "timeline": timeline,
     }
-    checks = {
+    res["checks"] = checks = {
         "engine batches ran on both workers": {"worker-a", "worker-b"} <= set(nodes_used),
         "a worker killed mid-run": killed is not None and killed["committed"] < len(texts),
         "the job finished in the same run": "summary" in outcome,
         "every id exactly once": res["rows"] == res["unique_ids"] == len(texts) and res["missing"] == 0,
         "vectors equal the in-process engine's (1e-5)": res["max_abs_diff"] is not None and res["max_abs_diff"] <= 1e-5,
     }
-    res["checks"] = checks
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "batch_job_faults.json").write_text(json.dumps(res, indent=2))
-    lines = ["# Batch job: a worker node killed midway", "",
-             f"`python -m bench.batch_job_faults --documents {len(texts)} --kill-at {args.kill_at}`, "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Head (2 CPUs) + 2 workers (1 CPU, fake_gpu 1 each); "
-             f"{MODEL}, one engine actor per worker.", "",
+    res.update(harness.stamp("bench.batch_job_faults", argv, m, wall0))
+    lines = [*header("Batch job: a worker node killed midway", res, f"Head (2 CPUs) + 2 workers (1 CPU, fake_gpu 1 "
+                     f"each); {MODEL}, one engine actor per worker; {len(texts)} documents, killed at "
+                     f"{args.kill_at:.0%} committed."),
              f"- killed: {killed}", f"- run: {res['outcome']}",
              f"- output: {res['rows']} rows, {res['unique_ids']} unique ids, {res['missing']} missing; "
              f"max |diff| to the in-process engine on {len(sample)} documents: {res['max_abs_diff']}", "",
-             "| check | |", "|---|---|", *(f"| {k} | {'yes' if v else 'NO'} |" for k, v in checks.items()), "",
-             "| t (s) | documents committed | engine batches finished, by node |", "|---:|---:|---|",
-             *(f"| {s['t_s']} | {s['committed']} | {s['engine_batches']} |"
-               for k, s in enumerate(timeline)  # the samples where something changed
-               if k == 0 or (s["committed"], s["engine_batches"]) != (timeline[k - 1]["committed"], timeline[k - 1]["engine_batches"]))]
-    (args.out / "batch_job_faults.md").write_text("\n".join(lines) + "\n")
+             *harness.md_checks(checks),
+             *harness.md_table(["t (s)", "documents committed", "engine batches finished, by node"],
+                               [[s["t_s"], s["committed"], s["engine_batches"]]
+                                for s in changes(timeline, ("committed", "engine_batches"))])]
+    harness.write(args.out / "batch_job_faults", res, lines)
     print("\n".join(lines[:12]))
-    shutil.rmtree(temp_dir, ignore_errors=True)
     return 0 if all(checks.values()) else 1
 
 

@@ -9,8 +9,7 @@ into bench/.venv-infinity, the same model directory), and in-process (our engine
 texts in request-sized groups; at the served Embedder's thread count; batched: all clients'
 requests merged per call; sentence-transformers `encode`). Reports texts/s, tokens/s, p50/p99
 latency and failures per system × workload, the ratios served/in-process and served/Infinity,
-CPU use per process and, on served search, a py-spy profile of each Serve process. See
-bench/README.md.
+and CPU use per process. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -19,8 +18,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
 import time
@@ -36,13 +33,12 @@ from . import workloads as wls
 from .harness import REPO, RESULTS, WORK, log, machine, md_table
 from .inprocess import EngineRunner, SentenceTransformerRunner, run_groups
 from .loadgen import embeddings_url, format_summary, run_load_sync, summarize, vectors
-from .procstats import CpuMeter, descendants, role_of, thread_cpu, thread_cpu_delta, wait_for_quiet
+from .procstats import CpuMeter, wait_for_quiet
 from .servers import InfinitySystem, ServedSystem
 
 WORKLOAD_NAMES = ("search", "bulk", "mixed")
 REQUEST_CAPS = {"search": 6000, "bulk": 400, "mixed": 2000}  # durations bind first on this machine
 WARMUP_OFFSET = 1_000_000  # warm-up requests use indices far from the measured ones
-PROFILE_ROLES = ("Serve proxy", "Ingress", "Tokenizer", "Embedder")
 DISTURBED_CORES = 0.3  # a phase during which other processes used more than this is re-measured once
 LABELS = {
     "served": "served: Ray Serve, deploy/local.yaml", "infinity": "Infinity {version}",
@@ -60,7 +56,6 @@ class Settings:
     load_s: float
     warmup_s: float
     inprocess_s: float
-    profile_s: float
     quiet_wait_s: float  # per phase: wait at most this long for other people's load to pass
     quiet_budget_s: float  # for the whole run
     retry_budget_s: float  # for the whole run: re-measuring phases that other people's load disturbed
@@ -68,10 +63,8 @@ class Settings:
     timeout_s: float = 120.0
 
 
-FULL = Settings(load_s=25.0, warmup_s=5.0, inprocess_s=10.0, profile_s=10.0, quiet_wait_s=30.0, quiet_budget_s=150.0,
-                retry_budget_s=150.0)
-QUICK = Settings(load_s=4.0, warmup_s=1.5, inprocess_s=2.0, profile_s=0.0, quiet_wait_s=4.0, quiet_budget_s=20.0,
-                 retry_budget_s=0.0)
+FULL = Settings(load_s=25.0, warmup_s=5.0, inprocess_s=10.0, quiet_wait_s=30.0, quiet_budget_s=150.0, retry_budget_s=150.0)
+QUICK = Settings(load_s=4.0, warmup_s=1.5, inprocess_s=2.0, quiet_wait_s=4.0, quiet_budget_s=20.0, retry_budget_s=0.0)
 
 
 class QuietGate:
@@ -155,7 +148,7 @@ def http_probe(base_url: str, model: str, texts: list[str], extra: dict) -> np.n
 
 
 def run_http_workloads(system: str, base_url: str, model: str, workloads, names, settings: Settings, extra: dict,
-                       tokens, roots: list[int], results: dict, gate: QuietGate, after=None) -> None:
+                       tokens, roots: list[int], results: dict, gate: QuietGate) -> None:
     for name in names:
         wl = workloads[name]
         common = dict(concurrency=wl.concurrency, extra_body=extra, timeout_s=settings.timeout_s)
@@ -176,8 +169,6 @@ def run_http_workloads(system: str, base_url: str, model: str, workloads, names,
             return summary
 
         results[name] = gate.measure(attempt)
-        if after is not None:
-            after(name)
 
 
 def run_inprocess_workloads(system: str, fn, workloads, names, settings: Settings, tokens, results: dict,
@@ -198,120 +189,6 @@ def run_inprocess_workloads(system: str, fn, workloads, names, settings: Setting
             return summary
 
         results[name] = gate.measure(attempt)
-
-
-# --------------------------------------------------------------------------------------------
-# Profiling the served search workload with py-spy
-
-CATEGORIES = (  # (prefix of the frame's file path as py-spy prints it, library); first match wins
-    ("serve_app/", "serve_app (our code)"), ("torch/", "torch"), ("transformers/", "transformers"),
-    ("tokenizers/", "tokenizers"), ("ray/serve/", "ray.serve"), ("ray/", "ray core"),
-    *((p, "http (starlette/fastapi/uvicorn)") for p in ("starlette/", "fastapi/", "uvicorn/", "h11/")),
-    ("asyncio/", "asyncio"), ("uvloop/", "asyncio"), ("pydantic", "pydantic"), ("numpy/", "numpy"),
-    ("orjson", "orjson"), ("grpc/", "grpc"), ("protobuf/", "protobuf"),
-    *((p, "threading (native code below a thread's entry, or waits)") for p in ("threading.py", "concurrent/futures/")),
-    ("logging/", "logging"), ("opentelemetry/", "opentelemetry"),
-)
-
-
-def _category(frame: str) -> str:
-    m = re.search(r"\(([^()]*?)(?::\d+)?\)$", frame)
-    path = m.group(1) if m else frame
-    return next((cat for prefix, cat in CATEGORIES if path.startswith(prefix) or f"/{prefix}" in path), "other")
-
-
-def parse_collapsed(text: str, cpu_by_thread: dict[int, tuple[float, str]], window_s: float) -> dict:
-    """py-spy raw output (recorded with --threads) → a CPU-weighted profile of one process.
-
-    py-spy cannot always tell a thread waiting inside native code (Ray's core-worker loop, an
-    event loop in epoll) from one computing, so each thread's samples are weighted by the CPU
-    time that thread really used in the window (/proc/<pid>/task/<tid>/stat): a waiting thread
-    weighs ~0. Threads that used CPU but have no Python stack (torch's OpenMP workers, Ray's
-    C++ threads) are reported apart. All figures are in cores (CPU-seconds per second).
-    """
-    stacks: dict[int | None, list[tuple[list[str], int]]] = {}
-    for line in text.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        parts = stack.split(";")
-        m = re.match(r"thread \((\d+)\)", parts[0])
-        frames = [f for f in (parts[1:] if m else parts) if f and not f.startswith("process ")]
-        if frames:
-            stacks.setdefault(int(m.group(1)) if m else None, []).append((frames, int(count)))
-    leaf, inclusive, cats, sampled = {}, {}, {}, 0.0
-    for tid, entries in stacks.items():
-        cpu, n = cpu_by_thread.get(tid, (0.0, ""))[0], sum(c for _, c in entries)
-        if not n or cpu <= 0:
-            continue
-        sampled += cpu
-        for frames, c in entries:
-            w = cpu * c / n / window_s
-            for d, key in ((leaf, frames[-1]), (cats, _category(frames[-1])), *((inclusive, f) for f in set(frames))):
-                d[key] = d.get(key, 0.0) + w
-    native: dict[str, float] = {}
-    for tid, (cpu, name) in cpu_by_thread.items():
-        if tid not in stacks and cpu > 0:
-            native[name] = native.get(name, 0.0) + cpu / window_s
-
-    def top(d, k):
-        return [{"frame": f, "cores": v} for f, v in sorted(d.items(), key=lambda kv: -kv[1])[:k] if v >= 0.001]
-
-    return {"samples": sum(c for entries in stacks.values() for _, c in entries),
-            "cpu_cores": sum(v[0] for v in cpu_by_thread.values()) / window_s,
-            "python_threads_cores": sampled / window_s, "native_threads_cores": sum(native.values()),
-            "native_threads": dict(sorted(native.items(), key=lambda kv: -kv[1])[:5]),
-            "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
-            "top_self": top(leaf, 15), "top_inclusive": top(inclusive, 30)}
-
-
-def profile_served_search(served: ServedSystem, model: str, wl: wls.Workload, settings: Settings, extra: dict,
-                          out_dir: Path) -> dict:
-    pyspy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
-    if pyspy is None:
-        return {"skipped": "py-spy not installed (pip install py-spy)"}
-    import psutil
-
-    pids: dict[str, int] = {}
-    for pid in sorted(descendants(served.pid)):
-        try:
-            role = role_of(" ".join(psutil.Process(pid).cmdline()), psutil.Process(pid).name())
-        except psutil.Error:
-            continue
-        if role in PROFILE_ROLES:
-            pids.setdefault(role, pid)
-    prof_dir, rate, duration = out_dir / "profile", 50, int(settings.profile_s)
-    prof_dir.mkdir(parents=True, exist_ok=True)
-    log(f"profiling served/search with py-spy for {duration} s: {pids}")
-    procs = {}
-    for role, pid in pids.items():
-        out = prof_dir / f"served-search-{role.replace(' ', '-').lower()}.collapsed.txt"
-        cmd = [pyspy, "record", "--pid", str(pid), "--duration", str(duration), "--rate", str(rate), "--nonblocking",
-               "--threads", "--format", "raw", "--output", str(out)]
-        procs[role] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out)
-    time.sleep(0.3)
-    before = {role: thread_cpu(pid) for role, pid in pids.items()}
-    t0, meter = time.perf_counter(), CpuMeter([served.pid]).start()
-    result = run_load_sync(served.base_url, model, wl, concurrency=wl.concurrency, max_requests=REQUEST_CAPS["search"],
-                           max_duration_s=duration - 0.5, extra_body=extra, index_offset=2 * WARMUP_OFFSET,
-                           progress=False, timeout_s=settings.timeout_s)
-    after = {role: thread_cpu(pid) for role, pid in pids.items()}
-    window = time.perf_counter() - t0
-    report = {"rate_hz": rate, "duration_s": duration, "window_s": window, "load_during_profile": summarize(result),
-              "cpu": meter.stop(), "processes": {}}
-    for role, (proc, out) in procs.items():
-        try:
-            _, err = proc.communicate(timeout=duration + 60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            err = "timed out"
-        parsed = parse_collapsed(out.read_text(), thread_cpu_delta(before[role], after[role]), window) \
-            if out.exists() else {"samples": 0}
-        parsed["file"] = str(out.relative_to(REPO)) if out.is_relative_to(REPO) else str(out)
-        if proc.returncode:
-            parsed["error"] = (err or "")[-300:]
-        report["processes"][role] = {"pid": pids[role], **parsed}
-    return report
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,33 +307,6 @@ def write_markdown(path: Path, res: dict) -> None:
                       [k, name, *(_num(w["cpu"]["cores_by_role"].get(r), "{:.2f}") for r in roles),
                        f"{w['cpu']['foreign_cores']:.2f}", f"{w['cpu']['machine_busy_cores']:.2f}"]
                       for k in http for name, w in systems[k]["workloads"].items()])]
-    prof = res.get("profile") or {}
-    if prof.get("processes"):
-        lines += ["## Profile of the served search workload (py-spy)", "",
-                  f"py-spy `record --nonblocking --threads --rate {prof['rate_hz']}` on each Serve process for "
-                  f"{prof['duration_s']} s while 32 search clients ran "
-                  f"({format_summary(prof['load_during_profile'])}); other load {prof['cpu']['foreign_cores']:.2f} "
-                  "cores. Each thread's samples are weighted by the CPU time that thread used in the window "
-                  "(/proc), so threads py-spy sees 'inside' native waits weigh nothing; figures are **cores**. Raw "
-                  "collapsed stacks (flame-graph input): `profile/`.", "",
-                  *md_table(["process", "CPU cores", "in threads with Python stacks", "native-only threads",
-                             "by library (innermost Python frame)"], [
-                      [role, _num(p.get("cpu_cores"), "{:.2f}"), _num(p.get("python_threads_cores"), "{:.2f}"),
-                       _num(p.get("native_threads_cores"), "{:.2f}") + " " + ", ".join(
-                           f"{n} {v:.2f}" for n, v in p.get("native_threads", {}).items() if v >= 0.01),
-                       ", ".join(f"{c} {v:.2f}" for c, v in list(p.get("categories", {}).items())[:5])
-                       or p.get("error", "")]
-                      for role, p in prof["processes"].items()])]
-        skip = ("Thread._bootstrap", "Thread.run", "Worker.main_loop", "<module>", "main_loop")
-        for role, p in prof["processes"].items():
-            if p.get("top_self"):
-                inclusive = [t for t in p["top_inclusive"] if not t["frame"].startswith(skip)][:10]
-                lines += [f"**{role}** (pid {p['pid']}): hottest innermost frames, then hottest frames including "
-                          "callees (cores)", "",
-                          *md_table(["self", "frame"], [[f"{t['cores']:.3f}", f"`{t['frame'][:140]}`"]
-                                                        for t in p["top_self"][:8]]),
-                          *md_table(["incl.", "frame"], [[f"{t['cores']:.3f}", f"`{t['frame'][:140]}`"]
-                                                         for t in inclusive])]
     if res.get("correctness"):
         lines += ["## Correctness check", "", "Four probe texts (a query, two documents, the longest document: over "
                   "256 tokens, so truncated) through each system, min cosine to sentence-transformers' vectors: "
@@ -552,7 +402,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="deploy/local.yaml", help="Serve config of our service")
     p.add_argument("--out", default=None, help="default: bench/results (full) or bench/.work/quick (--quick)")
     p.add_argument("--load-s", type=float, default=None, help="seconds of load per HTTP system × workload")
-    p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of served/search")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="run our service, Infinity and the in-process engine in this dtype (default: the config's, "
                         "float32 on CPU); sentence-transformers stays float32, the reference")
@@ -567,8 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     settings = QUICK if args.quick else FULL
-    settings = replace(settings, load_s=args.load_s or settings.load_s,
-                       profile_s=0.0 if args.no_profile else settings.profile_s)
+    settings = replace(settings, load_s=args.load_s or settings.load_s)
     out_dir = Path(args.out).resolve() if args.out else (WORK / "quick" if args.quick else RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     systems_wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -603,7 +451,6 @@ def main(argv: list[str] | None = None) -> int:
     probes = [workloads["search"].request(0).texts[0], docs[0], docs[1], max(docs, key=len)]  # the last > 256 tokens
     vectors_by_system: dict[str, np.ndarray] = {}
     systems: dict[str, dict] = {}
-    profile = None
     extra_served = {"truncate": True}  # documents run past 256 tokens: cut them, as Infinity does
     caveats = [
         "The load generator (asyncio + httpx, one process) runs on the same 2 cores as the server it measures, "
@@ -619,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         "they are a 400); Infinity truncates by default. Both receive `encoding_format: base64`.",
     ]
 
-    def http_system(key: str, system, label: str, info: dict, extra: dict, after=None) -> None:
+    def http_system(key: str, system, label: str, info: dict, extra: dict) -> None:
         entry = systems[key] = {"label": label, "workloads": {}, "info": info}
         try:
             log(f"starting {key} ...")
@@ -627,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{key} ready on port {system.port} in {entry['info']['startup_s']:.0f} s")
             vectors_by_system[key] = http_probe(system.base_url, model, probes, extra)
             run_http_workloads(key, system.base_url, model, workloads, names, settings, extra, tokens, [system.pid],
-                               entry["workloads"], gate, after)
+                               entry["workloads"], gate)
         except Exception as exc:  # noqa: BLE001 - report it, go on with the next system
             entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             traceback.print_exc()
@@ -645,18 +492,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"Infinity install failed: {exc}")
         if "served" in systems_wanted:
             served = ServedSystem(config)
-
-            def after(name):
-                nonlocal profile
-                if name == "search" and settings.profile_s > 0:
-                    try:
-                        profile = profile_served_search(served, model, workloads["search"], settings, extra_served,
-                                                        out_dir)
-                    except Exception as exc:  # noqa: BLE001
-                        profile = {"error": f"{type(exc).__name__}: {exc}"}
-                        traceback.print_exc()
-
-            http_system("served", served, LABELS["served"], {}, extra_served, after)
+            http_system("served", served, LABELS["served"], {}, extra_served)
         if "infinity" in systems_wanted:
             label = LABELS["infinity"].format(version=(inf_install.get("versions") or {}).get("infinity-emb", "0.0.78"))
             if "error" in inf_install:
@@ -697,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python -m bench.cpu_serving", *(sys.argv[1:] if argv is None else argv)]),
         "machine": m, "git": git_commit(),
         "settings": {**settings.__dict__, "request_caps": REQUEST_CAPS, "config": args.config},
-        "dtype": args.dtype, "systems": systems, "ratios": ratios, "targets": check_targets(ratios), "profile": profile,
+        "dtype": args.dtype, "systems": systems, "ratios": ratios, "targets": check_targets(ratios),
         "workloads": {n: {"name": n, "concurrency": workloads[n].concurrency, "description": workloads[n].description}
                       for n in names},
         "correctness": {k: cos_rows(v, ref) for k, v in vectors_by_system.items()

@@ -1,31 +1,16 @@
 """GPU benchmark of the engine layer (`serve_app.engine.embedder.EmbeddingEngine`) on the
-SFR-Embedding-Mistral architecture, with random weights and random token ids.
+SFR-Embedding-Mistral architecture, with random weights and random token ids, in one run.
 
-No Ray, no tokenizer, no downloads: the device machine has torch, transformers and
-sentence-transformers but no Ray and no internet (torchao, for FP8, comes as a wheel: see
-bench/run_gpu_device.sh). Speed does not depend on the weight values, so the 7 B model is
-built on the `meta` device, materialised on the GPU and filled with small random normals; a
-tokenizer is not needed because the engine takes token ids.
+No Ray, no tokenizer, no downloads (the device machine has none of them; torchao and pydantic come
+as wheels: bench/run_gpu_device.sh). Speed does not depend on the weight values, so the 7 B model
+is built on `meta`, materialised on the GPU and filled with small random normals. Rows, on
+docs (512 tokens), mixed (log-uniform 16–2048) and queries (32): ours in bf16 with sorted padded
+and with packed passes, FP8 (torchao; per-row padded and packed, per-tensor padded), two random
+rank-8 LoRA adapters + the bare base unmerged in one engine (mixed passes, a pass per adapter,
+one adapter alone, FP8), sentence-transformers `encode`; then single forward passes of 512 …
+16384 padded tokens, the targets with verdicts, and a correctness check against an fp32
+per-text reference. What each figure decides: bench/results/GPU_PENDING.md.
 
-What it measures, all in one run on the same data:
-  * three workloads: docs (512 tokens each), mixed (log-uniform 16–2048 tokens;
-    16–1024 with --small), queries (32 tokens);
-  * our engine in bf16 with sorted padded passes and with packed passes, in FP8 (torchao,
-    per-row and per-tensor scales; FP8 GPUs only), as the Embedder replica drives it (one call
-    per token-budget batch, one and two in flight), vs sentence-transformers `encode`
-    (batch_size=32, sorted by length, each batch padded to its longest);
-  * tokens/s, texts/s, model FLOP utilisation against the bf16 (and FP8) matmul peak measured
-    here and against the card's datasheet, padding ratio, peak GPU memory, cost per 1M tokens;
-  * several LoRA adapters over one base (--no-lora skips them): two random adapters of rank 8
-    on every linear layer (SFR's adapter shape) plus the bare base, each text one of the three,
-    unmerged in one engine, with passes that mix adapters and with one pass per adapter, and one
-    adapter alone unmerged; "ours" is what a merged model costs (the same architecture);
-  * single forward passes of 512 … 16384 padded tokens (how long a query may wait behind one);
-  * the targets, with verdicts; correctness: the engine's vectors (bf16 padded and packed,
-    FP8, bf16 with the LoRA adapters unmerged) against an fp32 one-text-at-a-time reference on
-    a smaller random Mistral (for LoRA: the reference with each text's adapter merged).
-
-Usage (repo root):
   python bench/gpu_engine.py --out bench/results/gpu          # H100/H200, ~4 min
   python bench/gpu_engine.py --small --device cpu --out /tmp/x  # CPU smoke run of the script
 """
@@ -33,14 +18,16 @@ Usage (repo root):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
 import platform
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+import timeit
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -52,9 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 try:
-    from serve_app.deployments.chunks import cut_to_budget  # numpy only: no Ray needed
     from serve_app.engine.adapters import BASE
-    from serve_app.engine.embedder import EmbeddingEngine, pick_dtype
+    from serve_app.engine.embedder import Embedded, EmbeddingEngine, pick_dtype
     from serve_app.engine.quantization import FP8Unsupported, check_fp8_supported, quantize_fp8
 except ImportError as exc:  # e.g. pydantic missing on a bare GPU image: say so plainly
     sys.exit(f"cannot import serve_app.engine ({exc}); run from the repo root with its dependencies")
@@ -69,40 +55,25 @@ DATASHEETS = [
 SEED_USD_PER_M_TOKENS = 0.008  # the price the seed quotes for SFR
 BOS_ID, EOS_ID = 1, 2  # Mistral's <s> and </s>
 BASELINE_BATCH = 32  # sentence-transformers' default batch_size
-
+OURS = "ours (EmbeddingEngine)"  # in the run's dtype: bf16 on a GPU
+LORA_MODELS = {"base": BASE, "a": "adapter_0", "b": "adapter_1"}  # a shared base's models in the LoRA rows
 FLOP_FORMULA = (
     "model FLOPs of a text of L real tokens = 2·N·L + 2·n_layers·d·L², "
     "N = non-embedding parameters, d = hidden size; the attention term is "
     "4·n_layers·L·d per token (QKᵀ and AV), halved because the kernel is causal. "
     "Padding is not counted: MFU is useful work / time / peak."
 )
-
-
-# --------------------------------------------------------------------------- model building
+# (hidden, intermediate, layers, heads, KV heads): SFR-Embedding-Mistral's config.json; --small, to check the
+# script on a CPU; the correctness check's: small enough for an fp32 per-text reference, same 4:1 GQA ratio.
+SIZES = {"sfr": (4096, 14336, 32, 32, 8), "small": (256, 512, 2, 4, 2), "check": (512, 1792, 4, 8, 2)}
 
 
 def mistral_config(kind: str):
     from transformers import MistralConfig
 
-    common = dict(
-        vocab_size=32000,
-        max_position_embeddings=32768,
-        sliding_window=4096,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-    )
-    sizes = {
-        # SFR-Embedding-Mistral's config.json
-        "sfr": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8),
-        # --small: lets the script itself be checked on a CPU
-        "small": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2),
-        # correctness check: small enough for an fp32 per-text reference, same 4:1 GQA ratio
-        "check": dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=2),
-    }
-    return MistralConfig(**common, **sizes[kind])
+    names = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    return MistralConfig(vocab_size=32000, max_position_embeddings=32768, sliding_window=4096, rms_norm_eps=1e-5,
+                         rope_theta=10000.0, **dict(zip(names, SIZES[kind])))
 
 
 @torch.no_grad()
@@ -137,21 +108,6 @@ def build_random_model(config, device: str, dtype: torch.dtype, seed: int):
     return model.eval()
 
 
-def non_embedding_params(model) -> int:
-    embedding = model.get_input_embeddings().weight.numel()
-    return sum(p.numel() for p in model.parameters()) - embedding
-
-
-def make_engine(model, device: str, max_batch_tokens: int, packed: bool = False) -> EmbeddingEngine:
-    """Our engine around an in-memory model (SFR's pooling: last token, L2-normalized), with
-    sorted padded passes or, `packed`, padding-free ones (pack_above_padding 0)."""
-    return EmbeddingEngine(model, device, "last_token", True, max_batch_tokens, pack_above_padding=0.0 if packed else 1.0)
-
-
-# The models of a shared base in the LoRA rows: the bare base and two adapters.
-LORA_MODELS = {"base": BASE, "a": "adapter_0", "b": "adapter_1"}
-
-
 @torch.no_grad()
 def add_random_adapters(model, n: int, rank: int, seed: int, std: float = 0.02):
     """`model` as a PeftModel with `n` LoRA adapters (`adapter_0`, ...) of rank `rank` on every
@@ -172,16 +128,20 @@ def add_random_adapters(model, n: int, rank: int, seed: int, std: float = 0.02):
     return peft_model.eval()
 
 
-def lora_engine(model, device: str, max_batch_tokens: int) -> EmbeddingEngine:
-    """Our engine over a PeftModel of LORA_MODELS' adapters (one engine per model)."""
-    return EmbeddingEngine(model, device, "last_token", True, max_batch_tokens, adapters=LORA_MODELS)
+def make_engine(model, device: str, max_batch_tokens: int, packed: bool = False, lora: bool = False,
+                cpu_threads: int | None = None) -> EmbeddingEngine:
+    """Our engine around an in-memory model (SFR's pooling: last token, L2-normalized), with sorted
+    padded passes or, `packed`, padding-free ones (pack_above_padding 0); `lora`: a PeftModel of
+    LORA_MODELS' adapters."""
+    return EmbeddingEngine(model, device, "last_token", True, max_batch_tokens, cpu_threads,
+                           pack_above_padding=0.0 if packed else 1.0, adapters=LORA_MODELS if lora else None)
 
 
-def run_lora(engine: EmbeddingEngine, seqs: list[list[int]], mix: bool, models: list[str] | None = None):
+def run_lora(engine: EmbeddingEngine, seqs: list[list[int]], mix: bool, models: list[str] | None = None) -> Embedded:
     """The texts through a LoRA engine, each its row_models() model unless `models` says;
     `mix`: passes mix adapters (else one pass per adapter)."""
     engine.mix_adapters = mix
-    return run_engine(engine, seqs, models or row_models(len(seqs)))
+    return engine.embed_counted(seqs, models=models or row_models(len(seqs)))
 
 
 def row_models(n: int) -> list[str]:
@@ -190,18 +150,9 @@ def row_models(n: int) -> list[str]:
     return [names[i % len(names)] for i in range(n)]
 
 
-def fp8_model(config, device: str, seed: int, granularity: str):
-    """The same random model (same seed), its linear layers quantized by torchao."""
-    return quantize_fp8(build_random_model(config, device, torch.bfloat16, seed), granularity)
-
-
-# --------------------------------------------------------------------------- workloads
-
-
 def random_text(rng: np.random.Generator, length: int, vocab: int) -> list[int]:
     """What the tokenizer stage hands the engine: <s>, body ids, and the appended </s>."""
-    body = rng.integers(3, vocab, size=length - 2).tolist()
-    return [BOS_ID, *body, EOS_ID]
+    return [BOS_ID, *rng.integers(3, vocab, size=length - 2).tolist(), EOS_ID]
 
 
 def log_uniform_lengths(rng: np.random.Generator, n: int, low: int, high: int) -> list[int]:
@@ -209,127 +160,12 @@ def log_uniform_lengths(rng: np.random.Generator, n: int, low: int, high: int) -
     return np.exp(rng.uniform(math.log(low), math.log(high), size=n)).astype(int).tolist()
 
 
-def make_workloads(rng: np.random.Generator, vocab: int, scale: str) -> dict[str, list[list[int]]]:
-    """Counts sized so each workload takes a few seconds per method on an H100 (~40 k tok/s)."""
-    counts = {
-        "full": dict(docs=256, mixed=384, queries=4096),  # ~131 k, ~160 k, ~131 k tokens
-        "quick": dict(docs=128, mixed=192, queries=2048),
-        "small": dict(docs=16, mixed=32, queries=256),  # CPU smoke run: checks the script only
-    }[scale]
-    longest = 1024 if scale == "small" else 2048  # CPU attention over 32×2048 padded rows is slow
-    return {
-        "docs": [random_text(rng, 512, vocab) for _ in range(counts["docs"])],
-        "mixed": [
-            random_text(rng, n, vocab) for n in log_uniform_lengths(rng, counts["mixed"], 16, longest)
-        ],
-        "queries": [random_text(rng, 32, vocab) for _ in range(counts["queries"])],
-    }
-
-
-# --------------------------------------------------------------------------- the three methods
-
-
-@dataclass
-class RunStats:
-    """What one method reports for one call, beyond its vectors."""
-
-    real_tokens: int = 0
-    padded_tokens: int = 0
-
-
-def pad_right(rows: list[list[int]], device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def run_engine(engine: EmbeddingEngine, seqs: list[list[int]], models: list[str] | None = None
-               ) -> tuple[np.ndarray, RunStats]:
-    done = engine.embed_counted(seqs, models=models)
-    return done.vectors, RunStats(done.real_tokens, done.padded_tokens)
-
-
-def run_engine_batches(engine: EmbeddingEngine, seqs: list[list[int]], max_tokens: int,
-                       in_flight: int) -> tuple[np.ndarray, RunStats]:
-    """The served path: one engine call per token-budget batch, `in_flight` calls at a time
-    (the Embedder's `batches_in_flight`). Each call ends with a device-to-host copy; with two in
-    flight, the host prepares one batch while the GPU runs the other."""
-    groups = cut_to_budget(seqs, max_tokens)  # as the Ingress cuts a request
-    with ThreadPoolExecutor(in_flight) as pool:
-        done = list(pool.map(engine.embed_counted, groups))
-    vectors = np.concatenate([d.vectors for d in done])
-    return vectors, RunStats(sum(d.real_tokens for d in done), sum(d.padded_tokens for d in done))
-
-
-def ids_to_text(ids: list[int]) -> str:
-    """Token ids as a string, so sentence-transformers can sort by characters as it does for text.
-
-    Ids are written in decimal (mostly 5 characters each), so character length tracks token
-    length about as closely as real text does; parsing them back stands in for tokenizing.
-    """
-    return " ".join(map(str, ids))
-
-
-def _st_classes():
-    """Pooling and InputModule across sentence-transformers versions (None where absent)."""
-    try:  # v6 layout
-        from sentence_transformers.sentence_transformer.modules import InputModule, Pooling
-    except ImportError:
-        from sentence_transformers import models
-
-        Pooling = models.Pooling
-        InputModule = getattr(models, "InputModule", None)
-    return InputModule, Pooling
-
-
-def build_sentence_transformer(model, device: str, stats: RunStats):
-    """A real `SentenceTransformer` from modules: an id-parsing input module wrapping our model,
-    then the library's own last-token Pooling (what SFR's modules.json configures).
-
-    `models.Transformer` cannot be used: it loads config and tokenizer from a path, and saving
-    14 GB of random weights to build one is not worth it. Everything else — sorting by length,
-    batching, padding, pooling, normalising, moving to CPU — is the library's `encode`.
-    """
-    from sentence_transformers import SentenceTransformer
-
-    InputModule, Pooling = _st_classes()
-    base = InputModule if InputModule is not None else torch.nn.Module
-
-    class TokenIdInput(base):
-        """Parses 'id id id' strings, right-pads to the batch's longest, runs the model."""
-
-        save_in_root = True
-        modalities = ["text"]
-
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def preprocess(self, inputs, prompt=None, **kwargs):
-            rows = [[int(t) for t in text.split()] for text in inputs]
-            ids, mask = pad_right(rows, "cpu")
-            stats.real_tokens += int(mask.sum())
-            stats.padded_tokens += ids.numel()
-            return {"input_ids": ids, "attention_mask": mask}
-
-        tokenize = preprocess  # the name sentence-transformers < 5 calls
-
-        def forward(self, features, **kwargs):
-            hidden = self.inner(
-                input_ids=features["input_ids"], attention_mask=features["attention_mask"]
-            ).last_hidden_state
-            features["token_embeddings"] = hidden
-            return features
-
-        def save(self, *args, **kwargs):
-            raise NotImplementedError("benchmark-only module")
-
-    pooling = Pooling(int(model.config.hidden_size), pooling_mode="lasttoken")
-    return SentenceTransformer(modules=[TokenIdInput(model), pooling], device=device)
+def make_workloads(rng: np.random.Generator, vocab: int, counts: tuple[int, int, int], longest: int) -> dict:
+    """docs (512 tokens), mixed (log-uniform 16–`longest`) and queries (32) of these counts."""
+    docs, mixed, queries = counts
+    return {"docs": [random_text(rng, 512, vocab) for _ in range(docs)],
+            "mixed": [random_text(rng, n, vocab) for n in log_uniform_lengths(rng, mixed, 16, longest)],
+            "queries": [random_text(rng, 32, vocab) for _ in range(queries)]}
 
 
 @dataclass
@@ -337,36 +173,108 @@ class Method:
     """A way to embed a workload. `prepare` shapes the inputs and is not timed."""
 
     name: str
-    run: Callable[[list], tuple[np.ndarray, RunStats]]
-    prepare: Callable[[list[list[int]]], list] = lambda seqs: seqs
+    run: Callable[[list], Embedded]
     precision: str = "bf16"  # whose matmul peak its MFU is measured against
     same_model_as_ours: bool = True  # False (LoRA rows): its vectors are another model's
+    prepare: Callable[[list[list[int]]], list] = lambda seqs: seqs
 
 
 def make_st_method(model, device: str) -> Method | None:
-    """The real sentence-transformers encode; None (no baseline row) if this version cannot be built."""
-    stats = RunStats()
+    """The real sentence-transformers `encode`: an id-parsing input module wrapping our model, then
+    the library's own last-token Pooling (what SFR's modules.json configures). None (no baseline
+    row) if this version cannot be built.
+
+    `models.Transformer` cannot be used: it loads config and tokenizer from a path, and saving
+    14 GB of random weights to build one is not worth it. Everything else — sorting by length,
+    batching, padding, pooling, normalising, moving to CPU — is the library's `encode`. Ids are
+    written in decimal (mostly 5 characters each), so character length tracks token length about
+    as closely as real text does; parsing them back stands in for tokenizing.
+    """
+    counts = [0, 0]  # real, padded tokens of the current call
     try:
-        st_model = build_sentence_transformer(model, device, stats)
+        import sentence_transformers
+        from sentence_transformers import SentenceTransformer
+
+        try:  # v6 layout
+            from sentence_transformers.sentence_transformer.modules import InputModule, Pooling
+        except ImportError:
+            from sentence_transformers.models import Pooling
+
+            InputModule = getattr(sentence_transformers.models, "InputModule", torch.nn.Module)
+
+        class TokenIdInput(InputModule):
+            """Parses 'id id id' strings, right-pads to the batch's longest, runs the model."""
+
+            save_in_root = True
+            modalities = ["text"]
+
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def preprocess(self, inputs, prompt=None, **kwargs):
+                rows = [[int(t) for t in text.split()] for text in inputs]
+                ids = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for i, row in enumerate(rows):
+                    ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+                counts[0] += int(mask.sum())
+                counts[1] += ids.numel()
+                return {"input_ids": ids, "attention_mask": mask}
+
+            tokenize = preprocess  # the name sentence-transformers < 5 calls
+
+            def forward(self, features, **kwargs):
+                features["token_embeddings"] = self.inner(input_ids=features["input_ids"],
+                                                          attention_mask=features["attention_mask"]).last_hidden_state
+                return features
+
+            def save(self, *args, **kwargs):
+                raise NotImplementedError("benchmark-only module")
+
+        pooling = Pooling(int(model.config.hidden_size), pooling_mode="lasttoken")
+        st_model = SentenceTransformer(modules=[TokenIdInput(model), pooling], device=device)
     except Exception as exc:  # an incompatible library version: say so, keep the rest
         print(f"[st] could not build a SentenceTransformer ({exc!r}); no baseline row")
         return None
 
-    def run(texts: list[str]):
-        stats.real_tokens = stats.padded_tokens = 0
-        vectors = st_model.encode(
-            texts, batch_size=BASELINE_BATCH, normalize_embeddings=True, convert_to_numpy=True
-        )
-        vectors = np.asarray(vectors, dtype=np.float32)
-        return vectors, RunStats(stats.real_tokens, stats.padded_tokens)
+    def run(texts: list[str]) -> Embedded:
+        counts[:] = [0, 0]
+        vectors = st_model.encode(texts, batch_size=BASELINE_BATCH, normalize_embeddings=True, convert_to_numpy=True)
+        return Embedded(np.asarray(vectors, dtype=np.float32), *counts)
 
-    import sentence_transformers
-
-    name = f"sentence-transformers {sentence_transformers.__version__} encode (real)"
-    return Method(name, run, prepare=lambda seqs: [ids_to_text(s) for s in seqs])
+    return Method(f"sentence-transformers {sentence_transformers.__version__} encode (real)", run,
+                  prepare=lambda seqs: [" ".join(map(str, s)) for s in seqs])
 
 
-# --------------------------------------------------------------------------- timing
+def build_methods(models: dict, device: str, budget: int, baselines: bool) -> tuple[list[Method], dict]:
+    """Ours first (the others are compared to it): padded and packed per precision (FP8 per-tensor
+    padded only), the LoRA rows, the baseline; also the engines whose single passes are timed."""
+    methods, timed_engines = [], {}
+    for name, model in models.items():
+        if name.startswith("lora"):
+            continue
+        precision, label = name.split()[0], "ours" if name == "bf16" else f"ours {name}"
+        padded = make_engine(model, device, budget)
+        timed_engines.setdefault(precision, padded)  # FP8: per-row, the served setting
+        methods.append(Method(OURS if name == "bf16" else label, padded.embed_counted, precision))
+        if name != "fp8 per-tensor":
+            methods.append(Method(f"{label}, packed passes", make_engine(model, device, budget, True).embed_counted,
+                                  precision))
+    both = "2 adapters + base unmerged"
+    if "lora bf16" in models:
+        lora = make_engine(models["lora bf16"], device, budget, lora=True)
+        methods += [Method(f"LoRA: {both}, mixed passes", partial(run_lora, lora, mix=True), same_model_as_ours=False),
+                    Method(f"LoRA: {both}, a pass per adapter", partial(run_lora, lora, mix=False),
+                           same_model_as_ours=False),
+                    Method("LoRA: 1 adapter unmerged", lambda seqs: run_lora(lora, seqs, True, ["a"] * len(seqs)),
+                           same_model_as_ours=False)]
+    if "lora fp8 per-row" in models:
+        lora_fp8 = make_engine(models["lora fp8 per-row"], device, budget, lora=True)
+        methods.append(Method(f"LoRA fp8 per-row: {both}, mixed passes", partial(run_lora, lora_fp8, mix=True),
+                              "fp8", same_model_as_ours=False))
+    st = make_st_method(models["bf16"], device) if baselines else None
+    return methods + ([st] if st else []), timed_engines
 
 
 def synchronize(device: str) -> None:
@@ -380,19 +288,16 @@ def reset_memory(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_memory_gib(device: str) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-
-
-def timed(method: Method, seqs, device: str):
-    """Wall time of one call, GPU work included (synchronised before and after)."""
+def timed(method: Method, seqs, device: str) -> tuple[Embedded, float, float | None]:
+    """One call, its wall time (GPU work included: synchronised before and after), peak GiB."""
     inputs = method.prepare(seqs)
     reset_memory(device)
     synchronize(device)
     start = time.perf_counter()
-    vectors, stats = method.run(inputs)
+    done = method.run(inputs)
     synchronize(device)
-    return vectors, stats, time.perf_counter() - start, peak_memory_gib(device)
+    seconds = time.perf_counter() - start
+    return done, seconds, torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
 
 
 @torch.inference_mode()
@@ -410,21 +315,15 @@ def measure_matmul_peak(device: str, dtype: torch.dtype, n: int, iters: int, fp8
     for _ in range(3):
         product()
     if device.startswith("cuda"):
-        start_evt = torch.cuda.Event(enable_timing=True)
-        end_evt = torch.cuda.Event(enable_timing=True)
-        start_evt.record()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         for _ in range(iters):
             product()
-        end_evt.record()
+        end.record()
         torch.cuda.synchronize()
-        seconds = start_evt.elapsed_time(end_evt) / 1000
+        seconds = start.elapsed_time(end) / 1000
     else:  # a shared CPU is noisy: the fastest single product is the best estimate of its peak
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            product()
-            times.append(time.perf_counter() - start)
-        seconds = min(times) * iters
+        seconds = min(timeit.timeit(product, number=1) for _ in range(iters)) * iters
     return 2 * n**3 * iters / seconds / 1e12
 
 
@@ -442,9 +341,6 @@ def fp8_skip_reason(device: str) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------- correctness
-
-
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
@@ -460,31 +356,17 @@ def reference_vectors(models: list, seqs: list[list[int]], device: str) -> np.nd
     return np.stack(rows)
 
 
-def lora_check(config, device: str, seed: int, seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray, RunStats]:
-    """bf16 vectors of the bare base and two adapters unmerged in one engine (LORA_MODELS, each
-    text one of the three, passes mixing them), and fp32 references with each text's adapter
-    merged into the same weights."""
-    import copy
-
-    fp32 = add_random_adapters(build_random_model(config, device, torch.float32, seed), 2, 8, seed + 1)
-    engine = lora_engine(copy.deepcopy(fp32).to(torch.bfloat16), device, 4096)
-    models = row_models(len(seqs))
-    ours, stats = run_engine(engine, seqs, models)
-    merged = {name: copy.deepcopy(fp32).unload() if adapter == BASE
-              else copy.deepcopy(fp32).merge_and_unload(adapter_names=[adapter])
-              for name, adapter in LORA_MODELS.items()}
-    return ours, reference_vectors([merged[m] for m in models], seqs, device), stats
-
-
 @torch.inference_mode()
 def correctness_check(device: str, seed: int, fp8: bool, lora: bool, n_texts: int = 64) -> dict:
     """The engine's vectors — bf16 padded and packed, FP8 per-row and per-tensor, bf16 with LoRA
-    adapters unmerged — vs fp32 one text at a time, mixed lengths sharing passes.
+    adapters unmerged — vs fp32 one text at a time, mixed lengths sharing 4096-token passes.
 
     The reference takes the hidden state at each text's last position (the EOS) of an
     unpadded forward pass, so any padding or packing leak, wrong pooled position or batch
     dependence shows up as a low cosine. The control (cosine between different texts) shows
-    the threshold is not met trivially.
+    the threshold is not met trivially. For LoRA: the bare base and two adapters unmerged in one
+    engine (each text one of the three, passes mixing them) vs the fp32 reference with each
+    text's adapter merged into the same weights.
     """
     config = mistral_config("check")
     reference = build_random_model(config, device, torch.float32, seed)
@@ -501,58 +383,26 @@ def correctness_check(device: str, seed: int, fp8: bool, lora: bool, n_texts: in
     engines = {"bf16 padded": make_engine(bf16, device, 4096), "bf16 packed": make_engine(bf16, device, 4096, True)}
     for granularity in ("row", "tensor") if fp8 else ():
         engines[f"fp8 per-{granularity}"] = make_engine(same_weights(granularity), device, 4096)
-    results = {name: (*run_engine(engine, seqs), ref) for name, engine in engines.items()}  # 4096-token passes
+    results = {name: (engine.embed_counted(seqs), ref) for name, engine in engines.items()}
     if lora:
-        ours, lora_ref, stats = lora_check(config, device, seed, seqs)
-        results["bf16 LoRA: 2 adapters + base, unmerged"] = (ours, stats, lora_ref)
+        fp32 = add_random_adapters(build_random_model(config, device, torch.float32, seed), 2, 8, seed + 1)
+        models = row_models(len(seqs))
+        engine = make_engine(copy.deepcopy(fp32).to(torch.bfloat16), device, 4096, lora=True)
+        ours = engine.embed_counted(seqs, models=models)
+        merged = {name: copy.deepcopy(fp32).unload() if adapter == BASE
+                  else copy.deepcopy(fp32).merge_and_unload(adapter_names=[adapter])
+                  for name, adapter in LORA_MODELS.items()}
+        expected = reference_vectors([merged[m] for m in models], seqs, device)
+        results["bf16 LoRA: 2 adapters + base, unmerged"] = (ours, expected)
     variants = {}
-    for name, (ours, stats, expected) in results.items():
-        cos = cosine_rows(ours, expected)
+    for name, (done, expected) in results.items():
+        cos = cosine_rows(done.vectors, expected)
         variants[name] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-                          "padding_ratio": 1 - stats.real_tokens / stats.padded_tokens, "passed": bool(cos.min() >= 0.999)}
+                          "padding_ratio": 1 - done.real_tokens / done.padded_tokens, "passed": bool(cos.min() >= 0.999)}
     control = cosine_rows(ref, np.roll(ref, 1, axis=0))
-    del reference, bf16, engines
-    reset_memory(device)
     return {"texts": n_texts, "lengths": [min(map(len, seqs)), max(map(len, seqs))], "threshold": 0.999,
             "control_mean_cosine_between_texts": float(np.abs(control).mean()), "variants": variants,
             "passed": all(v["passed"] for v in variants.values())}
-
-
-# --------------------------------------------------------------------------- the benchmark
-
-
-@dataclass
-class Row:
-    workload: str
-    method: str
-    texts: int
-    real_tokens: int
-    padded_tokens: int
-    seconds: float
-    tokens_per_s: float
-    texts_per_s: float
-    model_tflops: float
-    mfu_measured_peak: float | None
-    mfu_datasheet: float | None
-    padding_ratio: float
-    peak_mem_gib: float | None
-    usd_per_m_tokens: float
-    ours_over_this: float | None = None
-    min_cosine_vs_ours: float | None = None
-
-
-@dataclass
-class Context:
-    device: str
-    device_name: str
-    dtype: str
-    n_layers: int
-    hidden: int
-    non_embedding_params: int
-    peaks: dict  # precision -> TFLOP/s measured here
-    datasheet: dict  # precision -> TFLOP/s of the card's datasheet (empty: card not in the table)
-    usd_per_gpu_hour: float
-    rows: list[Row] = field(default_factory=list)
 
 
 def datasheet_for(name: str) -> tuple[str, dict]:
@@ -562,62 +412,51 @@ def datasheet_for(name: str) -> tuple[str, dict]:
     return "not in the table", {}
 
 
-def model_flops(seqs: list[list[int]], ctx: Context) -> float:
+def make_row(res: dict, workload: str, method: Method, seqs, done: Embedded, seconds: float, peak) -> dict:
     lengths = np.array([len(s) for s in seqs], dtype=np.float64)
-    linear = 2.0 * ctx.non_embedding_params * lengths.sum()
-    attention = 2.0 * ctx.n_layers * ctx.hidden * (lengths**2).sum()  # causal half of 4·l·L·d
-    return float(linear + attention)
+    attention = 2.0 * res["n_layers"] * res["hidden"] * (lengths**2).sum()  # causal half of 4·l·L·d
+    flops = 2.0 * res["non_embedding_params"] * lengths.sum() + attention
+    achieved, tokens_per_s = flops / seconds / 1e12, done.real_tokens / seconds
+    measured, sheet = res["peaks"].get(method.precision), res["datasheet"].get(method.precision)
+    return {"workload": workload, "method": method.name, "texts": len(seqs), "real_tokens": done.real_tokens,
+            "padded_tokens": done.padded_tokens, "seconds": seconds, "tokens_per_s": tokens_per_s,
+            "texts_per_s": len(seqs) / seconds, "model_tflops": achieved,
+            "mfu_measured_peak": achieved / measured if measured else None,
+            "mfu_datasheet": achieved / sheet if sheet else None,
+            "padding_ratio": 1 - done.real_tokens / done.padded_tokens, "peak_mem_gib": peak,
+            "usd_per_m_tokens": res["usd_per_gpu_hour"] / 3600 / tokens_per_s * 1e6,
+            "ours_over_this": None, "min_cosine_vs_ours": None}
 
 
-def make_row(workload, method: Method, seqs, stats: RunStats, seconds, peak, ctx: Context) -> Row:
-    achieved = model_flops(seqs, ctx) / seconds / 1e12
-    tokens_per_s = stats.real_tokens / seconds
-    measured, sheet = ctx.peaks.get(method.precision), ctx.datasheet.get(method.precision)
-    return Row(
-        workload=workload, method=method.name, texts=len(seqs), real_tokens=stats.real_tokens,
-        padded_tokens=stats.padded_tokens, seconds=seconds, tokens_per_s=tokens_per_s,
-        texts_per_s=len(seqs) / seconds, model_tflops=achieved,
-        mfu_measured_peak=achieved / measured if measured else None,
-        mfu_datasheet=achieved / sheet if sheet else None,
-        padding_ratio=1 - stats.real_tokens / stats.padded_tokens, peak_mem_gib=peak,
-        usd_per_m_tokens=ctx.usd_per_gpu_hour / 3600 / tokens_per_s * 1e6,
-    )
-
-
-def warm_up(methods: list[Method], workloads: dict, device: str) -> None:
-    """One short pass per method: CUDA context, cuBLAS handles, SDPA kernels, allocator pools."""
+def benchmark(res: dict, methods: list[Method], workloads: dict, out_dir: Path) -> None:
+    """Every method on every workload; the first method is ours, the others are compared to it."""
+    device = res["device"]
     sample = workloads["mixed"][:32] + workloads["queries"][:64] + workloads["docs"][:8]
-    for method in methods:
+    for method in methods:  # warm-up: CUDA context, cuBLAS handles, SDPA kernels, allocator pools
         method.run(method.prepare(sample))
     synchronize(device)
-
-
-def benchmark(ctx: Context, methods: list[Method], workloads: dict, out_dir: Path, meta: dict) -> None:
-    """Every method on every workload; the first method is ours, the others are compared to it."""
     for workload, seqs in workloads.items():
         results = []
         for method in methods:
             try:
-                vectors, stats, seconds, peak = timed(method, seqs, ctx.device)
+                done, seconds, peak = timed(method, seqs, device)
             except Exception as exc:  # e.g. a baseline running out of memory: keep the rest
                 print(f"  {workload:8s} {method.name}: FAILED {exc!r}", flush=True)
-                meta.setdefault("errors", []).append(f"{workload} / {method.name}: {exc!r}")
-                reset_memory(ctx.device)
+                res["errors"].append(f"{workload} / {method.name}: {exc!r}")
+                reset_memory(device)
                 continue
-            row = make_row(workload, method, seqs, stats, seconds, peak, ctx)
-            results.append((row, vectors, method))
-            ctx.rows.append(row)
-            print(f"  {workload:8s} {method.name[:44]:44s} {seconds:7.2f} s  {row.tokens_per_s:10.0f} tok/s"
-                  f"  pad {row.padding_ratio:6.1%}", flush=True)
-        if not results or results[0][0].method != methods[0].name:
-            continue  # ours failed: nothing to compare against
-        ours_row, ours_vectors, _ = results[0]
-        for row, vectors, method in results:
-            row.ours_over_this = ours_row.tokens_per_s / row.tokens_per_s
-            # Same model and data, other batching or FP8: the vectors must agree with bf16's.
-            if method.same_model_as_ours:
-                row.min_cosine_vs_ours = float(cosine_rows(vectors, ours_vectors).min())
-        write_results(ctx, meta, out_dir)  # after every workload: a timeout still leaves data
+            row = make_row(res, workload, method, seqs, done, seconds, peak)
+            results.append((row, done.vectors, method))
+            res["rows"].append(row)
+            print(f"  {workload:8s} {method.name[:44]:44s} {seconds:7.2f} s  {row['tokens_per_s']:10.0f} tok/s"
+                  f"  pad {row['padding_ratio']:6.1%}", flush=True)
+        if results and results[0][2] is methods[0]:  # else ours failed: nothing to compare against
+            ours, ours_vectors, _ = results[0]
+            for row, vectors, method in results:
+                row["ours_over_this"] = ours["tokens_per_s"] / row["tokens_per_s"]
+                if method.same_model_as_ours:  # other batching or FP8: the vectors must agree with bf16's
+                    row["min_cosine_vs_ours"] = float(cosine_rows(vectors, ours_vectors).min())
+        write_results(res, out_dir)  # after every workload: a timeout still leaves data
 
 
 @torch.inference_mode()
@@ -630,7 +469,8 @@ def pass_timings(engines: dict, sizes: list[int], vocab: int, device: str, reps:
         seqs = [random_text(rng, width, vocab) for _ in range(size // width)]
         row = {"padded_tokens": size, "rows": len(seqs), "width": width}
         for name, engine in engines.items():
-            budget, engine.micro_batch_tokens = engine.micro_batch_tokens, size  # the call is one pass
+            budget = engine.pass_tokens
+            engine.pass_tokens = dict.fromkeys(budget, size)  # the call is one pass, whatever its class
             times = []
             for _ in range(reps + 1):  # the first: this shape's warm-up
                 synchronize(device)
@@ -638,25 +478,28 @@ def pass_timings(engines: dict, sizes: list[int], vocab: int, device: str, reps:
                 engine.embed(seqs)
                 synchronize(device)
                 times.append(time.perf_counter() - start)
-            engine.micro_batch_tokens = budget
+            engine.pass_tokens = budget
             row[f"{name} ms"] = float(np.median(times[1:]) * 1000)
         rows.append(row)
         print("  pass " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
     return rows
 
 
-def targets(ctx: Context) -> list[dict]:
+def targets(rows: list[dict]) -> list[dict]:
     """The issue's targets on the SFR architecture, each with its verdict."""
-    def best(workload: str, prefix: str) -> Row | None:
-        rows = [r for r in ctx.rows if r.workload == workload and r.method.startswith(prefix)]
-        return max(rows, key=lambda r: r.tokens_per_s, default=None)
+    def best(workload: str, prefix: str) -> dict | None:
+        found = [r for r in rows if r["workload"] == workload and r["method"].startswith(prefix)]
+        return max(found, key=lambda r: r["tokens_per_s"], default=None)
 
-    docs, docs_fp8 = best("docs", OURS), best("docs", "ours fp8")
-    mixed, mixed_st = best("mixed", OURS), best("mixed", "sentence-transformers")
+    def ratio(a, b):
+        return a and b and a["tokens_per_s"] / b["tokens_per_s"]
+
+    docs, mixed = best("docs", OURS), best("mixed", OURS)
     found = [
-        ("bf16 MFU on docs, vs the bf16 matmul peak measured here", 0.70, docs and docs.mfu_measured_peak, "{:.1%}"),
-        ("FP8 ÷ bf16 tokens/s on docs (best FP8 row)", 1.6, docs_fp8 and docs and docs_fp8.tokens_per_s / docs.tokens_per_s, "{:.2f}×"),
-        ("ours ÷ sentence-transformers tokens/s on mixed", 2.0, mixed_st and mixed and mixed.tokens_per_s / mixed_st.tokens_per_s, "{:.2f}×"),
+        ("bf16 MFU on docs, vs the bf16 matmul peak measured here", 0.70, docs and docs["mfu_measured_peak"], "{:.1%}"),
+        ("FP8 ÷ bf16 tokens/s on docs (best FP8 row)", 1.6, ratio(best("docs", "ours fp8"), docs), "{:.2f}×"),
+        ("ours ÷ sentence-transformers tokens/s on mixed", 2.0, ratio(mixed, best("mixed", "sentence-transformers")),
+         "{:.2f}×"),
     ]
     return [{"target": name, "need": style.format(need), "value": value,
              "shown": "n/a" if value is None else style.format(value),
@@ -664,97 +507,76 @@ def targets(ctx: Context) -> list[dict]:
             for name, need, value, style in found]
 
 
-# --------------------------------------------------------------------------- reporting
+def fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
-def fmt(value, spec: str, none: str = "n/a") -> str:
-    return none if value is None else format(value, spec)
-
-
-def markdown(ctx: Context, meta: dict) -> str:
-    sheet = ", ".join(f"{k} {v:.0f}" for k, v in ctx.datasheet.items()) or "none"
+def markdown(res: dict) -> str:
+    sheet = ", ".join(f"{k} {v:.0f}" for k, v in res["datasheet"].items()) or "none"
+    price = res["usd_per_gpu_hour"]
     lines = [
-        f"# Engine benchmark on {ctx.device_name}",
-        "",
-        f"- Device: **{ctx.device_name}** (`{ctx.device}`), dtype {ctx.dtype}, attention sdpa; datasheet "
-        f"({meta['datasheet_card']}) dense TFLOP/s: {sheet}",
-        f"- Model: random-weight {meta['model']} — {ctx.n_layers} layers, hidden {ctx.hidden}, "
-        f"{ctx.non_embedding_params / 1e9:.3f} B non-embedding parameters",
-        f"- Engine: `EmbeddingEngine`, max_batch_tokens {meta['max_batch_tokens']}; packed: pack_above_padding 0; "
-        f"FP8: torchao {meta['versions']['torchao']} Float8DynamicActivationFloat8WeightConfig "
-        f"({meta.get('fp8_skipped') or 'per-row and per-tensor scales'}); baselines: {meta['st_label']}, "
+        f"# Engine benchmark on {res['device_name']}", "",
+        f"- Device: **{res['device_name']}** (`{res['device']}`), dtype {res['dtype']}, attention sdpa; datasheet "
+        f"({res['datasheet_card']}) dense TFLOP/s: {sheet}",
+        f"- Model: random-weight {res['model']} — {res['n_layers']} layers, hidden {res['hidden']}, "
+        f"{res['non_embedding_params'] / 1e9:.3f} B non-embedding parameters",
+        f"- Engine: `EmbeddingEngine`, max_batch_tokens {res['max_batch_tokens']}, one call per workload; packed: "
+        f"pack_above_padding 0; FP8: torchao {res['versions']['torchao']} Float8DynamicActivationFloat8WeightConfig "
+        f"({res['fp8_skipped'] or 'per-row and per-tensor scales'}); baselines: {res['st_label']}, "
         f"batch_size {BASELINE_BATCH}",
         "- LoRA rows: the bare base and two random adapters (rank 8 on every linear layer, as SFR's) unmerged "
         "in one engine, texts taking the three in turn; a merged model costs what ours does; their MFU counts "
         "the base's FLOPs only (rank-8 products add ~0.3% on SFR)",
-        "- Workloads (random ids, <s> … </s>): "
-        + "; ".join(f"{name}: {text}" for name, text in meta["workloads"].items()),
-        "- Measured matmul peaks: " + ", ".join(f"**{k} {v:.1f} TFLOP/s**" for k, v in ctx.peaks.items())
-        + f" ({meta['matmul']}, timed with {meta['matmul_timer']})",
+        "- Workloads (random ids, <s> … </s>): " + "; ".join(f"{k}: {v}" for k, v in res["workloads"].items()),
+        "- Measured matmul peaks: " + ", ".join(f"**{k} {v:.1f} TFLOP/s**" for k, v in res["peaks"].items())
+        + f" ({res['matmul']}, timed with {res['matmul_timer']})",
         f"- FLOPs: {FLOP_FORMULA}",
-        f"- Cost: ${ctx.usd_per_gpu_hour:g} per GPU-hour (--usd-per-gpu-hour) ÷ tokens/s; the seed quotes "
-        f"${SEED_USD_PER_M_TOKENS} per 1M tokens, i.e. {ctx.usd_per_gpu_hour / 3600 / SEED_USD_PER_M_TOKENS * 1e6:,.0f} tokens/s at this price",
+        f"- Cost: ${price:g} per GPU-hour (--usd-per-gpu-hour) ÷ tokens/s; the seed quotes "
+        f"${SEED_USD_PER_M_TOKENS} per 1M tokens, i.e. {price / 3600 / SEED_USD_PER_M_TOKENS * 1e6:,.0f} tokens/s "
+        "at this price",
         "- Times are wall clock around the whole call (synchronised), after a warm-up pass; "
         "sentence-transformers' time includes parsing the id strings (its stand-in for tokenizing).",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-        "",
-        "## Targets",
-        "",
-        "| target | need | measured | verdict |",
-        "|---|---:|---:|---|",
-        *(f"| {t['target']} | ≥ {t['need']} | {t['shown']} | {t['verdict']} |" for t in meta.get("targets", [])),
-        "",
-        "## Throughput",
-        "",
-        "| workload | method | texts | real tokens | s | tokens/s | texts/s | model TFLOP/s "
-        "| MFU vs measured peak | MFU vs datasheet | padding | peak mem GiB | $ per 1M tokens | ours ÷ this "
-        "| min cos vs ours |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()), "",
+        "## Targets", "", "| target | need | measured | verdict |", "|---|---:|---:|---|",
+        *(f"| {t['target']} | ≥ {t['need']} | {t['shown']} | {t['verdict']} |" for t in res.get("targets", [])), "",
+        "## Throughput", "",
+        "| workload | method | texts | real tokens | s | tokens/s | texts/s | model TFLOP/s | MFU vs measured peak "
+        "| MFU vs datasheet | padding | peak mem GiB | $ per 1M tokens | ours ÷ this | min cos vs ours |",
+        "|---|---|" + "---:|" * 13,
     ]
-    for r in ctx.rows:
+    for r in res["rows"]:
         lines.append(
-            f"| {r.workload} | {r.method} | {r.texts} | {r.real_tokens} | {r.seconds:.2f} "
-            f"| {r.tokens_per_s:,.0f} | {r.texts_per_s:,.1f} | {r.model_tflops:.3g} "
-            f"| {fmt(r.mfu_measured_peak, '.1%')} | {fmt(r.mfu_datasheet, '.1%')} | {r.padding_ratio:.1%} "
-            f"| {fmt(r.peak_mem_gib, '.2f')} | {r.usd_per_m_tokens:.4f} | {fmt(r.ours_over_this, '.2f')}× "
-            f"| {fmt(r.min_cosine_vs_ours, '.5f')} |"
-        )
-    passes = meta.get("passes", [])
-    if passes:
-        names = [k for k in passes[0] if k.endswith(" ms")]
+            f"| {r['workload']} | {r['method']} | {r['texts']} | {r['real_tokens']} | {r['seconds']:.2f} "
+            f"| {r['tokens_per_s']:,.0f} | {r['texts_per_s']:,.1f} | {r['model_tflops']:.3g} "
+            f"| {fmt(r['mfu_measured_peak'], '.1%')} | {fmt(r['mfu_datasheet'], '.1%')} | {r['padding_ratio']:.1%} "
+            f"| {fmt(r['peak_mem_gib'], '.2f')} | {r['usd_per_m_tokens']:.4f} | {fmt(r['ours_over_this'], '.2f')}× "
+            f"| {fmt(r['min_cosine_vs_ours'], '.5f')} |")
+    if res.get("passes"):
+        names = [k for k in res["passes"][0] if k.endswith(" ms")]
         lines += ["", "## One forward pass (rows of 512-token docs; median, host work included)", "",
                   "| padded tokens | rows | " + " | ".join(f"{n} | {n[:-3]} tokens/s" for n in names) + " |",
                   "|---:|---:|" + "---:|---:|" * len(names)]
-        for p in passes:
+        for p in res["passes"]:
             cells = " | ".join(f"{p[n]:.1f} | {p['padded_tokens'] / p[n] * 1000:,.0f}" for n in names)
             lines.append(f"| {p['padded_tokens']} | {p['rows']} | {cells} |")
-    check = meta.get("correctness")
-    if check:
-        lines += ["", f"## Correctness: {'PASS' if check['passed'] else 'FAIL'}", "",
-                  f"Engine vs fp32 per-text reference on a random Mistral (4 layers, hidden 512), {check['texts']} "
-                  f"texts of {check['lengths'][0]}–{check['lengths'][1]} tokens sharing 4096-token passes; threshold "
-                  f"{check['threshold']}; control, |cosine| between different texts: "
-                  f"{check['control_mean_cosine_between_texts']:.3f}.", "",
-                  "| variant | min cosine | mean cosine | padding | verdict |", "|---|---:|---:|---:|---|"]
-        for name, v in check["variants"].items():
-            lines.append(f"| {name} | {v['min_cosine']:.6f} | {v['mean_cosine']:.6f} | {v['padding_ratio']:.1%} "
-                         f"| {'PASS' if v['passed'] else 'FAIL'} |")
-    for error in meta.get("errors", []):
-        lines.append(f"\n**Failed:** {error}")
-    lines += ["", f"Total run time {meta.get('total_s', float('nan')):.1f} s "
-              f"(model init {meta.get('init_s', float('nan')):.1f} s)."]
+    check = res["correctness"]
+    lines += ["", f"## Correctness: {'PASS' if check['passed'] else 'FAIL'}", "",
+              f"Engine vs fp32 per-text reference on a random Mistral (4 layers, hidden 512), {check['texts']} "
+              f"texts of {check['lengths'][0]}–{check['lengths'][1]} tokens sharing 4096-token passes; threshold "
+              f"{check['threshold']}; control, |cosine| between different texts: "
+              f"{check['control_mean_cosine_between_texts']:.3f}.", "",
+              "| variant | min cosine | mean cosine | padding | verdict |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {name} | {v['min_cosine']:.6f} | {v['mean_cosine']:.6f} | {v['padding_ratio']:.1%} "
+              f"| {'PASS' if v['passed'] else 'FAIL'} |" for name, v in check["variants"].items()]
+    lines += [f"\n**Failed:** {error}" for error in res["errors"]]
+    lines += ["", f"Total run time {res.get('total_s', float('nan')):.1f} s (model init {res['init_s']:.1f} s)."]
     return "\n".join(lines) + "\n"
 
 
-def write_results(ctx: Context, meta: dict, out_dir: Path) -> None:
+def write_results(res: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = {**meta, **{k: v for k, v in asdict(ctx).items() if k != "rows"}, "flop_formula": FLOP_FORMULA,
-            "rows": [asdict(r) for r in ctx.rows]}
-    (out_dir / "gpu_engine.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out_dir / "gpu_engine.md").write_text(markdown(ctx, meta))
-
-
-# --------------------------------------------------------------------------- main
+    (out_dir / "gpu_engine.json").write_text(json.dumps({**res, "flop_formula": FLOP_FORMULA}, indent=2) + "\n")
+    (out_dir / "gpu_engine.md").write_text(markdown(res))
 
 
 def parse_args() -> argparse.Namespace:
@@ -764,23 +586,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO_ROOT / "bench" / "results"))
     parser.add_argument("--max-batch-tokens", type=int, default=16384, help="engine token budget")
-    parser.add_argument("--pass-sizes", default=None, help="single-pass sizes (default 512…16384; --small 128…1024)")
+    parser.add_argument("--pass-sizes", help="single-pass sizes (default 512…16384; --small 128…1024)")
     parser.add_argument("--usd-per-gpu-hour", type=float, default=2.5)
     parser.add_argument("--no-baselines", action="store_true", help="only our engine")
     parser.add_argument("--no-lora", action="store_true", help="no LoRA rows (several adapters over one base)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
-
-
-def describe(seqs: list[list[int]]) -> str:
-    lengths = [len(s) for s in seqs]
-    return f"{len(seqs)} texts, {min(lengths)}–{max(lengths)} tokens, {sum(lengths)} in all"
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def versions() -> dict:
@@ -795,56 +606,16 @@ def versions() -> dict:
     return found
 
 
-OURS = "ours (EmbeddingEngine)"  # in the run's dtype: bf16 on a GPU
-
-
-def build_methods(models: dict, device: str, max_batch_tokens: int, baselines: bool) -> tuple[list[Method], dict]:
-    """Ours first (the others are compared to it), then packed, served, FP8, LoRA and the baselines;
-    also the engines whose single passes are timed."""
-    engine = make_engine(models["bf16"], device, max_batch_tokens)
-    packed = make_engine(models["bf16"], device, max_batch_tokens, packed=True)
-    methods = [Method(OURS, lambda seqs: run_engine(engine, seqs)),
-               Method("ours, packed passes", lambda seqs: run_engine(packed, seqs))]
-    for in_flight in (1, 2):
-        methods.append(Method(f"ours, served batches, {in_flight} in flight",
-                              lambda seqs, k=in_flight: run_engine_batches(engine, seqs, max_batch_tokens, k)))
-    timed_engines = {"bf16": engine}
-    for name, model in models.items():
-        if name.startswith("fp8"):
-            fp8 = make_engine(model, device, max_batch_tokens)
-            timed_engines.setdefault("fp8", fp8)  # per-row: the served setting
-            methods.append(Method(f"ours {name}", lambda seqs, e=fp8: run_engine(e, seqs), precision="fp8"))
-            if name == "fp8 per-row":
-                fp8_packed = make_engine(model, device, max_batch_tokens, packed=True)
-                methods.append(Method(f"ours {name}, packed passes", lambda seqs: run_engine(fp8_packed, seqs),
-                                      precision="fp8"))
-    if "lora bf16" in models:
-        lora = lora_engine(models["lora bf16"], device, max_batch_tokens)
-        methods += [
-            Method("LoRA: 2 adapters + base unmerged, mixed passes", lambda seqs: run_lora(lora, seqs, True),
-                   same_model_as_ours=False),
-            Method("LoRA: 2 adapters + base unmerged, a pass per adapter", lambda seqs: run_lora(lora, seqs, False),
-                   same_model_as_ours=False),
-            Method("LoRA: 1 adapter unmerged", lambda seqs: run_lora(lora, seqs, True, ["a"] * len(seqs)),
-                   same_model_as_ours=False),
-        ]
-    if "lora fp8 per-row" in models:
-        lora_fp8 = lora_engine(models["lora fp8 per-row"], device, max_batch_tokens)
-        methods.append(Method("LoRA fp8 per-row: 2 adapters + base unmerged, mixed passes",
-                              lambda seqs: run_lora(lora_fp8, seqs, True), precision="fp8", same_model_as_ours=False))
-    st = make_st_method(models["bf16"], device) if baselines else None
-    methods += [st] if st else []
-    return methods, timed_engines
-
-
 def main() -> None:
     args = parse_args()
     t0 = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.startswith("cuda")
     dtype = pick_dtype("auto", device)  # the engine's rule: bf16 on CUDA, fp32 on CPU
+    dtype_name = str(dtype).replace("torch.", "")
     out_dir = Path(args.out)
-    name = device_name(device)
+    name = torch.cuda.get_device_name(device) if on_cuda else \
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     card, sheet = datasheet_for(name) if on_cuda else ("not applicable on CPU", {})
     fp8_skipped = fp8_skip_reason(device)
     print(f"device: {name} (datasheet: {card} {sheet}); dtype {dtype}; out: {out_dir}", flush=True)
@@ -856,61 +627,62 @@ def main() -> None:
     for variant, v in check["variants"].items():
         print(f"  {variant:14s} min cosine {v['min_cosine']:.6f} -> {'PASS' if v['passed'] else 'FAIL'}", flush=True)
 
-    matmul_n = 8192 if on_cuda else 1024
-    iters = 50 if on_cuda else 5
+    matmul_n, iters = (8192, 50) if on_cuda else (1024, 5)
     peaks = {"bf16": measure_matmul_peak(device, dtype, matmul_n, iters)}
     if not fp8_skipped:
         peaks["fp8"] = measure_matmul_peak(device, dtype, matmul_n, iters, fp8=True)
-    print("matmul peaks " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items()) + f" ({matmul_n}³)", flush=True)
+    print("matmul peaks " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items()) + f" ({matmul_n}³)")
 
     config = mistral_config("small" if args.small else "sfr")
     t_init = time.perf_counter()
     models = {"bf16": build_random_model(config, device, dtype, args.seed)}
-    if not fp8_skipped:
+    if not fp8_skipped:  # the same random model (same seed), its linear layers quantized by torchao
         for granularity in ("row", "tensor"):
-            models[f"fp8 per-{granularity}"] = fp8_model(config, device, args.seed, granularity)
+            models[f"fp8 per-{granularity}"] = quantize_fp8(build_random_model(config, device, torch.bfloat16,
+                                                                               args.seed), granularity)
     if not args.no_lora:  # its own copy of the base: PEFT wraps the layers of the model it is given
-        models["lora bf16"] = add_random_adapters(build_random_model(config, device, dtype, args.seed), 2, 8, args.seed + 1)
+        models["lora bf16"] = add_random_adapters(build_random_model(config, device, dtype, args.seed), 2, 8,
+                                                  args.seed + 1)
         if not fp8_skipped:  # the adapters first, then FP8 for the base's layers (LoRA's stay bf16)
-            lora = add_random_adapters(build_random_model(config, device, torch.bfloat16, args.seed), 2, 8, args.seed + 1)
-            models["lora fp8 per-row"] = quantize_fp8(lora)
+            models["lora fp8 per-row"] = quantize_fp8(add_random_adapters(
+                build_random_model(config, device, torch.bfloat16, args.seed), 2, 8, args.seed + 1))
     synchronize(device)
     init_s = time.perf_counter() - t_init
     print(f"models built in {init_s:.1f} s: {', '.join(models)}", flush=True)
 
-    ctx = Context(device=device, device_name=name, dtype=str(dtype).replace("torch.", ""),
-                  n_layers=config.num_hidden_layers, hidden=config.hidden_size,
-                  non_embedding_params=non_embedding_params(models["bf16"]), peaks=peaks, datasheet=sheet,
-                  usd_per_gpu_hour=args.usd_per_gpu_hour)
     methods, timed_engines = build_methods(models, device, args.max_batch_tokens, baselines=not args.no_baselines)
-    st_label = next((m.name for m in methods if m.name.startswith("sentence-transformers")), "none (--no-baselines)")
-
     scale = "small" if args.small else "quick" if args.quick else "full"
-    workloads = make_workloads(np.random.default_rng(args.seed), config.vocab_size, scale)
-    meta = {
+    # Sized so each workload takes a few seconds per method on an H100 (~40 k tok/s); CPU attention over
+    # 32×2048 padded rows is slow, so --small stops at 1024 tokens (it checks the script only).
+    counts = {"full": (256, 384, 4096), "quick": (128, 192, 2048), "small": (16, 32, 256)}[scale]
+    longest = 1024 if args.small else 2048
+    workloads = make_workloads(np.random.default_rng(args.seed), config.vocab_size, counts, longest)
+    embedding = models["bf16"].get_input_embeddings().weight.numel()
+    res = {
+        "device": device, "device_name": name, "dtype": dtype_name,
+        "n_layers": config.num_hidden_layers, "hidden": config.hidden_size,
+        "non_embedding_params": sum(p.numel() for p in models["bf16"].parameters()) - embedding,
+        "peaks": peaks, "datasheet": sheet, "datasheet_card": card, "usd_per_gpu_hour": args.usd_per_gpu_hour,
         "model": "tiny Mistral (--small)" if args.small else "SFR-Embedding-Mistral architecture",
-        "scale": scale, "max_batch_tokens": args.max_batch_tokens, "st_label": st_label,
-        "datasheet_card": card, "fp8_skipped": fp8_skipped,
-        "matmul": f"{matmul_n}³ torch.matmul in {ctx.dtype}" + ("" if fp8_skipped else ", torch._scaled_mm in e4m3"),
+        "scale": scale, "max_batch_tokens": args.max_batch_tokens, "fp8_skipped": fp8_skipped,
+        "st_label": next((m.name for m in methods if m.name.startswith("sentence-transformers")),
+                         "none (--no-baselines)"),
+        "matmul": f"{matmul_n}³ torch.matmul in {dtype_name}" + ("" if fp8_skipped else ", torch._scaled_mm in e4m3"),
         "matmul_timer": "CUDA events" if on_cuda else "perf_counter, best of 5",
-        "versions": versions(), "correctness": check, "init_s": init_s,
-        "workloads": {w: describe(seqs) for w, seqs in workloads.items()},
+        "versions": versions(), "correctness": check, "init_s": init_s, "errors": [], "rows": [],
+        "workloads": {w: f"{len(s)} texts, {min(map(len, s))}–{max(map(len, s))} tokens, {sum(map(len, s))} in all"
+                      for w, s in workloads.items()},
     }
-
-    print("warm-up ...", flush=True)
-    warm_up(methods, workloads, device)
-    print("benchmark:", flush=True)
-    benchmark(ctx, methods, workloads, out_dir, meta)
-    meta["targets"] = targets(ctx)
+    print("warm-up, then benchmark:", flush=True)
+    benchmark(res, methods, workloads, out_dir)
+    res["targets"] = targets(res["rows"])
     print("single passes:", flush=True)
     sizes = args.pass_sizes or ("128,256,512,1024" if args.small else "512,1024,2048,4096,8192,16384")
-    meta["passes"] = pass_timings(timed_engines, [int(n) for n in sizes.split(",")], config.vocab_size, device,
-                                  reps=3 if args.small else 5)
-
-    meta["total_s"] = time.perf_counter() - t0
-    write_results(ctx, meta, out_dir)
-    print()
-    print(markdown(ctx, meta))
+    res["passes"] = pass_timings(timed_engines, [int(n) for n in sizes.split(",")], config.vocab_size, device,
+                                 reps=3 if args.small else 5)
+    res["total_s"] = time.perf_counter() - t0
+    write_results(res, out_dir)
+    print("\n" + markdown(res))
     print(f"wrote {out_dir / 'gpu_engine.md'} and {out_dir / 'gpu_engine.json'}")
     if not check["passed"]:
         sys.exit(1)

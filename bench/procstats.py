@@ -34,8 +34,6 @@ def role_of(cmdline: str, name: str) -> str:
         return "Infinity"
     if name in ("raylet", "gcs_server") or "ray" in cmdline:
         return "Ray daemons"
-    if "py-spy" in cmdline or name == "py-spy":
-        return "py-spy"
     return name or "other"
 
 
@@ -131,28 +129,3 @@ def wait_for_quiet(roots: list[int] | None, max_wait_s: float, threshold_cores: 
         if foreign < threshold_cores or waited + window_s > max_wait_s:
             return {"waited_s": round(waited, 1), "foreign_cores_last": round(foreign, 2),
                     "quiet": foreign < threshold_cores}
-
-
-def thread_cpu(pid: int) -> dict[int, tuple[float, str]]:
-    """CPU seconds (user + system) and name of every thread of `pid`, from /proc."""
-    out = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                comm = f.read().strip()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # fields 3.. of proc(5): utime is 14, stime 15
-        out[int(tid)] = ((int(fields[11]) + int(fields[12])) / tick, comm)
-    return out
-
-
-def thread_cpu_delta(before: dict, after: dict) -> dict[int, tuple[float, str]]:
-    return {tid: (max(0.0, cpu - before.get(tid, (0.0, ""))[0]), name) for tid, (cpu, name) in after.items()}

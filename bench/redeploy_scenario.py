@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import glob
-import os
 import random
 import sys
 import time
@@ -33,6 +31,7 @@ import numpy as np
 
 from bench import harness
 from bench.loadgen import latency_stats, run_load, summarize, vectors
+from bench.scenario import changes, header, serve_log_lines
 from bench.workloads import Workload, make_document, make_query
 
 MIN_COSINE, MAX_ABS_DIFF = 0.99999, 1e-4
@@ -130,8 +129,7 @@ async def scenario(opts, port: int, model: str, config: dict, controller, sets: 
     await asyncio.sleep(1.0)  # a last look at the replicas once everything settled
     stop.set()
     await poller
-    changes = [s for i, s in enumerate(timeline) if i == 0 or {**s, "t": 0} != {**timeline[i - 1], "t": 0}]
-    return {"result": result, "events": events, "timeline": changes, "probes": probes}
+    return {"result": result, "events": events, "timeline": changes(timeline), "probes": probes}
 
 
 def replica_stops(timeline: list[dict]) -> list[dict]:
@@ -148,17 +146,6 @@ def replica_stops(timeline: list[dict]) -> list[dict]:
             if st["gone_s"] is None and key not in present:
                 st["gone_s"] = snap["t"]
     return list(stops.values())
-
-
-def serve_log_lines(temp_dir: str, pattern: str, needle: str) -> int:
-    # session_latest links to the session directory: read each file once.
-    found = glob.glob(os.path.join(temp_dir, "ray", "session_*", "logs", "serve", pattern))
-    paths = {os.path.realpath(p) for p in found}
-    count = 0
-    for path in paths:
-        with open(path, errors="replace") as f:
-            count += sum(needle in line for line in f)
-    return count
 
 
 def analyse(run: dict, temp_dir: str) -> dict:
@@ -201,9 +188,9 @@ def analyse(run: dict, temp_dir: str) -> dict:
 def markdown(rep: dict, opts) -> list[str]:
     s, p, name = rep["summary"], rep["probes"], Path(opts.out).name
     return [
-        "# Redeploying under load — rolling updates must not fail or drop a request", "",
-        f"`{rep['command']}`, {rep['generated']}; {harness.machine_line(rep['machine'])}; {rep['wall_s']} s in all. "
-        f"Every request, probe and replica state change: `{name}.json`. How it works: bench/README.md.", "",
+        *header("Redeploying under load — rolling updates must not fail or drop a request", rep,
+                f"{rep['wall_s']} s in all. Every request, probe and replica state change: `{name}.json`. How it "
+                "works: bench/README.md."),
         f"- deploy/local.yaml through Serve's proxy, {opts.num_cpus} logical CPUs. `graceful_shutdown_timeout_s` as "
         "the controller holds it: " + ", ".join(f"{n} {v} s" for n, v in rep["graceful_shutdown_timeout_s"].items())
         + (f" (set by this run: {opts.graceful})" if opts.graceful else " (the code's and config's own)") + ".",

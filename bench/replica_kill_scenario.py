@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
-import os
 import random
 import sys
 import time
@@ -28,6 +26,7 @@ from bench import harness
 from bench.autoscaling_scenario import (FAKE_GPU_WORKERS, MODEL, ModelShape, checked, model_and_cluster, serve_config,
                                         text_pool)
 from bench.loadgen import latency_stats, run_load
+from bench.scenario import changes, header, serve_log_lines
 from bench.workloads import Request
 
 MAX_ABS_DIFF = 1e-4
@@ -77,10 +76,8 @@ def analyse(run: dict, opts, logs_dir: str) -> dict:
     t_kill, back = kill.get("t_kill_s"), kill.get("t_two_running_again_s")
     spanning = [r for r in records if t_kill is not None and r.start_s <= t_kill < r.start_s + r.latency_s]
     failed = [vars(r) for r in records if not r.ok]
-    retries = 0  # "Embedder replica lost": a chunk the Ingress re-sent to the other replica
-    for path in glob.glob(os.path.join(logs_dir, "ray", "session_*", "logs", "serve", "*Ingress*")):
-        with open(path, errors="replace") as f:
-            retries += sum("Embedder replica lost" in line for line in f)
+    # "Embedder replica lost": a chunk the Ingress re-sent to the other replica
+    retries = serve_log_lines(logs_dir, "*Ingress*", "Embedder replica lost")
     summary = {  # in the order of the results table; times in seconds since the load started
         "requests_answered": len(records), "requests_ok_and_correct": sum(r.ok for r in records),
         "requests_failed": len(failed), "failures_by_kind": sorted({f"{r['status']}:{r['error']}" for r in failed}),
@@ -104,16 +101,11 @@ def analyse(run: dict, opts, logs_dir: str) -> dict:
 
 
 def markdown(rep: dict, opts) -> list[str]:
-    changes, prev = [], None
-    for sample in rep["timeline"]:
-        now = [f"{rid} @ {node}" for rid, node, _ in sample["running"]]
-        if now != prev:
-            changes.append([sample["t"], ", ".join(now)])
-            prev = now
+    running = [[s["t"], ", ".join(f"{rid} @ {node}" for rid, node, _ in s["running"])]
+               for s in changes(rep["timeline"])]
     return [
-        "# Killing an Embedder replica mid-load — scenario on this machine", "",
-        f"`{rep['command']}`, {rep['generated']}; {harness.machine_line(rep['machine'])}. Every request and the "
-        "replica timeline: `replica_kill.json`. How it works: bench/README.md.", "",
+        *header("Killing an Embedder replica mid-load — scenario on this machine", rep,
+                "Every request and the replica timeline: `replica_kill.json`. How it works: bench/README.md."),
         f"- Cluster of bench/autoscaling_scenario.py (workers `fake_gpu` {FAKE_GPU_WORKERS}); Embedder fixed at 2 "
         f"replicas, `cpu_threads: 1`; model hidden {opts.shape.hidden}, {opts.shape.layers} layers.",
         f"- Load: {opts.clients} closed-loop clients for {opts.duration_s:g} s, 4 distinct texts of 20-80 words per "
@@ -123,7 +115,7 @@ def markdown(rep: dict, opts) -> list[str]:
         *harness.md_checks(rep["checks"]),
         *harness.md_figures(rep["summary"]),
         "## Embedder replicas RUNNING over time (controller's view, polled every 0.25 s)", "",
-        *harness.md_table(["t (s)", "replica @ node"], changes),
+        *harness.md_table(["t (s)", "replica @ node"], running),
     ]
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -28,7 +27,7 @@ import yaml
 
 from . import workloads as wls
 from .loadgen import format_summary, run_load_sync, summarize
-from .harness import LOCAL_CONFIG as SHIPPED, RESULTS, WORK, without_direct_ingress
+from .harness import LOCAL_CONFIG as SHIPPED, RESULTS, WORK, without_direct_ingress, write
 from .procstats import CpuMeter
 from .servers import ServedSystem
 
@@ -39,16 +38,8 @@ def _app(config: dict) -> dict:
     return config["applications"][0]
 
 
-def _access_log(enabled: bool):
-    def change(config: dict) -> None:
-        _app(config).setdefault("logging_config", {})["enable_access_log"] = enabled
-    return change
-
-
-def _log_level(level: str):
-    def change(config: dict) -> None:
-        _app(config).setdefault("logging_config", {})["log_level"] = level
-    return change
+def _logging(**fields):
+    return lambda config: _app(config).setdefault("logging_config", {}).update(fields)
 
 
 def _model(**fields):
@@ -59,9 +50,7 @@ def _model(**fields):
 
 
 def _replica_env(**env: str):
-    def change(config: dict) -> None:
-        _app(config).setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env)
-    return change
+    return lambda config: _app(config).setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env)
 
 
 # name → (what it changes, how). Process-wide Serve flags (RAY_SERVE_THROUGHPUT_OPTIMIZED, the
@@ -85,9 +74,9 @@ VARIANTS = {
                        _model(busy_batch_wait_timeout_s=0.04)),
     "batch-wait-20ms": ("the Embedder waits 20 ms for a batch, busy or idle",
                         _model(batch_wait_timeout_s=0.02, busy_batch_wait_timeout_s=0.02)),
-    "access-log-on": ("Serve's per-request access log lines on in the replicas", _access_log(True)),
+    "access-log-on": ("Serve's per-request access log lines on in the replicas", _logging(enable_access_log=True)),
     "log-level-warning": ("replicas log at WARNING: also drops the Ingress's own per-request line",
-                          _log_level("WARNING")),
+                          _logging(log_level="WARNING")),
     "by-reference": ("every Ingress→Embedder call is a Ray actor call (before: small ones go over Serve's gRPC)",
                      _replica_env(EMBEDDINGS_BY_VALUE_MAX_BYTES="0")),
     "replica-throughput-env": (
@@ -136,7 +125,7 @@ def measure(config: Path, wl: wls.Workload, model: str, load_s: float, max_reque
         served.stop()
 
 
-def render(res: dict) -> str:
+def render(res: dict) -> list[str]:
     names = res["variants"]
     rounds = res["rounds"]
     lines = [
@@ -176,7 +165,7 @@ def render(res: dict) -> str:
         mean = lambda f: statistics.mean(f(r[name]["cpu"]) for r in rounds)  # noqa: E731
         cells = [f"{mean(lambda c, role=role: c['cores_by_role'].get(role, 0.0)):.2f}" for role in roles]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean(lambda c: c['foreign_cores']):.2f} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,11 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         "workload": args.workload, "clients": wl.concurrency, "load_s": args.load_s,
         "variants": names, "rounds": rounds,
     }
-    prefix = Path(args.out) if args.out else RESULTS / f"serve_variants_{args.workload}"
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
-    prefix.with_suffix(".md").write_text(render(res))
-    print(render(res))
+    write(Path(args.out) if args.out else RESULTS / f"serve_variants_{args.workload}", res, render(res))
+    print("\n".join(render(res)))
     return 0
 
 

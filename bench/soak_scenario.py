@@ -31,6 +31,7 @@ import psutil
 from bench import harness
 from bench.loadgen import run_load, summarize
 from bench.procstats import CpuMeter, descendants, role_of
+from bench.scenario import header
 from bench.servers import ServedSystem
 from bench.workloads import Workload
 
@@ -164,9 +165,8 @@ def markdown(rep: dict, opts) -> list[str]:
                      " / ".join(f"{x:+.2f}" for x in p["slope_halves_mb_per_min"]),
                      f"{p['anon_slope_mb_per_min']:+.2f}", p["residual_std_mb"], p["kb_per_request"], p["verdict"]])
     return [
-        "# Soak test: memory of every Serve process under steady mixed load", "",
-        f"`{rep['command']}`, {rep['generated']}; {harness.machine_line(rep['machine'])}. Every sample: `{name}.json`; "
-        f"plot: `{name}.png`. How it works: bench/README.md.", "",
+        *header("Soak test: memory of every Serve process under steady mixed load", rep,
+                f"Every sample: `{name}.json`; plot: `{name}.png`. How it works: bench/README.md."),
         f"- deploy/local.yaml as `serve run` deploys it, on a fresh Ray instance of its own "
         f"({opts.num_cpus or 'detected'} CPUs).",
         f"- Load: {opts.clients} closed-loop clients for {opts.minutes:g} min; {100 * (1 - opts.bulk_share):.0f} % one "

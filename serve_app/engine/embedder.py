@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 # bench.cpu_engine`, bench/results/cpu_engine.md).
 # Within a lane of several threads, passes below this many padded tokens run on one thread:
 # with one core busy, 8 queries take 2.5x longer on 2 threads than on 1 (`python -m
-# bench.cpu_threads`, bench/results/cpu_threads.md).
+# bench.cpu_engine threads`, bench/results/cpu_threads.md).
 SINGLE_THREAD_BELOW_TOKENS = 1024
 # On CPU, a batch runs as forward passes of at most this many padded tokens; with one-thread
 # lanes, 512-1024 beat 2048 and larger (activations stay in cache; same benchmark).
@@ -44,7 +44,7 @@ GPU_BATCH_PASS_TOKENS = 4096
 DEFAULT_PACK_ABOVE_PADDING = {"cpu": 1.0, "cuda": 1.0}
 # With several adapters over one base, a padded pass takes rows of any adapters (PEFT applies
 # each row's own), rather than one pass per adapter; packed passes always keep one adapter per
-# row, since PEFT picks adapters per row. Measured by `python -m bench.cpu_adapters` (CPU) and
+# row, since PEFT picks adapters per row. Measured by `python -m bench.cpu_engine adapters` (CPU) and
 # bench/gpu_engine.py's LoRA rows (GPU).
 MIX_ADAPTERS_IN_PASSES = True
 
