@@ -222,3 +222,14 @@ def test_a_vector_does_not_depend_on_its_class_or_on_what_ran_beside_it(tiny_fam
     for (ids, _), vectors in zip(calls, results):
         expected = base_reference.embed(TEXTS[:3], SFR_TASK) if ids is queries else base_reference.embed(TEXTS * 8)
         np.testing.assert_allclose(vectors, expected, atol=1e-5)
+
+
+def test_batch_work_takes_small_passes_only_while_queries_are_about(tiny_family):
+    from serve_app.engine.scheduling import Priority
+
+    engine = EmbeddingEngine.load(spec_for(tiny_family["base"], micro_batch_tokens=64, batch_pass_tokens=32))
+    engine.warm_up()
+    assert engine._pass_tokens(Priority.BATCH) == 64  # indexing alone: full-size passes
+    assert engine._pass_tokens(Priority.INTERACTIVE) == 64
+    assert engine._pass_tokens(Priority.BATCH) == 32  # a query just came: small passes
+    assert EmbeddingEngine.load(spec_for(tiny_family["base"], max_batch_tokens=4096)).pass_tokens[Priority.BATCH] == 512

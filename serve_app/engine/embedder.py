@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,9 +36,14 @@ SINGLE_THREAD_BELOW_TOKENS = 1024
 # On CPU, a batch runs as forward passes of at most this many padded tokens; with one-thread
 # lanes, 512-1024 beat 2048 and larger (activations stay in cache; same benchmark).
 CPU_MICRO_BATCH_TOKENS = 1024
+# On CPU, batch-class passes of this many padded tokens while queries are about: a query waits for
+# at most the running ones (bench/results/mixed_traffic_pass_size/).
+CPU_BATCH_PASS_TOKENS = 512
 # On a GPU, batch-class passes stay this small (interactive ones take the whole max_batch_tokens),
 # so that a query waits for little more than one such pass: see README "Request classes".
 GPU_BATCH_PASS_TOKENS = 4096
+# Batch work runs at the batch pass size while an interactive call came this recently.
+INTERACTIVE_RECENT_S = 10.0
 # Per device, the padding share above which a batch runs as packed passes (1.0: never). Both
 # stay at padded passes, the only layout measured so far, until `python -m bench.cpu_engine`
 # (CPU) and `bench/gpu_engine.py` (GPU) have run on quiet machines: they print which wins.
@@ -115,11 +121,12 @@ class EmbeddingEngine:
         self.pooling = pooling
         self.normalize = normalize
         # Padded tokens of one pass, per class: batch passes may be smaller, since a query that
-        # arrives while one runs waits for it to finish.
+        # arrives while one runs waits for it to finish (see _pass_tokens).
         self.pass_tokens = {
             Priority.INTERACTIVE: micro_batch_tokens,
             Priority.BATCH: batch_pass_tokens or micro_batch_tokens,
         }
+        self._last_interactive_call = float("-inf")
         self.micro_batch_tokens = micro_batch_tokens
         self.pack_above_padding = pack_above_padding
         # No KV cache: nothing is generated, and a cache keeps every layer's keys and values
@@ -164,7 +171,7 @@ class EmbeddingEngine:
         micro = spec.micro_batch_tokens or (
             spec.max_batch_tokens if on_gpu else min(spec.max_batch_tokens, CPU_MICRO_BATCH_TOKENS)
         )
-        batch_pass = spec.batch_pass_tokens or min(micro, GPU_BATCH_PASS_TOKENS if on_gpu else micro)
+        batch_pass = spec.batch_pass_tokens or min(micro, GPU_BATCH_PASS_TOKENS if on_gpu else CPU_BATCH_PASS_TOKENS)
         engine = cls(
             model, device, resolved[spec.name].pooling, spec.normalize, micro, cpu_threads, spec.cpu_lanes,
             batch_pass, spec.batch_share, choose_pack_above_padding(spec, model, device),
@@ -187,7 +194,7 @@ class EmbeddingEngine:
         """
         lengths = [len(ids) for ids in sequences]
         adapters = self._row_adapter_names(models, len(sequences))
-        plan = self._plan(lengths, self.pass_tokens[priority], adapters)
+        plan = self._plan(lengths, self._pass_tokens(priority), adapters)
         # Biggest first, so that the lanes finish together. A batch under one pass's budget
         # stays one pass on one lane: split across lanes, small batches cost more CPU per
         # text, and on served search such a split did not win consistently in A/B rounds.
@@ -206,6 +213,18 @@ class EmbeddingEngine:
         self.host_memory.maybe_trim()
         return Embedded(out, sum(lengths), sum(b.padded_tokens for b in plan))
 
+    def _pass_tokens(self, priority: Priority) -> int:
+        """The pass size of a call: batch work takes the smaller batch pass size only while
+        queries are about (an interactive call within INTERACTIVE_RECENT_S): on 2 cores, 512- vs
+        1024-token passes cut query p99 beside an indexing load from ~340 to ~235 ms but cost
+        bulk ~11 % (bench/results/mixed_traffic_pass_size/), a price indexing alone need not pay."""
+        now = time.monotonic()
+        if priority is Priority.INTERACTIVE:
+            self._last_interactive_call = now
+            return self.pass_tokens[priority]
+        recent = now - self._last_interactive_call < INTERACTIVE_RECENT_S
+        return self.pass_tokens[Priority.BATCH if recent else Priority.INTERACTIVE]
+
     def warm_up(self) -> None:
         """Run the first passes (kernels, allocator, lazy init) before any request does.
 
@@ -217,6 +236,7 @@ class EmbeddingEngine:
             n = (tokens // width if self.lanes > 1 else 1) * self.lanes
             # Rows of every adapter, so that each one's layers have run too.
             self.embed([[0] * width] * n, priority, [models[k % len(models)] for k in range(n)])
+        self._last_interactive_call = float("-inf")  # the warm-up is no query
 
     def _row_adapter_names(self, models: Sequence[str] | None, n: int) -> list[str] | None:
         """Each row's adapter name, for an engine of several adapters (else None)."""

@@ -94,9 +94,10 @@ class ModelSpec(BaseModel):
     batch_pass_tokens: int | None = Field(
         default=None,
         gt=0,
-        description="Padded tokens of one forward pass of batch-class work (indexing). A query "
-        "that arrives while such a pass runs waits for it, so these stay small. Default: "
-        "micro_batch_tokens on CPU, at most 4096 on a GPU.",
+        description="Padded tokens of one forward pass of batch-class work (indexing) while "
+        "interactive requests are about (one in the last 10 s; otherwise batch work takes the "
+        "interactive pass size). A query that arrives while such a pass runs waits for it, so "
+        "these stay small. Default: at most 512 on CPU, at most 4096 on a GPU.",
     )
     batch_share: float = Field(
         default=0.25,
