@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
 
 from .errors import OpenAIError, invalid
+from .priority import RequestClass
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -36,7 +37,7 @@ class EmbeddingRequest(BaseModel):
     instruction: Annotated[StrictStr, Field(min_length=1)] | None = None
     truncate: StrictBool = False
     # Extension: the request class (README "Request classes"); absent, the service decides.
-    priority: Literal["interactive", "batch"] | None = None
+    priority: RequestClass | None = None
 
     @field_validator("input", mode="before")
     @classmethod

@@ -19,10 +19,6 @@ def cut_to_budget(items: list, max_tokens: int, size=len) -> list[list]:
     return chunks + [current] if current else chunks
 
 
-def count_tokens_of_chunk(chunk: list[list[int]]) -> int:
-    return sum(len(ids) for ids in chunk)
-
-
 def count_tokens(chunks: list[list[list[int]]]) -> int:
     return sum(len(ids) for chunk in chunks for ids in chunk)
 

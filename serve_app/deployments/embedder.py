@@ -70,6 +70,7 @@ class Embedder:
         self.backlog = {request_class: [0, 0] for request_class in Priority}  # tokens, chunks
         self.metrics = EmbedderMetrics()
         self.metrics_tags = {"model": "+".join(self.specs)}  # a shared base: all of its models
+        self._class_tags = {c: self.metrics_tags | {"priority": c.value} for c in Priority}
 
     async def embed(self, chunk: list[list[int]], priority: str, models: list[str]) -> np.ndarray:
         """Vectors for one chunk (whose tokens fit the batch budget), in order; `models` names
@@ -88,9 +89,8 @@ class Embedder:
         backlog = self.backlog[request_class]
         backlog[0] += tokens
         backlog[1] += chunks
-        tags = self.metrics_tags | {"priority": request_class.value}
-        self.metrics.backlog_tokens.set(backlog[0], tags)
-        self.metrics.backlog_requests.set(backlog[1], tags)
+        self.metrics.backlog_tokens.set(backlog[0], self._class_tags[request_class])
+        self.metrics.backlog_requests.set(backlog[1], self._class_tags[request_class])
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Read by Serve's autoscaler (both classes' work); see autoscaling.TokenBacklogPolicy."""
@@ -114,9 +114,8 @@ class Embedder:
     async def _run_batch(self, items: list[Queued], request_class: Priority) -> list[np.ndarray]:
         async with self._slots[request_class]:
             started = time.perf_counter()
-            tags = self.metrics_tags | {"priority": request_class.value}
             for _, _, queued_at in items:
-                self.metrics.queue_wait.observe(started - queued_at, tags)
+                self.metrics.queue_wait.observe(started - queued_at, self._class_tags[request_class])
             chunks = [chunk for chunk, _, _ in items]
             models = [model for _, chunk_models, _ in items for model in chunk_models]
             # Off the event loop, so new requests keep queueing (and batches fill) while it runs.

@@ -26,7 +26,7 @@ from serve_app.api.limits import InflightTokens, RequestLimits, check_counts, ch
 from serve_app.api.priority import BATCH, INTERACTIVE, PriorityPolicy, classify
 from serve_app.api.ratelimit import RateLimiter, RateLimits
 from serve_app.api.schemas import Inputs, parse_request
-from serve_app.deployments.chunks import count_tokens, count_tokens_of_chunk, cut_to_budget, flatten, split_rows
+from serve_app.deployments.chunks import count_tokens, cut_to_budget, flatten, split_rows
 from serve_app.deployments.metrics import IngressMetrics
 from serve_app.deployments.serve_logging import drop_batch_size_warning
 from serve_app.engine.tokenization import load_input_tokenizer, token_ids_rejected
@@ -204,7 +204,7 @@ class Ingress:
         vectors = apply_dimensions(vectors, req.dimensions, info["normalize"])
         body = render_embeddings(vectors, spec.name, n_tokens, req.encoding_format)
         timer.lap("encode")
-        self._log_request(spec.name, labels, len(vectors), n_tokens, timer)
+        self._log_request(labels, len(vectors), n_tokens, timer)
         return Response(body, media_type="application/json", headers={REQUEST_CLASS_HEADER: labels["priority"]})
 
     # ---- TEI's routes (serve_app/api/tei.py; README "TEI's API"): one model, TEI's shapes -------
@@ -241,7 +241,7 @@ class Ingress:
         vectors, n_tokens, timer = await self._run(spec, work, labels)
         body = tei.render_vectors(tei.tei_vectors(vectors, req.dimensions, req.normalize, info["normalize"]))
         timer.lap("encode")
-        self._log_request(spec.name, labels, len(vectors), n_tokens, timer)
+        self._log_request(labels, len(vectors), n_tokens, timer)
         chars = sum(map(len, req.inputs.texts if req.inputs.texts is not None else req.inputs.token_ids))
         # TEI's own response headers (it reports usage only there), beside the request class.
         headers = {
@@ -336,7 +336,8 @@ class Ingress:
         timer.lap("embed")
         return vectors, n_tokens, timer
 
-    def _log_request(self, model: str, labels: dict[str, str], n_inputs: int, n_tokens: int, timer: "_StageTimer") -> None:
+    def _log_request(self, labels: dict[str, str], n_inputs: int, n_tokens: int, timer: "_StageTimer") -> None:
+        model = labels["model"]
         self.metrics.input_tokens.inc(n_tokens, tags={"model": model, "key": labels["key"]})
         self.metrics.inputs.inc(n_inputs, tags={"model": model, "key": labels["key"]})
         for stage, seconds in timer.laps.items():
@@ -440,7 +441,7 @@ class Ingress:
 
     async def _compute(self, name: str, ids: list[list[int]], request_class: str) -> np.ndarray:
         """Split into chunks that each fit one batch, run them concurrently, keep input order."""
-        chunks = cut_to_budget(ids, (await self._describe(name))["max_batch_tokens"])
+        chunks = cut_to_budget(ids, self.specs[name].max_batch_tokens)
         coalesce = self._coalesce_interactive if request_class == INTERACTIVE else self._coalesce_batch
         parts = await asyncio.gather(*(coalesce((name, chunk)) for chunk in chunks))
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
@@ -463,22 +464,17 @@ class Ingress:
         """One call per Embedder deployment for all chunks that arrived together (of any of its
         models: each row names its own), split back after. A deployment whose batch budget is
         below the coalescer's (the largest of all models) gets as many calls as fit its budget."""
-        by_call: list[list[int]] = []
-        for positions in self._group_by_deployment(items).values():
+        groups, calls = [], []
+        for deployment, positions in self._group_by_deployment(items).items():
             budget = self.specs[items[positions[0]][0]].max_batch_tokens  # shared within a deployment
-            calls = cut_to_budget([items[p][1] for p in positions], budget, size=count_tokens_of_chunk)
-            start = 0
-            for call in calls:
-                by_call.append(positions[start : start + len(call)])
-                start += len(call)
-        calls = []
-        for positions in by_call:
-            chunks = [items[p][1] for p in positions]
-            models = [items[p][0] for p in positions for _ in items[p][1]]
-            calls.append(self._call_embedder(self.embedder_of[items[positions[0]][0]], flatten(chunks), models, request_class))
+            for group in cut_to_budget(positions, budget, size=lambda p: count_tokens([items[p][1]])):
+                chunks = [items[p][1] for p in group]
+                models = [items[p][0] for p in group for _ in items[p][1]]
+                groups.append((group, chunks))
+                calls.append(self._call_embedder(deployment, flatten(chunks), models, request_class))
         results: list[np.ndarray] = [None] * len(items)  # type: ignore[list-item]
-        for positions, vectors in zip(by_call, await self._gather(calls)):
-            for p, part in zip(positions, split_rows(vectors, [items[p][1] for p in positions])):
+        for (group, chunks), vectors in zip(groups, await self._gather(calls)):
+            for p, part in zip(group, split_rows(vectors, chunks)):
                 results[p] = part
         return results
 
