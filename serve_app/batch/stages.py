@@ -64,20 +64,13 @@ class Tokenize:
             if isinstance(result, InputError):
                 errors[i], messages[i] = result.code, _error_message(result, self.tokenizer.max_tokens)
             else:
-                windows[i] = self.tokenizer.windows(result) if self.spec.long_input == "chunk" else [result]
+                windows[i] = self.tokenizer.windows(result)
         return (
             batch.drop_columns(["text", "error", "message"])
             .append_column("error", pa.array(errors, pa.string()))
             .append_column("message", pa.array(messages, pa.string()))
             .append_column("token_ids", pa.array(windows, pa.list_(pa.list_(pa.int32()))))
         )
-
-
-def _sum_per_row(window_lengths: np.ndarray, windows_per_row: np.ndarray) -> np.ndarray:
-    """Tokens per row from the lengths of all windows, row after row."""
-    ends = np.cumsum(windows_per_row)
-    totals = np.concatenate([[0], np.cumsum(window_lengths)])
-    return totals[ends] - totals[ends - windows_per_row]
 
 
 class Embed:
@@ -108,9 +101,9 @@ class Embed:
             pa.array(vectors.ravel()), self.engine.dimensions, mask=pa.array(~valid)
         )
         # Every token fed to the model, as the service's usage counts them.
-        tokens = pc.list_value_length(pc.list_flatten(batch["token_ids"]))
-        tokens = pa.array(_sum_per_row(tokens.to_numpy(), pc.list_value_length(batch["token_ids"]).to_numpy()), pa.int32())
-        return batch.drop_columns(["token_ids"]).append_column("embedding", embedding).append_column("tokens", tokens)
+        tokens = np.zeros(batch.num_rows, np.int32)
+        tokens[valid] = [sum(map(len, row)) for row in windows_per_row]
+        return batch.drop_columns(["token_ids"]).append_column("embedding", embedding).append_column("tokens", pa.array(tokens))
 
     def _embed(self, sequences: list[list[int]]) -> np.ndarray:
         """The service's batching: batches of at most max_batch_tokens, each run by the engine as

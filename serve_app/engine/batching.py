@@ -83,16 +83,12 @@ def plan_packed_passes(lengths: list[int], max_tokens: int, max_rows: int = 512)
             row = len(rows) - 1
         rows[row].append(index)
         fill[row] += lengths[index]
-    passes: list[PackedPass] = []
-    current: list[int] = []  # row numbers, fullest first
-    for row in sorted(range(len(rows)), key=fill.__getitem__, reverse=True):
-        width = fill[current[0]] if current else fill[row]
-        if current and (width * (len(current) + 1) > max_tokens or len(current) >= max_rows):
-            passes.append(PackedPass([rows[r] for r in current], fill[current[0]]))
-            current = []
-        current.append(row)
-    passes.append(PackedPass([rows[r] for r in current], fill[current[0]]))
-    return passes
+    # Rows into passes as sequences into padded micro-batches, fullest first (no stretch cut:
+    # rows are all about as full).
+    return [
+        PackedPass([rows[r] for r in batch.indices], batch.width)
+        for batch in plan_micro_batches(fill, max_tokens, max_rows, max_stretch=float("inf"))
+    ]
 
 
 def plan_per_group(planner, lengths: list[int], max_tokens: int, groups: list[list[int]]) -> list[MicroBatch | PackedPass]:

@@ -127,7 +127,6 @@ class EmbeddingEngine:
             Priority.BATCH: batch_pass_tokens or micro_batch_tokens,
         }
         self._last_interactive_call = float("-inf")
-        self.micro_batch_tokens = micro_batch_tokens
         self.pack_above_padding = pack_above_padding
         # No KV cache: nothing is generated, and a cache keeps every layer's keys and values
         # alive until the pass ends (it also hides packed position ids from the mask builder).
@@ -225,6 +224,11 @@ class EmbeddingEngine:
         recent = now - self._last_interactive_call < INTERACTIVE_RECENT_S
         return self.pass_tokens[Priority.BATCH if recent else Priority.INTERACTIVE]
 
+    @property
+    def micro_batch_tokens(self) -> int:
+        """Padded tokens of an interactive pass (and of batch passes while no query is about)."""
+        return self.pass_tokens[Priority.INTERACTIVE]
+
     def warm_up(self) -> None:
         """Run the first passes (kernels, allocator, lazy init) before any request does.
 
@@ -232,6 +236,8 @@ class EmbeddingEngine:
         """
         models = list(self.adapters or [None])
         for priority, tokens in self.pass_tokens.items():
+            if priority is Priority.BATCH and tokens == self.pass_tokens[Priority.INTERACTIVE]:
+                continue  # the same passes again
             width = min(16, tokens)
             n = (tokens // width if self.lanes > 1 else 1) * self.lanes
             # Rows of every adapter, so that each one's layers have run too.

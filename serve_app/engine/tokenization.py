@@ -67,7 +67,7 @@ class InputTokenizer:
             texts = [format_query(task, text) for text in texts]
         encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
         return [
-            self._fit(self._with_eos(ids), truncate, direction, offset + i, instructed=task is not None)
+            self._fit(with_eos(ids, self.eos_id), truncate, direction, offset + i, instructed=task is not None)
             for i, ids in enumerate(encoded)
         ]
 
@@ -84,7 +84,7 @@ class InputTokenizer:
                     f"[0, {self.vocab_size}) for this model. {OTHER_VOCABULARY_HINT}",
                     code="invalid_token_id",
                 )
-            result.append(self._fit(self._with_eos(list(ids)), truncate, direction, offset + i, instructed=False))
+            result.append(self._fit(with_eos(list(ids), self.eos_id), truncate, direction, offset + i, instructed=False))
         return result
 
     def truncated(self, ids: list[int], direction: Direction = "right") -> list[int]:
@@ -131,7 +131,7 @@ class InputTokenizer:
                     begin, end = byte_at[start], byte_at[stop]
                     tokens.append({"id": token_id, "text": data[begin:end].decode("utf-8", "replace"),
                                    "special": False, "start": begin, "stop": end})
-            if add_special_tokens and self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+            if add_special_tokens and len(with_eos(ids, self.eos_id)) > len(ids):
                 tokens.append(self._special_token(self.eos_id))
             described.append(tokens)
         return described
@@ -156,11 +156,6 @@ class InputTokenizer:
         ends_with_suffix = len(ids) - head >= len(self.suffix) and ids[len(ids) - len(self.suffix) :] == self.suffix
         tail = len(self.suffix) if ends_with_suffix else 0
         return ids[:head], ids[head : len(ids) - tail], ids[len(ids) - tail :]
-
-    def _with_eos(self, ids: list[int]) -> list[int]:
-        if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
-            ids = ids + [self.eos_id]
-        return ids
 
     def _too_long(self, index: int, length: int, instructed: bool) -> InputError:
         advice = (
@@ -187,9 +182,14 @@ def _special_tokens_around_text(tokenizer, eos_id: int | None) -> tuple[list[int
             break
     else:
         raise ValueError(f"cannot find the text's tokens {text} within {with_special}: unusual special tokens")
-    if eos_id is not None and (not suffix or suffix[-1] != eos_id):
-        suffix = suffix + [eos_id]
-    return prefix, suffix
+    return prefix, with_eos(suffix, eos_id)
+
+
+def with_eos(ids: list[int], eos_id: int | None) -> list[int]:
+    """`ids` ending in the EOS the model pools on (a copy when one is appended)."""
+    if eos_id is not None and (not ids or ids[-1] != eos_id):
+        ids = ids + [eos_id]
+    return ids
 
 
 def load_input_tokenizer(spec: ModelSpec) -> InputTokenizer:
