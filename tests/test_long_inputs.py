@@ -15,26 +15,11 @@ from serve_app.engine.errors import InputError
 from serve_app.engine.long_inputs import combine_windows, split_windows
 from serve_app.engine.tokenization import load_input_tokenizer
 from tests.conftest import SFR_TASK, TINY_MAX_TOKENS
+from tests.reference import reference_long_vector, reference_windows
 from tests.test_engine import spec_for
 
 LONG = "the quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun " * 12
 SHORT = "how do cats sleep"
-
-
-def reference_windows(reference, text: str, max_tokens: int) -> list[list[int]]:
-    body = reference.tokenizer(text, add_special_tokens=False)["input_ids"]
-    room = max_tokens - 2
-    bos, eos = reference.tokenizer.bos_token_id, reference.tokenizer.eos_token_id
-    return [[bos] + body[i : i + room] + [eos] for i in range(0, len(body), room)]
-
-
-def reference_long_vector(reference, text: str, max_tokens: int) -> tuple[np.ndarray, int]:
-    """The chunked input's vector and the tokens its windows feed to the model."""
-    windows = reference_windows(reference, text, max_tokens)
-    weights = np.array([len(w) for w in windows], dtype=np.float64)
-    rows = np.stack([reference.embed_ids(w) for w in windows]).astype(np.float64)
-    mean = weights @ rows / weights.sum()
-    return mean / np.linalg.norm(mean), int(weights.sum())
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +121,7 @@ def test_served_long_document_is_chunked_and_usage_counts_every_window(http, bas
     np.testing.assert_allclose(got[0], expected, atol=1e-5)
     np.testing.assert_allclose(got[1], base_reference.embed([SHORT])[0], atol=1e-5)
     assert first["usage"]["prompt_tokens"] == long_tokens + len(base_reference.token_ids(SHORT))
-    # The windows went through the vector cache like inputs of their own: the repeat is identical.
+    # A repeat (its windows cached like inputs of their own) gives the same vectors and usage.
     again = http.post("/v1/embeddings", json=body).json()
     assert again["data"] == first["data"] and again["usage"] == first["usage"]
 

@@ -75,7 +75,7 @@ def test_the_share_holds_over_a_long_contest(share):
     assert sum(name.startswith("b") for name in first_hundred) == int(share * 100)
 
 
-def test_passes_of_one_class_run_in_arrival_order_on_several_lanes():
+def test_on_several_lanes_every_pass_runs_once_and_answers_its_own_future():
     scheduler = PassScheduler(lanes=3, batch_share=0.25)
     ran, lock = [], threading.Lock()
 
