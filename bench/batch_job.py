@@ -34,7 +34,7 @@ import pyarrow.dataset as pads
 
 from bench import workloads
 from bench.inprocess import EngineRunner, run_groups
-from bench.loadgen import run_load_sync, summarize
+from bench.loadgen import WARMUP_OFFSET, run_load_sync, summarize
 from bench.servers import WORK_DIR, ServedSystem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def corpus() -> workloads.Workload:
 
 def run_inprocess(spec, wl, requests: int) -> tuple[dict, np.ndarray]:
     runner = EngineRunner(spec)
-    runner(list(wl(10**6).texts))  # warm-up, other documents
+    runner(list(wl(WARMUP_OFFSET).texts))  # warm-up, other documents
     vectors = []
 
     def embed(texts: list[str]) -> np.ndarray:
@@ -93,7 +93,7 @@ def run_served(wl, requests: int, tokens_of) -> dict:
     try:
         started = served.start()
         run_load_sync(served.base_url, MODEL, wl, concurrency=CLIENTS, max_requests=2, max_duration_s=300,
-                      index_offset=10**6, progress=False)  # warm-up, other documents
+                      index_offset=WARMUP_OFFSET, progress=False)  # warm-up, other documents
         result = run_load_sync(served.base_url, MODEL, wl, concurrency=CLIENTS, max_requests=requests,
                                max_duration_s=3600, timeout_s=300, progress=False)
     finally:

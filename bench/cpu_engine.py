@@ -118,7 +118,6 @@ def lanes(args) -> None:
         engine = engines[(dtype, n)]
 
         def run(requests):
-            engine.micro_batch_tokens = micro
             engine.pass_tokens = dict.fromkeys(engine.pass_tokens, micro)  # either class: passes of `micro`
             return [engine.embed(r) for r in requests]
         return run

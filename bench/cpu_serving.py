@@ -30,15 +30,14 @@ import numpy as np
 import yaml
 
 from . import workloads as wls
-from .harness import REPO, RESULTS, WORK, log, machine, md_table
+from .harness import REPO, RESULTS, WORK, log, machine, md_table, ms
 from .inprocess import EngineRunner, SentenceTransformerRunner, run_groups
-from .loadgen import embeddings_url, format_summary, run_load_sync, summarize, vectors
+from .loadgen import WARMUP_OFFSET, embeddings_url, format_summary, run_load_sync, summarize, vectors
 from .procstats import CpuMeter, wait_for_quiet
 from .servers import InfinitySystem, ServedSystem
 
 WORKLOAD_NAMES = ("search", "bulk", "mixed")
 REQUEST_CAPS = {"search": 6000, "bulk": 400, "mixed": 2000}  # durations bind first on this machine
-WARMUP_OFFSET = 1_000_000  # warm-up requests use indices far from the measured ones
 DISTURBED_CORES = 0.3  # a phase during which other processes used more than this is re-measured once
 LABELS = {
     "served": "served: Ray Serve, deploy/local.yaml", "infinity": "Infinity {version}",
@@ -243,10 +242,6 @@ def _other_load(w: dict) -> str:
     return f"{w['cpu']['foreign_cores']:.2f}{best_of}"
 
 
-def _ms(v):
-    return "–" if v is None else f"{v * 1000:.0f}"
-
-
 def _num(v, fmt="{:.1f}"):
     return "–" if v is None else fmt.format(v)
 
@@ -278,7 +273,7 @@ def write_markdown(path: Path, res: dict) -> None:
         *md_table(["system", "workload", "texts/s", "tokens/s", "req/s", "p50 ms", "p99 ms", "requests ok", "failures",
                    "other load (cores)"], [
             [sysres["label"], name, _num(w["texts_per_s"]), _num(w["tokens_per_s"], "{:.0f}"),
-             _num(w["requests_per_s"]), _ms(w["latency"]["p50_s"]), _ms(w["latency"]["p99_s"]), w["ok"],
+             _num(w["requests_per_s"]), ms(w["latency"]["p50_s"]), ms(w["latency"]["p99_s"]), w["ok"],
              ", ".join(f"{k}: {v}" for k, v in w["failures"].items()) or "0", _other_load(w)]
             for sysres in systems.values() for name, w in sysres.get("workloads", {}).items()]),
     ]
@@ -286,7 +281,7 @@ def write_markdown(path: Path, res: dict) -> None:
     mixed = [(k, systems[k]["workloads"].get("mixed", {}).get("latency_by_tag")) for k in http]
     if any(tags for _, tags in mixed):
         lines += ["Mixed workload, latency by request kind (p50 / p99 ms):", ""] + [
-            f"- {systems[k]['label']}: " + "; ".join(f"{t} {_ms(v['p50_s'])} / {_ms(v['p99_s'])} (n={v['n']})"
+            f"- {systems[k]['label']}: " + "; ".join(f"{t} {ms(v['p50_s'])} / {ms(v['p99_s'])} (n={v['n']})"
                                                      for t, v in tags.items()) for k, tags in mixed if tags] + [""]
     lines += [f"*other load*: cores used by processes outside this benchmark during the phase; a phase with more than "
               f"{DISTURBED_CORES} was measured once more when the run's retry budget allowed, and the less disturbed "

@@ -54,6 +54,8 @@ try:
 except ImportError:  # pragma: no cover
     tqdm = None
 
+WARMUP_OFFSET = 1_000_000  # warm-up requests use indices far from the measured ones
+
 
 @dataclass
 class RequestRecord:
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(concurrency=wl.concurrency, extra_body=extra, encoding_format=fmt, timeout_s=args.timeout)
     if args.warmup:
         run_load_sync(args.url, args.model, wl, max_requests=args.warmup, max_duration_s=args.duration,
-                      index_offset=1_000_000, progress=False, **common)
+                      index_offset=WARMUP_OFFSET, progress=False, **common)
     schedule = arrivals(lambda t: args.rate, args.duration, args.requests) if args.rate else None
     result = run_load_sync(args.url, args.model, wl, max_requests=args.requests, max_duration_s=args.duration,
                            arrivals=schedule, progress=not args.no_progress, label=args.workload, **common)

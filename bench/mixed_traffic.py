@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from bench import harness, workloads
-from bench.loadgen import arrivals, latency_stats, run_load, run_load_sync, summarize
+from bench.loadgen import WARMUP_OFFSET, arrivals, latency_stats, run_load, run_load_sync, summarize
 from bench.procstats import CpuMeter
 from bench.servers import InfinitySystem, ServedSystem
 
@@ -42,7 +42,6 @@ SYSTEMS = ("ours", "ours-fifo", "infinity")
 CACHE_COUNTERS = ("ray_embeddings_cache_hits_total", "ray_embeddings_cache_misses_total",
                   "ray_embeddings_cache_evictions_total")
 CLASSES = ("unique", "repeated", "bulk")
-WARMUP_OFFSET = 1_000_000
 
 
 def fifo_config(config: dict) -> dict:

@@ -71,7 +71,7 @@ async def drive(opts, url: str, controller, names, requests: list[Request], toke
     return {"result": result, "kill": kill, "timeline": timeline, **worst}
 
 
-def analyse(run: dict, opts, logs_dir: str) -> dict:
+def analyse(run: dict, logs_dir: str) -> dict:
     records, kill = run["result"].records, run["kill"]
     t_kill, back = kill.get("t_kill_s"), kill.get("t_two_running_again_s")
     spanning = [r for r in records if t_kill is not None and r.start_s <= t_kill < r.start_s + r.latency_s]
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         harness.wait_healthy(f"http://127.0.0.1:{port}")
         harness.log(f"deployed in {time.monotonic() - wall0:.0f} s; load begins")
         run = asyncio.run(drive(opts, f"http://127.0.0.1:{port}", controller, names, requests, tokens, refs))
-        rep = {**analyse(run, opts, temp_dir), **harness.stamp("bench.replica_kill_scenario", argv, m, wall0),
+        rep = {**analyse(run, temp_dir), **harness.stamp("bench.replica_kill_scenario", argv, m, wall0),
                "timeline": run["timeline"]}
     harness.write(Path(opts.out), {**rep, "records": [vars(r) for r in run["result"].records]}, markdown(rep, opts))
     print(rep["summary"], rep["checks"], sep="\n")

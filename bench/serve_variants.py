@@ -26,13 +26,12 @@ from pathlib import Path
 import yaml
 
 from . import workloads as wls
-from .loadgen import format_summary, run_load_sync, summarize
+from .loadgen import WARMUP_OFFSET, format_summary, run_load_sync, summarize
 from .harness import LOCAL_CONFIG as SHIPPED, RESULTS, WORK, without_direct_ingress, write
 from .procstats import CpuMeter
 from .mixed_traffic import fifo_config
 from .servers import ServedSystem
 
-WARMUP_OFFSET = 1_000_000
 
 
 def _app(config: dict) -> dict:
@@ -81,7 +80,7 @@ VARIANTS = {
     "by-reference": ("every Ingress→Embedder call is a Ray actor call (before: small ones go over Serve's gRPC)",
                      _replica_env(EMBEDDINGS_BY_VALUE_MAX_BYTES="0")),
     "single-path": ("request classes and the vector cache off: one first-come-first-served path "
-                    "(mixed_traffic's ours-fifo)", lambda config: fifo_config(config)),
+                    "(mixed_traffic's ours-fifo)", fifo_config),
     "replica-throughput-env": (
         "replicas run user code and the router on the main event loop, buffered request logs "
         "(the replica half of RAY_SERVE_THROUGHPUT_OPTIMIZED)",
