@@ -38,8 +38,6 @@ from ray.serve.schema import ServeDeploySchema
 
 logger = logging.getLogger("serve_app.serve_main")
 
-# Serve's default graceful_shutdown_timeout_s, for configs that set none.
-DEFAULT_GRACE_S = 20.0
 POLL_S = 0.2
 
 
@@ -49,14 +47,18 @@ def load_config(path: str) -> ServeDeploySchema:
 
 
 def grace_s(config: ServeDeploySchema) -> float:
-    """How long in-flight requests may take to finish: the largest graceful_shutdown_timeout_s."""
+    """How long in-flight requests may take to finish: the largest graceful_shutdown_timeout_s
+    of the config, or the Ingress's own (a request lasts as long as the Ingress may drain). The
+    wait ends as soon as nothing is in flight, so a long bound costs a quiet service nothing."""
+    from serve_app.deployments.ingress import GRACEFUL_SHUTDOWN_TIMEOUT_S
+
     found = [
         d.graceful_shutdown_timeout_s
         for app in config.applications
         for d in app.deployments
         if isinstance(getattr(d, "graceful_shutdown_timeout_s", None), (int, float))
     ]
-    return max(found, default=DEFAULT_GRACE_S)
+    return max(found, default=GRACEFUL_SHUTDOWN_TIMEOUT_S)
 
 
 def start(config: ServeDeploySchema) -> None:
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = load_config(args.config)
+    grace = grace_s(config)
 
     stop = threading.Event()
 
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     while not stop.wait(1):
         pass
     logger.info("stop requested")
-    drain(grace_s(config))
+    drain(grace)
     serve.shutdown()
     ray.shutdown()
     logger.info("stopped")

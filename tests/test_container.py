@@ -192,3 +192,16 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path):
     assert all(o == "200" for o in spanning)
     assert returncode == 0, f"serve_main exited {returncode}\n{output[-3000:]}"
     assert "Traceback" not in output, output[-3000:]
+
+
+def test_the_drain_waits_as_long_as_the_longest_graceful_shutdown(tmp_path):
+    from serve_app.deployments.ingress import GRACEFUL_SHUTDOWN_TIMEOUT_S
+    from serve_app.serve_main import grace_s, load_config
+
+    config = yaml.safe_load(drain_config(tmp_path / "config.yaml", 8000).read_text())
+    assert grace_s(load_config(str(tmp_path / "config.yaml"))) == 30
+    for deployment in config["applications"][0]["deployments"]:
+        deployment.pop("graceful_shutdown_timeout_s", None)
+    (tmp_path / "bare.yaml").write_text(yaml.safe_dump(config))
+    assert grace_s(load_config(str(tmp_path / "bare.yaml"))) == GRACEFUL_SHUTDOWN_TIMEOUT_S
+    assert grace_s(load_config(str(ROOT / "deploy" / "config.yaml"))) >= 60
