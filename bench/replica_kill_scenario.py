@@ -5,10 +5,13 @@
 The cluster, model and config of bench/autoscaling_scenario.py, with the Embedder fixed at 2
 replicas (`{fake_gpu: 1}` each). Reference vectors for every text come from
 tests/reference.py's `SFRReference` (one text at a time, from the card), in this process.
-`--clients` closed-loop clients send 4 distinct texts per request; at `--kill-at-s` one of the
-two busy replicas is `ray.kill`ed (its actor name from the controller's replica details).
-Every response must be a 200 with each vector within 1e-4 of its own text's reference and the
-reference token count in `usage`; Serve must replace the replica. Exits non-zero otherwise.
+`--clients` closed-loop clients send 4 distinct texts per request (from a pool of
+`--max-requests` distinct requests, repeated as long as the load lasts); from `--kill-after-s`
+on, one of the two replicas is `ray.kill`ed as soon as it holds at least `--min-victim-work`
+requests (its own count of requests running or queued in it: bench.scenario.fault_when_busy,
+reusable for other faults), so the kill always lands on work in progress. Every response must
+be a 200 with each vector within 1e-4 of its own text's reference and the reference token count
+in `usage`; requests must span the kill; Serve must replace the replica. Exits non-zero otherwise.
 """
 
 from __future__ import annotations
@@ -26,10 +29,17 @@ from bench import harness
 from bench.autoscaling_scenario import (FAKE_GPU_WORKERS, MODEL, ModelShape, checked, model_and_cluster, serve_config,
                                         text_pool)
 from bench.loadgen import latency_stats, run_load
-from bench.scenario import changes, header, serve_log_lines
+from bench.scenario import changes, fault_when_busy, header, serve_log_lines
 from bench.workloads import Request
 
 MAX_ABS_DIFF = 1e-4
+
+
+class Repeating(list):
+    """Request k of the load is distinct request k mod n: the load runs as long as it must."""
+
+    def __getitem__(self, k):
+        return super().__getitem__(k % len(self)) if isinstance(k, int) else super().__getitem__(k)
 
 
 async def drive(opts, url: str, controller, names, requests: list[Request], tokens, refs) -> dict:
@@ -42,19 +52,21 @@ async def drive(opts, url: str, controller, names, requests: list[Request], toke
                             for r in harness.running(harness.deployments(controller).get("Embedder", {}))]}
 
     async def killer():
-        await asyncio.sleep(max(0.0, opts.kill_at_s - (time.perf_counter() - t0)))
-        kill["t_kill_s"] = round(time.perf_counter() - t0, 3)
         replica_id, node, actor = (await asyncio.to_thread(look))["running"][0]
-        await asyncio.to_thread(lambda: ray.kill(ray.get_actor(actor, namespace="serve"), no_restart=True))
         kill.update(replica_id=replica_id, node=node, actor_name=actor)
-        harness.log(f"killed {actor} on {node} at {kill['t_kill_s']} s")
+        struck = await fault_when_busy(actor, lambda handle: ray.kill(handle, no_restart=True), t0=t0,
+                                       not_before_s=opts.kill_after_s, give_up_s=opts.duration_s - opts.after_kill_s,
+                                       min_ongoing=opts.min_victim_work)
+        kill.update(struck, t_kill_s=struck["t_fault_s"])
+        harness.log(f"killed {actor} on {node} at {kill['t_kill_s']} s, holding {struck['ongoing_at_fault']} requests"
+                    if struck["t_fault_s"] is not None else f"{actor} never held {opts.min_victim_work} requests: not killed")
 
     def replaced(sample) -> bool:
         return len(sample["running"]) >= 2 and all(rid != kill.get("replica_id") for rid, _, _ in sample["running"])
 
     poller = asyncio.create_task(harness.sample_every(0.25, look, stop, t0, timeline))
     result, _ = await asyncio.gather(
-        run_load(url + "/v1", MODEL, requests.__getitem__, concurrency=opts.clients, max_requests=len(requests),
+        run_load(url + "/v1", MODEL, requests.__getitem__, concurrency=opts.clients, max_requests=1 << 30,
                  max_duration_s=opts.duration_s, timeout_s=opts.request_timeout_s, t0=t0, progress=False,
                  validate=checked(opts.shape.hidden, tokens, refs, MAX_ABS_DIFF, worst)),
         killer())
@@ -84,6 +96,7 @@ def analyse(run: dict, logs_dir: str) -> dict:
         "vectors_compared_with_their_references": sum(r.n_texts for r in records if r.ok),
         "max_abs_diff_vs_reference": run.get("max_abs_diff"),
         "killed": f"`{kill.get('actor_name')}` on {kill.get('node')}", "killed_at_s": t_kill,
+        "requests_the_victim_held_when_killed": kill.get("ongoing_at_fault"),
         "requests_spanning_the_kill": len(spanning), "of_those_ok": sum(r.ok for r in spanning),
         "ingress_chunk_retries_logged": retries, "victim_gone_from_running_at_s": kill.get("t_victim_gone_s"),
         "two_running_again_at_s": back,
@@ -91,6 +104,7 @@ def analyse(run: dict, logs_dir: str) -> dict:
         "latency": latency_stats([r.latency_s for r in records if r.ok]),
     }
     checks = {
+        "replica_was_killed_while_holding_work": bool(kill.get("ongoing_at_fault")),
         "replica_was_killed_mid_load": bool(spanning),
         "every_request_answered_once": sorted(r.index for r in records) == list(range(len(records))),
         "every_request_ok_and_every_vector_matches_its_reference":
@@ -109,7 +123,8 @@ def markdown(rep: dict, opts) -> list[str]:
         f"- Cluster of bench/autoscaling_scenario.py (workers `fake_gpu` {FAKE_GPU_WORKERS}); Embedder fixed at 2 "
         f"replicas, `cpu_threads: 1`; model hidden {opts.shape.hidden}, {opts.shape.layers} layers.",
         f"- Load: {opts.clients} closed-loop clients for {opts.duration_s:g} s, 4 distinct texts of 20-80 words per "
-        f"request; one busy replica `ray.kill`ed at {opts.kill_at_s:g} s. A request passes with HTTP 200, indexes "
+        f"request; one replica `ray.kill`ed (after {opts.kill_after_s:g} s) as soon as it held at least "
+        f"{opts.min_victim_work} requests. A request passes with HTTP 200, indexes "
         f"0..n-1, each vector within {MAX_ABS_DIFF:g} of its own text's `SFRReference` vector, usage equal to the "
         "reference's token count.", "",
         *harness.md_checks(rep["checks"]),
@@ -123,8 +138,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=12)
     p.add_argument("--duration-s", type=float, default=30.0)
-    p.add_argument("--max-requests", type=int, default=800)
-    p.add_argument("--kill-at-s", type=float, default=10.0)
+    p.add_argument("--max-requests", type=int, default=800, help="distinct requests, repeated while the load lasts")
+    p.add_argument("--kill-after-s", type=float, default=10.0, help="the earliest kill: after warm-up")
+    p.add_argument("--min-victim-work", type=int, default=2, help="requests the victim must hold when killed")
+    p.add_argument("--after-kill-s", type=float, default=10.0, help="load kept up at least this long after the kill")
     p.add_argument("--request-timeout-s", type=float, default=60.0)
     p.add_argument("--replace-timeout-s", type=float, default=60.0)
     p.add_argument("--max-wall-s", type=float, default=300.0)
@@ -146,9 +163,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)  # the references; more threads only oversubscribe a shared 2-core box
         reference, pool, rng = SFRReference(model_dir, max_length=256), text_pool(240, 20, 80, seed=2), random.Random(3)
         ref = {t: reference.embed([t])[0].astype(np.float32) for t in pool}
-        requests = [Request(i, tuple(rng.sample(pool, 4)), "") for i in range(opts.max_requests)]
-        refs = [np.stack([ref[t] for t in r.texts]) for r in requests]
-        tokens = [sum(len(reference.token_ids(t)) for t in r.texts) for r in requests]
+        distinct = [tuple(rng.sample(pool, 4)) for _ in range(opts.max_requests)]
+        requests = Repeating([Request(i, texts, "") for i, texts in enumerate(distinct)])
+        refs = Repeating([np.stack([ref[t] for t in texts]) for texts in distinct])
+        tokens = Repeating([sum(len(reference.token_ids(t)) for t in texts) for texts in distinct])
         port = harness.free_port()
         controller = harness.deploy(serve_config(port, model_dir, {
             "num_replicas": 2, "max_ongoing_requests": 64,

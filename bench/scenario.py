@@ -1,5 +1,6 @@
 """Small pieces the scenarios share beyond bench/harness.py: a results file's opening lines,
-the samples of a timeline where something changed, and counting lines in Ray's Serve logs."""
+the samples of a timeline where something changed, counting lines in Ray's Serve logs, and
+striking a replica with a fault while it holds work (fault_when_busy)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,40 @@ def serve_log_lines(temp_dir: str, pattern: str, needle: str) -> int:
         with open(path, errors="replace") as f:
             count += sum(needle in line for line in f)
     return count
+
+
+# --- faults at a moment that proves something -----------------------------------------------
+
+
+def ongoing_requests(actor) -> int:
+    """Requests a Serve replica holds now (running, or waiting in it, e.g. in its batcher), as the
+    replica itself counts them."""
+    import ray
+
+    return int(ray.get(actor.get_num_ongoing_requests.remote(), timeout=10))
+
+
+async def fault_when_busy(actor_name: str, fault, *, t0: float, not_before_s: float, give_up_s: float,
+                          min_ongoing: int = 1, poll_s: float = 0.02) -> dict:
+    """Apply `fault(actor)` to the Serve replica `actor_name` as soon as it holds at least
+    `min_ongoing` requests, polling from `not_before_s` until `give_up_s` (seconds since `t0`,
+    a `time.perf_counter()` origin). A fault at a fixed time may land while the replica is idle
+    and prove nothing; this one lands while it holds work. `fault` is any callable of the actor
+    handle (`ray.kill`, a hook that breaks its device, ...). Returns when it struck (None if the
+    replica never held that much work) and how many requests the replica held just before."""
+    import asyncio
+    import time
+
+    import ray
+
+    actor = ray.get_actor(actor_name, namespace="serve")
+    await asyncio.sleep(max(0.0, not_before_s - (time.perf_counter() - t0)))
+    held, most = 0, 0
+    while time.perf_counter() - t0 < give_up_s:
+        held = await asyncio.to_thread(ongoing_requests, actor)
+        most = max(most, held)
+        if held >= min_ongoing:
+            await asyncio.to_thread(fault, actor)
+            return {"t_fault_s": round(time.perf_counter() - t0, 3), "ongoing_at_fault": held}
+        await asyncio.sleep(poll_s)
+    return {"t_fault_s": None, "ongoing_at_fault": None, "most_ongoing_seen": most}

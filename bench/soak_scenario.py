@@ -1,6 +1,6 @@
 """Soak: steady mixed load for minutes, watching every Serve process's memory for a leak.
 
-    python -m bench.soak_scenario                 # 10 min of load, half of it bulk; bench/results/soak.{md,json,png}
+    python -m bench.soak_scenario                 # 30 min of load, half of it bulk; bench/results/soak.{md,json,png}
     python -m bench.soak_scenario --minutes 1 --out bench/.work/soak    # smoke run
 
 deploy/local.yaml served as `serve run` serves it (bench/servers.py's ServedSystem: a fresh
@@ -12,8 +12,10 @@ by command line, anew at each sample, so a replaced replica shows as a new pid) 
 driver. Leak verdict per process after `--warmup-min`: least-squares slope in MB/min with its
 standard error, net growth between the first and last 30 s, and each half's slope; flagged
 when the slope is over `--threshold-mb-min` (5 MB/min = 7 GB/day), beyond 2 standard errors,
-confirmed by the net growth, and still growing in the second half. Exits 1 on any failed
-request or flagged process.
+confirmed by the net growth, and still growing in the second half. The target: every Serve
+process's slope over the second half at most `--second-half-max-mb-min` (1 MB/min), long
+enough after start-up that warm-up steps are over, hence 30 minutes by default. Exits 1 on any
+failed request, flagged process or process over that target.
 """
 
 from __future__ import annotations
@@ -190,18 +192,23 @@ def markdown(rep: dict, opts) -> list[str]:
         f"- Failed requests: **{s['failed']}** of {s['requests']} ({'PASS' if s['failed'] == 0 else 'FAIL'}).",
         f"- Leak suspects among the service's processes: **{', '.join(rep['leak_suspects']) or 'none'}** "
         f"({'PASS' if not rep['leak_suspects'] else 'FAIL'}).",
+        f"- Serve processes whose second-half slope exceeds {opts.second_half_max_mb_min:g} MB/min: "
+        f"**{', '.join(rep['over_second_half_target']) or 'none'}** "
+        f"({'PASS' if not rep['over_second_half_target'] else 'FAIL'}).",
         f"- Process set stable (no replica replaced): {'yes' if rep['stable_processes'] else 'no'}.",
     ]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, default=10.0, help="load duration (default 10)")
+    p.add_argument("--minutes", type=float, default=30.0, help="load duration (default 30)")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--bulk-share", type=float, default=0.5, help="fraction of requests that are 64-document bulk")
     p.add_argument("--sample-s", type=float, default=5.0)
     p.add_argument("--warmup-min", type=float, default=1.0)
     p.add_argument("--threshold-mb-min", type=float, default=5.0)
+    p.add_argument("--second-half-max-mb-min", type=float, default=1.0,
+                   help="the target: each Serve process's RSS slope over the second half at most this")
     p.add_argument("--max-requests", type=int, default=200_000, help="a cap on requests (the duration ends it first)")
     p.add_argument("--request-timeout-s", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=0)
@@ -248,8 +255,10 @@ def main(argv=None) -> int:
     per_process = analyse(samples, opts, summary["requests"] / (result.wall_s / 60) if result.wall_s else 0.0)
     suspects = [k.replace("|", " pid ") for k, p in per_process.items()
                 if p["role"] in SERVICE_ROLES and p["verdict"] == "LEAK SUSPECT"]
+    over_target = [k.replace("|", " pid ") for k, p in per_process.items() if p["role"] in SERVICE_ROLES
+                   and p.get("slope_halves_mb_per_min", [0, 0])[1] > opts.second_half_max_mb_min]
     rep = {**harness.stamp("bench.soak_scenario", argv, m, wall0), "options": vars(opts), "summary": summary,
-           "cpu": cpu, "per_process": per_process, "leak_suspects": suspects,
+           "cpu": cpu, "per_process": per_process, "leak_suspects": suspects, "over_second_half_target": over_target,
            "stable_processes": len({frozenset(s["procs"]) for s in samples}) <= 1}
     out = Path(opts.out)
     plot(out.with_suffix(".png"), samples, per_process, result.records, opts,
@@ -260,7 +269,7 @@ def main(argv=None) -> int:
         p = per_process[key]
         print(f"{key:40s} start {p['rss_start_mb']:7.1f} MB  end {p['rss_end_mb']:7.1f} MB  "
               f"slope {p.get('slope_mb_per_min', float('nan')):+.2f} MB/min  {p['verdict']}")
-    return 0 if summary["failed"] == 0 and not suspects else 1
+    return 0 if summary["failed"] == 0 and not suspects and not over_target else 1
 
 
 if __name__ == "__main__":

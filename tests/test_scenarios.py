@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.scenario import fault_when_busy
 from tests.conftest import TINY_MAX_TOKENS
 
 APP = "replica-kill"
@@ -23,7 +24,7 @@ PREFIX = "/replica-kill"
 WORDS = "the quick brown fox jumps over lazy dog cat sleeps in warm sun search vectors".split()
 CLIENTS = 8
 LOAD_S = 12.0
-KILL_AT_S = 4.0
+KILL_AFTER_S = 3.0  # then as soon as the victim holds work (bench.scenario.fault_when_busy)
 
 
 def _embedder_replicas(controller) -> list[dict]:
@@ -98,22 +99,22 @@ def test_killing_an_embedder_replica_mid_load_loses_nothing(kill_app, base_refer
 
     async def drive():
         records, killed = [], {}
-        t0 = time.monotonic()
+        t0 = time.perf_counter()
 
         async def client_loop(client, cid):
             k = 0
-            while time.monotonic() - t0 < LOAD_S:
+            while time.perf_counter() - t0 < LOAD_S:
                 texts = rng.sample(pool, 24)
-                start = time.monotonic() - t0
+                start = time.perf_counter() - t0
                 response = await client.post("/v1/embeddings", json={"model": "tiny-sfr", "input": texts, "encoding_format": "base64"})
-                records.append((cid, k, start, time.monotonic() - t0, texts, response))
+                records.append((cid, k, start, time.perf_counter() - t0, texts, response))
                 k += 1
 
         async def killer():
-            await asyncio.sleep(KILL_AT_S)
             victim = before[0]
-            killed.update(victim, t=time.monotonic() - t0)
-            ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
+            struck = await fault_when_busy(victim["actor_name"], lambda actor: ray.kill(actor, no_restart=True),
+                                           t0=t0, not_before_s=KILL_AFTER_S, give_up_s=LOAD_S - 4)
+            killed.update(victim, t=struck["t_fault_s"], held=struck["ongoing_at_fault"])
 
         async with httpx.AsyncClient(base_url=url, timeout=60, trust_env=False) as client:
             await asyncio.gather(killer(), *(client_loop(client, c) for c in range(CLIENTS)))
@@ -121,6 +122,7 @@ def test_killing_an_embedder_replica_mid_load_loses_nothing(kill_app, base_refer
 
     records, killed = asyncio.run(drive())
 
+    assert killed["held"], "the victim never held a request: the kill would prove nothing"
     spanning = [r for r in records if r[2] <= killed["t"] < r[3]]
     assert spanning, "no request was in flight when the replica was killed"
     for cid, k, start, end, texts, response in records:

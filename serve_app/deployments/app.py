@@ -21,6 +21,7 @@ from serve_app.engine.spec import ModelSpec, share_base
 
 from .embedder import Embedder
 from .ingress import Ingress
+from .sizing import check_app_fits, cluster_capacity, config_overrides, need_of
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -59,13 +60,27 @@ class AppArgs(BaseModel):
         return self
 
 
+# What a Tokenizer replica's output depends on (see engine.tokenization.InputTokenizer): models
+# equal in these get the same token ids from one replica, so they share one Tokenizer deployment.
+# The query instruction travels with each call, so it does not split them.
+TOKENIZER_FIELDS = ("source", "revision", "trust_remote_code", "pooling", "append_eos", "max_input_tokens", "long_input")
+
+
+def share_tokenizer(models: list[ModelSpec]) -> list[list[ModelSpec]]:
+    """The models of each Tokenizer deployment, in config order (equal in TOKENIZER_FIELDS)."""
+    groups: dict[tuple, list[ModelSpec]] = {}
+    for spec in models:
+        groups.setdefault(tuple(getattr(spec, f) for f in TOKENIZER_FIELDS), []).append(spec)
+    return list(groups.values())
+
+
 def deployment_names(models: list[ModelSpec]) -> tuple[dict[str, str], dict[str, str]]:
     """Each model's Tokenizer and Embedder deployment: `Tokenizer` and `Embedder` for a single
-    model; with several, `Tokenizer-<model>` for each, and `Embedder-<model>` named after the
-    first (in config order) of the models that share it (spec.share_base)."""
+    model; with several, `Tokenizer-<model>` and `Embedder-<model>`, each named after the first
+    (in config order) of the models that share it (share_tokenizer, spec.share_base)."""
     if len(models) == 1:
         return {models[0].name: "Tokenizer"}, {models[0].name: "Embedder"}
-    tokenizers = {spec.name: f"Tokenizer-{spec.name}" for spec in models}
+    tokenizers = {spec.name: f"Tokenizer-{group[0].name}" for group in share_tokenizer(models) for spec in group}
     embedders = {spec.name: f"Embedder-{group[0].name}" for group in share_base(models) for spec in group}
     return tokenizers, embedders
 
@@ -124,13 +139,23 @@ def build_app(args: dict) -> Application:
     if not parsed.gpu_nodes_on_demand:
         check_gpus_exist(parsed.models)
     tokenizer_names, embedder_names = deployment_names(parsed.models)
-    tokenizers = {spec.name: Tokenizer.options(name=tokenizer_names[spec.name]).bind(spec.model_dump())
-                  for spec in parsed.models}
+    deployments = [Ingress]
+    tokenizers = {}
+    for group in share_tokenizer(parsed.models):
+        deployments.append(Tokenizer.options(name=tokenizer_names[group[0].name]))
+        tokenizer = deployments[-1].bind(group[0].model_dump())
+        tokenizers.update((spec.name, tokenizer) for spec in group)
     embedders = {}
     for group in share_base(parsed.models):
         # One deployment per base: every model of the group maps to the same bound deployment.
-        embedder = Embedder.options(name=embedder_names[group[0].name]).bind([spec.model_dump() for spec in group])
+        deployments.append(Embedder.options(name=embedder_names[group[0].name]))
+        embedder = deployments[-1].bind([spec.model_dump() for spec in group])
         embedders.update((spec.name, embedder) for spec in group)
+    if ray.is_initialized():
+        overrides = config_overrides(args)
+        capacity, where = cluster_capacity()
+        needs = [need_of(d, overrides.get(d.name)) for d in deployments]
+        check_app_fits(needs, capacity, where, skip_gpus=parsed.gpu_nodes_on_demand)
     return Ingress.bind(
         [spec.model_dump() for spec in parsed.models],
         tokenizers,
