@@ -20,11 +20,12 @@ import yaml
 from tests.conftest import ROOT, free_port, local_config_model
 
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+LOCK = ROOT / "constraints.txt"
 IMAGE_TAG = re.compile(r"ray(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d+)-gpu$")
 
 
 def locked_version(package: str) -> str:
-    for line in (ROOT / "constraints.txt").read_text().splitlines():
+    for line in LOCK.read_text().splitlines():
         if line.startswith(f"{package}=="):
             return line.split("==", 1)[1]
     raise AssertionError(f"constraints.txt does not lock {package}")
@@ -56,9 +57,8 @@ def test_dockerfile_manifests_and_pyproject_agree_on_ray_and_python():
 
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     assert requires.startswith(">=") and tuple(map(int, requires[2:].split("."))) <= (3, int(python[1:]))
-    assert f"{sys.version_info.major}{sys.version_info.minor}" == python, (
-        "the tests (and the lock) run on another Python than the image's"
-    )
+    (locked_on,) = re.findall(r"^# Resolved on Python (\d+)\.(\d+)$", LOCK.read_text(), re.M)
+    assert "".join(locked_on) == python, "constraints.txt was resolved on another Python than the image's"
 
     service = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
     assert service["rayVersion"] == ray_version
