@@ -154,7 +154,9 @@ def fault_app(ray_session, tiny_family, tmp_path_factory, monkeypatch_module):
         num_replicas=2, health_check_period_s=1, ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": env}},
     ))
     serve.run(app_module.build_app({"models": [spec_for(tiny_family["base"]).model_dump(exclude_none=True)],
-                                    "auth": {"enabled": False}}), name=APP, route_prefix=ROUTE)
+                                    "auth": {"enabled": False},
+                                    "cache": {"max_bytes": 0}}),  # every request reaches an Embedder
+              name=APP, route_prefix=ROUTE)
     with httpx.Client(base_url=ray_session.url + ROUTE, timeout=60) as http:
         yield http, trigger
     serve.delete(APP)
