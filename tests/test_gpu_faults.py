@@ -127,6 +127,17 @@ def test_fault_injection_is_off_without_its_variables():
     assert FaultInjection.from_environment({OOM_ABOVE_TOKENS: "40"}).oom_above_tokens == 40
 
 
+def test_rows_out_of_memory_fail_only_their_own_chunk_of_a_batch():
+    from serve_app.deployments.embedder import per_chunk
+
+    vectors = np.arange(10, dtype=np.float32).reshape(5, 2)
+    chunks = [[[1], [2]], [[3], [4], [5]]]  # two chunks of one Embedder batch: rows 0-1 and 2-4
+    parts = per_chunk(vectors, chunks, (3,))
+    np.testing.assert_array_equal(parts[0], vectors[:2])
+    assert isinstance(parts[1], RowsOutOfMemory) and parts[1].rows == [1]
+    np.testing.assert_array_equal(parts[1].vectors, vectors[2:])
+
+
 # ---- the service, over HTTP ---------------------------------------------------------------------
 
 APP = "gpu-faults"
