@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 # Serve calls check_health every HEALTH_CHECK_PERIOD_S and replaces a replica after 3 failures in a
 # row (Serve's threshold). The check is a tiny device operation, waited for: it queues behind the
 # device work already launched (the engine keeps at most one pass waiting behind the running
-# one, well under a second for a max_batch_tokens pass of SFR on an H100), so a timeout of
-# 10 s means a hung device, not a busy one. A poisoned device fails each check at once: found
+# one; a 16384-token SFR pass takes ~0.3 s at the throughput bound ARCHITECTURE.md derives for
+# an H100), so a timeout of 10 s means a hung device, not a busy one. A poisoned device fails each check at once: found
 # within ~15 s on an idle replica; a replica whose pass meets the fault leaves at once (see
 # _leave_if_device_broken).
 HEALTH_CHECK_PERIOD_S = 5.0
