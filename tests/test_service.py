@@ -309,6 +309,8 @@ def test_every_metric_the_grafana_dashboard_plots_exists(http, ray_session):
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     wanted = {name for expr in exprs for name in re.findall(r"\bray_[a-z_]+", expr)}
     assert len(wanted) >= 10
+    # Exported after a first out-of-memory pass only: tests/test_gpu_faults.py provokes one and checks it.
+    wanted.discard("ray_embeddings_out_of_memory_total")
     # Traffic that touches every series: cache misses, then hits, then evictions (an
     # interactive request of more vectors than the session's 256 KiB cache holds).
     for _ in range(2):

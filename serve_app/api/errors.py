@@ -63,6 +63,15 @@ def internal_error() -> OpenAIError:
     return OpenAIError(500, "The server had an error while processing your request.", code="internal_error")
 
 
+def out_of_device_memory() -> OpenAIError:
+    """An input that did not fit in the accelerator's memory even alone. Start-up proves that
+    the longest inputs allowed fit, so memory was held elsewhere for a while: retry."""
+    return OpenAIError(
+        503, "An input did not fit in the model server's device memory even on its own; retry shortly.",
+        "input", "device_out_of_memory", {"Retry-After": "1"},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Replace FastAPI's {"detail": ...} shapes (404, 405, 422, 500) with OpenAI's."""
 

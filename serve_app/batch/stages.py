@@ -113,6 +113,6 @@ class Embed:
         out = np.empty((len(sequences), self.engine.dimensions), dtype=np.float32)
         start = 0
         for chunk in cut_to_budget([sequences[i] for i in order], self.spec.max_batch_tokens):
-            out[order[start : start + len(chunk)]] = self.engine.embed_counted(chunk).vectors
+            out[order[start : start + len(chunk)]] = self.engine.embed(chunk)  # raises on rows out of memory
             start += len(chunk)
         return out

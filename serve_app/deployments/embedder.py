@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,13 +17,38 @@ from serve_app.deployments.autoscaling import BACKLOG_REQUESTS, BACKLOG_TOKENS
 from serve_app.deployments.chunks import count_tokens, flatten, split_rows
 from serve_app.deployments.metrics import EmbedderMetrics
 from serve_app.deployments.serve_logging import drop_batch_size_warning
-from serve_app.engine.embedder import EmbeddingEngine
+from serve_app.engine.embedder import EmbeddingEngine, unfit_message
+from serve_app.engine.errors import RowsOutOfMemory
 from serve_app.engine.scheduling import Priority
 from serve_app.engine.spec import MAX_BATCHES_IN_FLIGHT, ModelSpec
 
 
+logger = logging.getLogger(__name__)
+
+# Serve calls check_health every HEALTH_CHECK_PERIOD_S and replaces a replica after 3 failures in a
+# row (Serve's threshold). The check is a tiny device operation, waited for: it queues behind the
+# device work already launched (the engine keeps at most one pass waiting behind the running
+# one; a 16384-token SFR pass takes ~0.3 s at the throughput bound ARCHITECTURE.md derives for
+# an H100), so a timeout of 10 s means a hung device, not a busy one. A poisoned device fails each check at once: found
+# within ~15 s on an idle replica; a replica whose pass meets the fault leaves at once (see
+# _leave_if_device_broken).
+HEALTH_CHECK_PERIOD_S = 5.0
+HEALTH_CHECK_TIMEOUT_S = 10.0
+
 # A queued chunk: its token ids, each row's model, and when it arrived.
 Queued = tuple[list[list[int]], list[str], float]
+
+
+def per_chunk(vectors: np.ndarray, chunks: list[list[list[int]]], unfit_rows) -> list:
+    """Each chunk's vectors, or RowsOutOfMemory (holding the chunk's vectors, NaN in those rows)
+    for a chunk with rows that did not fit: one chunk's failure leaves the batch's others whole."""
+    parts, start = split_rows(vectors, chunks), 0
+    for k, chunk in enumerate(chunks):
+        rows = [row - start for row in unfit_rows if start <= row < start + len(chunk)]
+        if rows:
+            parts[k] = RowsOutOfMemory(unfit_message(len(rows)), rows, parts[k])
+        start += len(chunk)
+    return parts
 
 
 def count_queued_tokens(items: list[Queued]) -> int:
@@ -34,7 +61,8 @@ def count_queued_tokens(items: list[Queued]) -> int:
 # max_batch_tokens). Keep this below the Ingress's GRACEFUL_SHUTDOWN_TIMEOUT_S, so that an
 # ingress outlives the drain and can retry a chunk lost to a force-kill.
 @serve.deployment(name="Embedder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
-                  graceful_shutdown_timeout_s=120)
+                  graceful_shutdown_timeout_s=120, health_check_period_s=HEALTH_CHECK_PERIOD_S,
+                  health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S)
 class Embedder:
     def __init__(self, specs: list[dict]):
         """The deployment's models: one, or several over one base (spec.share_base), which share
@@ -56,6 +84,8 @@ class Embedder:
         self._slots = {request_class: asyncio.Semaphore(self._in_flight) for request_class in Priority}
         # Threads that wait for the engine's lanes, so the event loop never blocks.
         self._forward_threads = ThreadPoolExecutor(len(Priority) * self._in_flight, thread_name_prefix="forward")
+        # Device probes on a thread of their own: one stuck on a hung device blocks no forward.
+        self._probe_thread = ThreadPoolExecutor(1, thread_name_prefix="device-probe")
         # Warm up (on the engine's lanes) before Serve marks the replica ready, so the first real
         # request doesn't pay for it and /health means "ready to serve".
         self._forward_threads.submit(self.engine.warm_up).result()
@@ -72,9 +102,11 @@ class Embedder:
         self.metrics_tags = {"model": "+".join(self.specs)}  # a shared base: all of its models
         self._class_tags = {c: self.metrics_tags | {"priority": c.value} for c in Priority}
 
-    async def embed(self, chunk: list[list[int]], priority: str, models: list[str]) -> np.ndarray:
+    async def embed(self, chunk: list[list[int]], priority: str, models: list[str]) -> np.ndarray | RowsOutOfMemory:
         """Vectors for one chunk (whose tokens fit the batch budget), in order; `models` names
-        each row's model, so that a batch may mix the adapters of a shared base."""
+        each row's model, so that a batch may mix the adapters of a shared base. Returned, not
+        raised: RowsOutOfMemory when some row did not fit in device memory even alone; it holds
+        the other rows' vectors, which belong to other requests when the Ingress coalesced them."""
         if len(models) != len(chunk) or not self.specs.keys() >= set(models):
             raise ValueError(f"models must name one of {list(self.specs)} for each of the chunk's {len(chunk)} rows")
         request_class = Priority(priority)
@@ -119,16 +151,48 @@ class Embedder:
             chunks = [chunk for chunk, _, _ in items]
             models = [model for _, chunk_models, _ in items for model in chunk_models]
             # Off the event loop, so new requests keep queueing (and batches fill) while it runs.
-            done = await asyncio.get_running_loop().run_in_executor(
-                self._forward_threads, self.engine.embed_counted, flatten(chunks), request_class, models
-            )
+            try:
+                done = await asyncio.get_running_loop().run_in_executor(
+                    self._forward_threads, self.engine.embed_counted, flatten(chunks), request_class, models
+                )
+            except Exception:
+                await self._leave_if_device_broken()
+                raise
             forward_s = time.perf_counter() - started
+        if done.out_of_memory_events:
+            self.metrics.out_of_memory.inc(done.out_of_memory_events, self.metrics_tags)
         self.metrics.forward.observe(forward_s, self.metrics_tags)
         self._adapt_batch_wait(request_class, forward_s / self._in_flight)
         self.metrics.batch_tokens.observe(done.real_tokens, self.metrics_tags)
         padding = 1.0 - done.real_tokens / done.padded_tokens if done.padded_tokens else 0.0
         self.metrics.padding_ratio.observe(padding, self.metrics_tags)
-        return split_rows(done.vectors, chunks)
+        return per_chunk(done.vectors, chunks, done.unfit_rows)
+
+    async def check_health(self) -> None:
+        """Serve's health check (every HEALTH_CHECK_PERIOD_S): raises when the device cannot run
+        work any more (lost, or poisoned by an illegal memory access), so that Serve replaces a
+        replica that would otherwise look healthy while failing every call."""
+        await asyncio.get_running_loop().run_in_executor(self._probe_thread, self.engine.check_device)
+
+    async def _leave_if_device_broken(self) -> None:
+        """After a failed batch: if the device fails a probe too, every later call here would
+        fail, so end this process at once. The calls in flight here then fail as on a dead
+        replica, which the Ingress retries on another one (and Serve starts a replacement);
+        answering them with errors until the health checks catch up would fail them instead."""
+        try:
+            await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(self._probe_thread, self.engine.check_device),
+                HEALTH_CHECK_TIMEOUT_S,
+            )
+            return  # the device works: the failure was the batch's own
+        except Exception as exc:  # noqa: BLE001 — any failure of the probe (or its timeout)
+            logger.critical("the %s device failed a probe after a failed batch (%r): exiting, so that "
+                            "Serve replaces this replica and the Ingress retries its calls elsewhere",
+                            self.engine.device, exc)
+        for handler in logging.getLogger().handlers + logger.handlers:
+            handler.flush()
+        sys.stderr.flush()
+        os._exit(1)  # the process, at once: no later call may reach this device
 
     def _adapt_batch_wait(self, request_class: Priority, busy_s: float) -> None:
         # A class whose batches keep the replica busy waits longer so its batches grow: a pass

@@ -21,7 +21,7 @@ from serve_app.api.auth import AuthConfig, Authenticator
 from serve_app.api.cache import CacheConfig, VectorCache, look_up
 from serve_app.api import tei
 from serve_app.api.encoding import apply_dimensions, render_embeddings
-from serve_app.api.errors import OpenAIError, install_error_handlers, internal_error, invalid
+from serve_app.api.errors import OpenAIError, install_error_handlers, internal_error, invalid, out_of_device_memory
 from serve_app.api.limits import InflightTokens, RequestLimits, check_counts, check_tokens, read_body
 from serve_app.api.priority import BATCH, INTERACTIVE, PriorityPolicy, classify
 from serve_app.api.ratelimit import RateLimiter, RateLimits
@@ -30,7 +30,7 @@ from serve_app.deployments.chunks import count_tokens, cut_to_budget, flatten, s
 from serve_app.deployments.metrics import IngressMetrics
 from serve_app.deployments.serve_logging import drop_batch_size_warning
 from serve_app.engine.tokenization import load_input_tokenizer, token_ids_rejected
-from serve_app.engine.errors import InputError
+from serve_app.engine.errors import InputError, RowsOutOfMemory
 from serve_app.engine.long_inputs import combine_windows, split_windows
 from serve_app.engine.spec import ModelSpec, dtype_name
 
@@ -444,6 +444,9 @@ class Ingress:
         chunks = cut_to_budget(ids, self.specs[name].max_batch_tokens)
         coalesce = self._coalesce_interactive if request_class == INTERACTIVE else self._coalesce_batch
         parts = await asyncio.gather(*(coalesce((name, chunk)) for chunk in chunks))
+        for part in parts:
+            if isinstance(part, OpenAIError):  # this request's own failure (see _call_coalesced)
+                raise part
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     # Chunks of concurrent requests are coalesced into one call per Embedder deployment: each Serve
@@ -472,10 +475,16 @@ class Ingress:
                 models = [items[p][0] for p in group for _ in items[p][1]]
                 groups.append((group, chunks))
                 calls.append(self._call_embedder(deployment, flatten(chunks), models, request_class))
-        results: list[np.ndarray] = [None] * len(items)  # type: ignore[list-item]
+        results: list[np.ndarray | OpenAIError] = [None] * len(items)  # type: ignore[list-item]
         for (group, chunks), vectors in zip(groups, await self._gather(calls)):
-            for p, part in zip(group, split_rows(vectors, chunks)):
-                results[p] = part
+            # Rows that did not fit in device memory fail their own chunks only (returned, not
+            # raised, so that the other chunks of the call still get their vectors).
+            unfit = set(vectors.rows) if isinstance(vectors, RowsOutOfMemory) else set()
+            start = 0
+            for p, chunk, part in zip(group, chunks, split_rows(vectors.vectors if unfit else vectors, chunks)):
+                hit = not unfit.isdisjoint(range(start, start + len(chunk)))
+                results[p] = out_of_device_memory() if hit else part
+                start += len(chunk)
         return results
 
     def _group_by_deployment(self, items: list[tuple[str, list[list[int]]]]) -> dict[str, list[int]]:

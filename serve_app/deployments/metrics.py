@@ -57,6 +57,12 @@ class EmbedderMetrics:
         self.backlog_tokens = Gauge(
             "embeddings_queue_tokens", "Tokens queued or running at a replica, by request class.", ("model", "priority")
         )
+        self.out_of_memory = Counter(
+            "embeddings_out_of_memory",
+            "Forward passes that ran out of device memory (each was rerun in halves; a row that "
+            "did not fit alone failed its request with 503).",
+            ("model",),
+        )
         self.backlog_requests = Gauge(
             "embeddings_queue_requests", "Chunks queued or running at a replica, by request class.", ("model", "priority")
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 
 from .adapters import RowAdapters, adapter_names, load_adapters
+from .errors import RowsOutOfMemory
+from .faults import FaultInjection, probe_device, release_cached_memory
 from .batching import MicroBatch, PackedPass, padding_ratio, plan_micro_batches, plan_packed_passes, plan_per_group
 from .host_memory import HostMemoryTrimmer
 from .loading import load_model, load_tokenizer, resolve_spec
@@ -79,6 +82,21 @@ class Embedded:
     vectors: np.ndarray  # float32, one row per sequence, in the order given
     real_tokens: int
     padded_tokens: int  # tokens the forward passes computed, padding included
+    # Sequences that did not fit in device memory even alone (their rows are NaN), and how
+    # many passes ran out of device memory on the way (each one was rerun in halves).
+    unfit_rows: tuple[int, ...] = ()
+    out_of_memory_events: int = 0
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """One pass's vectors (host; on a GPU, valid once `done` has happened), in its rows' order,
+    with the positions of rows that did not fit alone and the out-of-memory events met."""
+
+    rows: torch.Tensor
+    done: "torch.cuda.Event | None"
+    unfit: list[int]
+    out_of_memory_events: int
 
 
 class EmbeddingEngine:
@@ -137,6 +155,8 @@ class EmbeddingEngine:
         self._previous_pass_done = None  # GPU: completion event of the pass launched before
         lane_setup = (lambda: torch.set_num_threads(self.threads_per_lane)) if device == "cpu" else None
         self._scheduler = PassScheduler(self.lanes, batch_share, lane_setup)
+        self.faults = FaultInjection.from_environment()
+        self._warming_up = False  # the warm-up's passes must fit whole: no splitting
         # What load() decided from the models' files, when it loaded them: per model, and the first's.
         self.resolved_models = {}
         self.resolved = None
@@ -182,14 +202,22 @@ class EmbeddingEngine:
 
     def embed(self, sequences: list[list[int]], priority: Priority = Priority.BATCH,
               models: Sequence[str] | None = None) -> np.ndarray:
-        """One float32 row per sequence, in the order given."""
-        return self.embed_counted(sequences, priority, models).vectors
+        """One float32 row per sequence, in the order given. Raises RowsOutOfMemory if some
+        sequence did not fit in device memory even alone."""
+        done = self.embed_counted(sequences, priority, models)
+        if done.unfit_rows:
+            raise RowsOutOfMemory(unfit_message(len(done.unfit_rows)), list(done.unfit_rows), done.vectors)
+        return done.vectors
 
     def embed_counted(self, sequences: list[list[int]], priority: Priority = Priority.BATCH,
                       models: Sequence[str] | None = None) -> Embedded:
         """The vectors, with the real and padded token counts of the passes that made them.
 
         `models`: each sequence's model, needed (and read) only by an engine of several adapters.
+        A pass that runs out of device memory is rerun in halves (see _forward_fitting); a
+        sequence that does not fit even alone gets a NaN row and is named in `unfit_rows`, and
+        the others still get their vectors. Any other failure of a pass fails the call, and
+        the call's passes still queued are cancelled.
         """
         lengths = [len(ids) for ids in sequences]
         adapters = self._row_adapter_names(models, len(sequences))
@@ -200,17 +228,25 @@ class EmbeddingEngine:
         plan.sort(key=lambda batch: batch.padded_tokens, reverse=True)
         running = [
             self._scheduler.submit(priority, partial(self._run_pass, batch, [sequences[i] for i in batch.indices],
-                                                     _pass_adapters(batch, adapters)))
+                                                     [adapters[i] for i in batch.indices] if adapters else None))
             for batch in plan
         ]
         out = np.empty((len(sequences), self.dimensions), dtype=np.float32)
-        for batch, future in zip(plan, running):
-            rows, done = future.result()
-            if done is not None:
-                done.synchronize()
-            out[batch.indices] = rows.numpy()
+        unfit, out_of_memory_events = [], 0
+        try:
+            for batch, future in zip(plan, running):
+                result = future.result()
+                if result.done is not None:
+                    result.done.synchronize()
+                out[batch.indices] = result.rows.numpy()
+                unfit += [batch.indices[p] for p in result.unfit]
+                out_of_memory_events += result.out_of_memory_events
+        except BaseException:
+            for future in running:  # their vectors would be thrown away: free the lanes
+                future.cancel()
+            raise
         self.host_memory.maybe_trim()
-        return Embedded(out, sum(lengths), sum(b.padded_tokens for b in plan))
+        return Embedded(out, sum(lengths), sum(b.padded_tokens for b in plan), tuple(sorted(unfit)), out_of_memory_events)
 
     def _pass_tokens(self, priority: Priority) -> int:
         """The pass size of a call: batch work takes the smaller batch pass size only while
@@ -230,19 +266,43 @@ class EmbeddingEngine:
         return self.pass_tokens[Priority.INTERACTIVE]
 
     def warm_up(self) -> None:
-        """Run the first passes (kernels, allocator, lazy init) before any request does.
+        """Prove at start that the replica can run its largest passes, and run the first passes
+        (kernels, allocator, lazy init) before any request does.
 
-        One full pass per lane and pass size: a batch under one pass's budget reaches one lane.
+        Per pass size, one pass per lane of the largest shape the engine can be given: as many
+        rows of the longest input (max_input_tokens) as the pass takes (at least one), which
+        needs the most activation memory of any pass of that size. Those passes run whole: one
+        that runs out of device memory fails the start with the settings to lower, rather than
+        every long request later.
         """
         models = list(self.adapters or [None])
-        for priority, tokens in self.pass_tokens.items():
-            if priority is Priority.BATCH and tokens == self.pass_tokens[Priority.INTERACTIVE]:
-                continue  # the same passes again
-            width = min(16, tokens)
-            n = (tokens // width if self.lanes > 1 else 1) * self.lanes
-            # Rows of every adapter, so that each one's layers have run too.
-            self.embed([[0] * width] * n, priority, [models[k % len(models)] for k in range(n)])
+        width = max(resolved.max_input_tokens for resolved in self.resolved_models.values()) if self.resolved_models else 16
+        self._warming_up = True
+        try:
+            for priority, tokens in self.pass_tokens.items():
+                if priority is Priority.BATCH and tokens == self.pass_tokens[Priority.INTERACTIVE]:
+                    continue  # the same passes again
+                rows = max(1, tokens // width)
+                n = rows * self.lanes
+                try:
+                    # Rows of every adapter, so that each one's layers have run too.
+                    self.embed([[0] * width] * n, priority, [models[k % len(models)] for k in range(n)])
+                except torch.OutOfMemoryError as exc:
+                    raise RuntimeError(
+                        f"the largest forward pass does not fit in {self.device} memory: {rows} rows of "
+                        f"{width} tokens (max_input_tokens), {rows * width} padded tokens, the pass size that "
+                        f"max_batch_tokens (or micro_batch_tokens / batch_pass_tokens) allows: lower "
+                        f"max_batch_tokens (or max_input_tokens), or give the replica a device with more "
+                        f"free memory ({exc})"
+                    ) from exc
+        finally:
+            self._warming_up = False
         self._last_interactive_call = float("-inf")  # the warm-up is no query
+
+    def check_device(self) -> None:
+        """Raise if the device cannot run work any more (lost, or its context poisoned)."""
+        self.faults.check_device()
+        probe_device(self.device)
 
     def _row_adapter_names(self, models: Sequence[str] | None, n: int) -> list[str] | None:
         """Each row's adapter name, for an engine of several adapters (else None)."""
@@ -255,12 +315,13 @@ class EmbeddingEngine:
         except KeyError as exc:
             raise ValueError(f"model {exc.args[0]!r} is not one of this engine's {sorted(self.adapters)}") from None
 
-    def _run_pass(self, batch: MicroBatch | PackedPass, rows: list[list[int]], adapters: list[str] | None):
-        """One pass, on a lane: its rows on the host, and (GPU) the event that says they are there."""
-        with self._row_adapters.rows(adapters) if adapters is not None else nullcontext():
-            pooled = self._forward(batch, rows)
+    def _run_pass(self, batch: MicroBatch | PackedPass, rows: list[list[int]],
+                  adapters: list[str] | None) -> PassResult:
+        """One pass, on a lane: its rows on the host, and (GPU) the event that says they are there.
+        `adapters`: each row's adapter name, in `rows`' order."""
+        pooled, unfit, events = self._forward_fitting(batch, rows, adapters)
         if not self.pin_memory:
-            return pooled, None
+            return PassResult(pooled, None, unfit, events)
         host = torch.empty(pooled.shape, dtype=pooled.dtype, pin_memory=True)
         host.copy_(pooled, non_blocking=True)
         done = torch.cuda.Event()
@@ -271,7 +332,39 @@ class EmbeddingEngine:
         previous, self._previous_pass_done = self._previous_pass_done, done
         if previous is not None:
             previous.synchronize()
-        return host, done
+        return PassResult(host, done, unfit, events)
+
+    def _forward_fitting(self, batch: MicroBatch | PackedPass, rows: list[list[int]],
+                         adapters: list[str] | None) -> tuple[torch.Tensor, list[int], int]:
+        """The pass's vectors; if it runs out of device memory, those of its halves (recursively,
+        as padded passes, longest rows first), so that a pass too big for the memory left still
+        serves every row that fits. Also: the positions of rows that did not fit alone (NaN
+        vectors), and the out-of-memory events met."""
+        try:
+            self.faults.before_pass(batch.padded_tokens, self._warming_up)
+            with self._row_adapters.rows(_pass_adapters(batch, adapters)) if adapters is not None else nullcontext():
+                return self._forward(batch, rows), [], 0
+        except torch.OutOfMemoryError:
+            if self._warming_up:
+                raise
+        # Outside the except block: the exception's traceback, which holds the failed pass's
+        # tensors in its frames, is gone, so the memory can really be freed.
+        release_cached_memory(self.device)
+        if len(rows) == 1:
+            logger.warning("a row of %d tokens does not fit in %s memory even alone", len(rows[0]), self.device)
+            return torch.full((1, self.dimensions), float("nan"), device=self.device), [0], 1
+        logger.warning("a pass of %d rows, %d padded tokens, ran out of %s memory: rerunning it in halves",
+                       len(rows), batch.padded_tokens, self.device)
+        half = len(rows) // 2
+        vectors, unfit, events = [], [], 1
+        for start, end in ((0, half), (half, len(rows))):
+            part = MicroBatch(batch.indices[start:end], max(map(len, rows[start:end])))
+            part_vectors, part_unfit, part_events = self._forward_fitting(
+                part, rows[start:end], adapters[start:end] if adapters is not None else None)
+            vectors.append(part_vectors)
+            unfit += [start + p for p in part_unfit]
+            events += part_events
+        return torch.cat(vectors), unfit, events
 
     # ---- the hook a pass scheduler calls: plan a call's passes, then run each ----------------
 
@@ -332,13 +425,18 @@ class EmbeddingEngine:
         return torch.nn.functional.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
 
 
-def _pass_adapters(batch: MicroBatch | PackedPass, adapters: list[str] | None) -> list[str] | None:
-    """The adapter of each row of a pass (a packed row's sequences share one)."""
-    if adapters is None:
-        return None
+def _pass_adapters(batch: MicroBatch | PackedPass, adapters: list[str]) -> list[str]:
+    """The adapter of each row of a pass, from each sequence's (in `batch.indices` order): a
+    packed row's sequences share one."""
     if isinstance(batch, PackedPass):
-        return [adapters[row[0]] for row in batch.rows]
-    return [adapters[i] for i in batch.indices]
+        starts = itertools.accumulate((len(row) for row in batch.rows[:-1]), initial=0)
+        return [adapters[start] for start in starts]
+    return adapters
+
+
+def unfit_message(rows: int) -> str:
+    return (f"{rows} input(s) did not fit in the device's memory even in a forward pass of their own; "
+            "memory held elsewhere for a while may be the cause: retry shortly")
 
 
 def choose_pack_above_padding(spec: ModelSpec, model, device: str) -> float:

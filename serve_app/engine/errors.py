@@ -12,3 +12,23 @@ class InputError(ValueError):
 
     def __reduce__(self):  # survive pickling across Ray actors with all fields
         return (type(self), (self.message, self.param, self.code))
+
+
+class RowsOutOfMemory(RuntimeError):
+    """Inputs that did not fit in device memory even in a pass of their own.
+
+    Start-up proves that a pass of the largest rows the settings allow fits (warm_up), and
+    inputs longer than max_input_tokens never reach a pass, so such a row met memory that
+    something else held for a while: it may fit later (HTTP 503 with Retry-After). `rows`:
+    their positions in the call; `vectors`: the call's vectors, NaN in those rows, so that the
+    rows of other requests in the call are still served.
+    """
+
+    def __init__(self, message: str, rows: list[int], vectors=None):
+        super().__init__(message)
+        self.message = message
+        self.rows = rows
+        self.vectors = vectors
+
+    def __reduce__(self):  # survive pickling across Ray actors with all fields
+        return (type(self), (self.message, self.rows, self.vectors))

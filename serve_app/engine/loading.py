@@ -123,8 +123,12 @@ def load_model(resolved: ResolvedSpec, device: str, dtype, merge_adapter: bool =
     from transformers import AutoModel
 
     spec = resolved.spec
+    # device_map: each weight goes from the checkpoint straight to the device, never through a
+    # full copy of the model in host RAM, so a 7B replica does not need ~15 GB of it to start
+    # (bench/results/load_memory.md).
     model = AutoModel.from_pretrained(
-        resolved.path, revision=spec.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code
+        resolved.path, revision=spec.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code,
+        device_map=device,
     )
     if merge_adapter and spec.adapter:
         from peft import PeftModel
@@ -133,4 +137,4 @@ def load_model(resolved: ResolvedSpec, device: str, dtype, merge_adapter: bool =
         logger.info("merging LoRA adapter %s into %s", adapter, resolved.path)
         model = PeftModel.from_pretrained(model, adapter, revision=spec.adapter_revision)
         model = model.merge_and_unload()
-    return model.to(device).eval()
+    return model.to(device).eval()  # the adapter's weights too
