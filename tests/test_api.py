@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from serve_app.api.encoding import apply_dimensions, render_embeddings
-from serve_app.api.errors import OpenAIError
+from serve_app.api.errors import OpenAIError, quote
 from serve_app.api.schemas import parse_request
 
 
@@ -107,3 +107,35 @@ def test_inflight_token_bound_sheds_with_503_and_recovers():
     budget.acquire(500)  # alone, even an over-limit request runs rather than starving forever
     budget.release(500)
     assert budget.current == 0
+
+
+@pytest.mark.parametrize(
+    "fields, quoted",
+    [
+        ({"input": "a", "encoding_format": "int8"}, '"int8"'),
+        ({"input": "a", "dimensions": True}, "true"),  # a JSON boolean is not the integer 1
+        ({"input": "a", "dimensions": 1.5}, "1.5"),
+        ({"input": [1, True]}, "input[1] is true"),
+        ({"input": [[1, 2], [3, False]]}, "not false"),
+        ({"input": ["a", 7]}, "input[1] is 7"),
+        ({"input": "a", "model": ["m"]}, '["m"]'),
+    ],
+)
+def test_a_400_quotes_the_value_it_rejects(fields, quoted):
+    with pytest.raises(OpenAIError) as err:
+        parse_request({"model": "m"} | fields)
+    assert err.value.status == 400 and quoted in err.value.message
+
+
+def test_quoted_values_are_bounded():
+    long_value = "x" * 10_000
+    for fields in ({"input": "a", "encoding_format": long_value}, {"input": "a", long_value: 1}):
+        with pytest.raises(OpenAIError) as err:
+            parse_request({"model": "m"} | fields)
+        assert '"xxxxxxxx' in err.value.message and "…" in err.value.message
+        assert len(err.value.message) < 200 and len(err.value.param) <= 40
+    nested: list = []
+    for _ in range(500):
+        nested = [nested]
+    assert quote(nested) == "[[[[[…]]]]]"
+    assert quote("\ud800") == '"\\ud800"'  # a lone surrogate stays encodable in the error body

@@ -21,11 +21,11 @@ from serve_app.api.auth import AuthConfig, Authenticator
 from serve_app.api.cache import CacheConfig, VectorCache, look_up
 from serve_app.api import tei
 from serve_app.api.encoding import apply_dimensions, render_embeddings
-from serve_app.api.errors import OpenAIError, install_error_handlers, internal_error, invalid
+from serve_app.api.errors import OpenAIError, install_error_handlers, internal_error, invalid, quote
 from serve_app.api.limits import InflightTokens, RequestLimits, check_counts, check_tokens, read_body
 from serve_app.api.priority import BATCH, INTERACTIVE, PriorityPolicy, classify
 from serve_app.api.ratelimit import RateLimiter, RateLimits
-from serve_app.api.schemas import Inputs, parse_request
+from serve_app.api.schemas import EmbeddingRequest, Inputs, openapi_body, parse_request
 from serve_app.deployments.chunks import count_tokens, cut_to_budget, flatten, split_rows
 from serve_app.deployments.metrics import IngressMetrics
 from serve_app.deployments.serve_logging import drop_batch_size_warning
@@ -155,7 +155,9 @@ class Ingress:
             coalesce.set_max_batch_size(budget)
             coalesce.set_batch_wait_timeout_s(COALESCE_WAIT_S)
 
-    @api.post("/v1/embeddings")
+    # Routes read and validate their bodies themselves (OpenAI-shaped errors, byte limits):
+    # openapi_extra publishes the schemas they validate against at /openapi.json.
+    @api.post("/v1/embeddings", openapi_extra=openapi_body(EmbeddingRequest))
     async def create_embeddings(self, request: Request) -> Response:
         return await self._front_door(request, self._create_embeddings, OpenAIError.response)
 
@@ -195,7 +197,8 @@ class Ingress:
         info = await self._describe(spec.name)
         if req.dimensions is not None and req.dimensions > info["dimensions"]:
             raise invalid(
-                f"dimensions must be at most {info['dimensions']} for model '{spec.name}'.", "dimensions"
+                f"Invalid value for 'dimensions': {req.dimensions}: at most {info['dimensions']} for model "
+                f"'{spec.name}'.", "dimensions"
             )
         task = req.instruction or (spec.query_instruction if req.input_type == "query" else None)
         self._check_inputs(spec, req.inputs, task, "instruction" if req.instruction else "input_type")
@@ -209,16 +212,16 @@ class Ingress:
 
     # ---- TEI's routes (serve_app/api/tei.py; README "TEI's API"): one model, TEI's shapes -------
 
-    @api.post("/embed")
+    @api.post("/embed", openapi_extra=openapi_body(tei.EmbedRequest))
     async def tei_embed(self, request: Request) -> Response:
         return await self._front_door(request, self._tei_embed, tei.tei_error)
 
-    @api.post("/")
+    @api.post("/", openapi_extra=openapi_body(tei.EmbedRequest))
     async def tei_root(self, request: Request) -> Response:
         """TEI answers POST / as /embed for an embedding model; clients given the bare URL post here."""
         return await self._front_door(request, self._tei_embed, tei.tei_error)
 
-    @api.post("/tokenize")
+    @api.post("/tokenize", openapi_extra=openapi_body(tei.TokenizeRequest))
     async def tei_tokenize(self, request: Request) -> Response:
         return await self._front_door(request, self._tei_tokenize, tei.tei_error, observe=False)
 
@@ -232,7 +235,10 @@ class Ingress:
         labels["model"] = spec.name
         info = await self._describe(spec.name)
         if req.dimensions is not None and req.dimensions > info["dimensions"]:
-            raise invalid(f"`dimensions` must be at most {info['dimensions']}, the model's dimension.", "dimensions")
+            raise invalid(
+                f"`dimensions` is {req.dimensions}, but must be at most {info['dimensions']}, the model's dimension.",
+                "dimensions",
+            )
         tei.check_normalize(req.normalize, spec.name, info["normalize"])
         task = tei.prompt_task(spec.prompt_tasks(), req.prompt_name)
         self._check_inputs(spec, req.inputs, task, "prompt_name")
@@ -283,8 +289,8 @@ class Ingress:
         body = await read_body(request, self.limits.max_request_bytes)
         try:
             return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise invalid("The request body is not valid JSON.", None, "invalid_json") from None
+        except orjson.JSONDecodeError as exc:  # e.g. a lone surrogate, or nesting past orjson's depth limit
+            raise invalid(f"The request body is not valid JSON: {exc}", None, "invalid_json") from None
 
     @staticmethod
     def _check_inputs(spec: ModelSpec, inputs: Inputs, task: str | None, task_param: str) -> None:
@@ -381,7 +387,7 @@ class Ingress:
         if spec is None:
             raise OpenAIError(
                 404,
-                f"The model '{name}' does not exist. Available models: {', '.join(self.specs)}.",
+                f"The model {quote(name)} does not exist. Available models: {', '.join(self.specs)}.",
                 "model",
                 "model_not_found",
             )
