@@ -8,7 +8,8 @@ import pytest
 
 from serve_app.api.encoding import apply_dimensions, render_embeddings
 from serve_app.api.errors import OpenAIError, quote
-from serve_app.api.schemas import parse_request
+from serve_app.api.limits import InflightTokens, RequestLimits, token_bounds
+from serve_app.api.schemas import Inputs, parse_request
 
 
 def parse(**fields):
@@ -139,3 +140,27 @@ def test_quoted_values_are_bounded():
         nested = [nested]
     assert quote(nested) == "[[[[[…]]]]]"
     assert quote("\ud800") == '"\\ud800"'  # a lone surrogate stays encodable in the error body
+
+
+def test_token_bounds_before_tokenizing():
+    limits = RequestLimits(max_tokens_per_request=1000)
+    texts = Inputs(texts=["héllo", "x" * 5000])  # 6 and 5000 UTF-8 bytes
+    assert token_bounds(texts, False, 64, specials=2, instruction_bytes=0, limits=limits) == (0, 1000)  # capped
+    assert token_bounds(texts, True, 64, specials=2, instruction_bytes=10, limits=limits) == (0, 18 + 64)
+    ids = Inputs(token_ids=[[5] * 600, [6] * 500])
+    assert token_bounds(ids, False, 64, specials=1, instruction_bytes=0, limits=limits)[0] == 1100  # over: refused untokenized
+    assert token_bounds(ids, True, 64, specials=1, instruction_bytes=0, limits=limits) == (0, 128)
+
+
+def test_inflight_budget_taken_on_an_estimate_settles_on_the_count():
+    inflight = InflightTokens(limit=1000)
+    inflight.acquire(800)  # admitted on its estimate
+    inflight.resize(800, 300)  # tokenized: fewer than estimated, never refused
+    inflight.acquire(600)  # the room given back is used
+    with pytest.raises(OpenAIError) as info:
+        inflight.resize(300, 500)  # growth past the limit, beside another request: 503
+    assert info.value.status == 503 and inflight.current == 900  # ... and it still holds 300
+    inflight.release(600)
+    inflight.resize(300, 5000)  # alone, a request may exceed the limit
+    inflight.release(5000)
+    assert inflight.current == 0
