@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_REQUEST_BYTES = 1 << 20
 MAX_REQUEST_TOKENS = 2048 * TINY_MAX_TOKENS  # exactly the worst case of tiny-sfr
 # tests/test_bounds.py: a cancelled request of most of this must be refunded for the next to pass.
-METERED_TOKENS_PER_MINUTE = 150_000
+METERED_TOKENS_PER_MINUTE = 40_000
 SFR_TASK = "Given a web search query, retrieve relevant passages that answer the query"
 
 
