@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-VARIANTS = 5  # requests per generated case: the case, and 4 hostile edits of it
-OPENAI_CASES = 1600  # x VARIANTS requests to /v1/embeddings
-TEI_CASES = 400  # x VARIANTS to TEI's /embed, / and /tokenize
+VARIANTS = 10  # requests per generated case, sent concurrently: the case, and 9 hostile edits of it
+OPENAI_CASES = 800  # x VARIANTS requests to /v1/embeddings
+TEI_CASES = 200  # x VARIANTS to TEI's /embed, / and /tokenize
 _DEEP: list = []
 for _ in range(300):
     _DEEP = [_DEEP]
@@ -77,7 +77,9 @@ def http(base_url, api_keys):
 def operations(http) -> dict[str, st.SearchStrategy]:
     """Per POST route of the service's OpenAPI document: schemathesis's cases, valid or not."""
     document = http.get("/openapi.json").json()
-    served = [card["id"] for card in http.get("/v1/models").json()["data"]]
+    # The tiny models: the session's real one (all-MiniLM-L6-v2) costs a 22M-parameter forward per
+    # request on 2 cores, behind the same pipeline.
+    served = [card["id"] for card in http.get("/v1/models").json()["data"] if card["id"].startswith("tiny-")]
     for operations in document["paths"].values():
         if "post" in operations:
             schema = operations["post"]["requestBody"]["content"]["application/json"]["schema"]
@@ -105,10 +107,10 @@ def variants(data: st.DataObject, body) -> list[bytes]:
     for k in range(VARIANTS - 1):
         if not isinstance(body, dict) or not body:
             edited = data.draw(st.sampled_from(HOSTILE))
-        elif k == 2:  # a field dropped
+        elif k % 4 == 2:  # a field dropped
             dropped = data.draw(st.sampled_from(sorted(body)))
             edited = {f: v for f, v in body.items() if f != dropped}
-        elif k == 3:  # an unknown field
+        elif k % 4 == 3:  # an unknown field
             edited = body | {data.draw(st.text(min_size=1, max_size=12)): data.draw(st.sampled_from(HOSTILE))}
         else:  # a field set to a hostile value
             edited = body | {data.draw(st.sampled_from(sorted(body))): data.draw(st.sampled_from(HOSTILE))}
