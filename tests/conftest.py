@@ -15,6 +15,8 @@ TINY_MAX_TOKENS = 64
 ROOT = Path(__file__).resolve().parent.parent
 MAX_REQUEST_BYTES = 1 << 20
 MAX_REQUEST_TOKENS = 2048 * TINY_MAX_TOKENS  # exactly the worst case of tiny-sfr
+# tests/test_bounds.py: a cancelled request of most of this must be refunded for the next to pass.
+METERED_TOKENS_PER_MINUTE = 40_000
 SFR_TASK = "Given a web search query, retrieve relevant passages that answer the query"
 
 
@@ -82,12 +84,13 @@ def local_config_model() -> dict:
 @pytest.fixture(scope="session")
 def api_keys(tmp_path_factory) -> SimpleNamespace:
     """Real keys, stored hashed in a keys file: `tester` unlimited, `limited` at 3 requests/min,
-    `indexer` whose requests default to the batch class."""
+    `indexer` whose requests default to the batch class, `metered` at METERED_TOKENS_PER_MINUTE."""
     from serve_app.api.auth import generate_key, hash_key
 
-    keys = SimpleNamespace(tester=generate_key(), limited=generate_key(), indexer=generate_key())
+    names = ("tester", "limited", "indexer", "metered")
+    keys = SimpleNamespace(**{name: generate_key() for name in names})
     keys.file = tmp_path_factory.mktemp("auth") / "api_keys"
-    keys.file.write_text("".join(f"{name}:{hash_key(getattr(keys, name))}\n" for name in ("tester", "limited", "indexer")))
+    keys.file.write_text("".join(f"{name}:{hash_key(getattr(keys, name))}\n" for name in names))
     return keys
 
 
@@ -146,7 +149,10 @@ def base_url(ray_session, tiny_family, api_keys):
         "limits": {"max_request_bytes": MAX_REQUEST_BYTES, "max_tokens_per_request": MAX_REQUEST_TOKENS},
         "cache": {"max_bytes": 256 * 1024},  # small, so the suite's traffic also evicts
         "auth": {"keys_file": str(api_keys.file)},
-        "rate_limits": {"per_key": {"limited": {"requests_per_minute": 3}, "indexer": {"priority": "batch"}}},
+        "rate_limits": {"per_key": {
+            "limited": {"requests_per_minute": 3}, "indexer": {"priority": "batch"},
+            "metered": {"tokens_per_minute": METERED_TOKENS_PER_MINUTE},
+        }},
     }
     serve.run(build_app(args), name="embeddings", route_prefix="/")
     yield ray_session.url

@@ -7,8 +7,9 @@ import orjson
 import pytest
 
 from serve_app.api.encoding import apply_dimensions, render_embeddings
-from serve_app.api.errors import OpenAIError
-from serve_app.api.schemas import parse_request
+from serve_app.api.errors import OpenAIError, quote
+from serve_app.api.limits import InflightTokens, RequestLimits, token_bounds
+from serve_app.api.schemas import Inputs, parse_request
 
 
 def parse(**fields):
@@ -107,3 +108,59 @@ def test_inflight_token_bound_sheds_with_503_and_recovers():
     budget.acquire(500)  # alone, even an over-limit request runs rather than starving forever
     budget.release(500)
     assert budget.current == 0
+
+
+@pytest.mark.parametrize(
+    "fields, quoted",
+    [
+        ({"input": "a", "encoding_format": "int8"}, '"int8"'),
+        ({"input": "a", "dimensions": True}, "true"),  # a JSON boolean is not the integer 1
+        ({"input": "a", "dimensions": 1.5}, "1.5"),
+        ({"input": [1, True]}, "input[1] is true"),
+        ({"input": [[1, 2], [3, False]]}, "not false"),
+        ({"input": ["a", 7]}, "input[1] is 7"),
+        ({"input": "a", "model": ["m"]}, '["m"]'),
+    ],
+)
+def test_a_400_quotes_the_value_it_rejects(fields, quoted):
+    with pytest.raises(OpenAIError) as err:
+        parse_request({"model": "m"} | fields)
+    assert err.value.status == 400 and quoted in err.value.message
+
+
+def test_quoted_values_are_bounded():
+    long_value = "x" * 10_000
+    for fields in ({"input": "a", "encoding_format": long_value}, {"input": "a", long_value: 1}):
+        with pytest.raises(OpenAIError) as err:
+            parse_request({"model": "m"} | fields)
+        assert '"xxxxxxxx' in err.value.message and "…" in err.value.message
+        assert len(err.value.message) < 200 and len(err.value.param) <= 40
+    nested: list = []
+    for _ in range(500):
+        nested = [nested]
+    assert quote(nested) == "[[[[[…]]]]]"
+    assert quote("\ud800") == '"\\ud800"'  # a lone surrogate stays encodable in the error body
+
+
+def test_token_bounds_before_tokenizing():
+    limits = RequestLimits(max_tokens_per_request=1000)
+    texts = Inputs(texts=["héllo", "x" * 5000])  # 6 and 5000 UTF-8 bytes
+    assert token_bounds(texts, False, 64, specials=2, instruction_bytes=0, limits=limits) == (0, 1000)  # capped
+    assert token_bounds(texts, True, 64, specials=2, instruction_bytes=10, limits=limits) == (0, 18 + 64)
+    ids = Inputs(token_ids=[[5] * 600, [6] * 500])
+    assert token_bounds(ids, False, 64, specials=1, instruction_bytes=0, limits=limits)[0] == 1100  # over: refused untokenized
+    assert token_bounds(ids, True, 64, specials=1, instruction_bytes=0, limits=limits) == (0, 128)
+
+
+def test_inflight_budget_taken_on_an_estimate_settles_on_the_count():
+    inflight = InflightTokens(limit=1000)
+    inflight.acquire(800)  # admitted on its estimate
+    inflight.resize(800, 300)  # tokenized: fewer than estimated, never refused
+    inflight.acquire(600)  # the room given back is used
+    with pytest.raises(OpenAIError) as info:
+        inflight.resize(300, 500)  # growth past the limit, beside another request: 503
+    assert info.value.status == 503 and inflight.current == 900  # ... and it still holds 300
+    inflight.release(600)
+    inflight.resize(300, 5000)  # alone, a request may exceed the limit
+    inflight.release(5000)
+    assert inflight.current == 0

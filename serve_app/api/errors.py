@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -52,6 +54,37 @@ class OpenAIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# How much of a rejected value a message quotes: enough to recognise it, never a whole body.
+QUOTE_MAX_CHARS = 40
+_QUOTE_MAX_ITEMS = 8  # items of an array or object rendered before cutting (deep or long values)
+
+
+def quote(value: Any) -> str:
+    """A rejected value as JSON, cut to QUOTE_MAX_CHARS with an ellipsis: messages name what they
+    reject without echoing a large (or deeply nested) input back."""
+    # backslashreplace: a lone surrogate would make the error body itself unencodable.
+    text = _render(value, depth=4).encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= QUOTE_MAX_CHARS else text[: QUOTE_MAX_CHARS - 1] + "…"
+
+
+def _render(value: Any, depth: int) -> str:
+    if isinstance(value, str):
+        return json.dumps(value[: QUOTE_MAX_CHARS + 1], ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        if depth == 0:
+            return "[…]" if value else "[]"
+        items = [_render(item, depth - 1) for item in value[:_QUOTE_MAX_ITEMS]]
+        return "[" + ", ".join(items + ["…"] * (len(value) > _QUOTE_MAX_ITEMS)) + "]"
+    if isinstance(value, dict):
+        if depth == 0:
+            return "{…}" if value else "{}"
+        pairs = [f"{_render(str(k), 0)}: {_render(v, depth - 1)}" for k, v in list(value.items())[:_QUOTE_MAX_ITEMS]]
+        return "{" + ", ".join(pairs + ["…"] * (len(value) > _QUOTE_MAX_ITEMS)) + "}"
+    if value is None or isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    return _render(str(value), depth)
 
 
 def invalid(message: str, param: str | None = None, code: str | None = "invalid_value") -> OpenAIError:

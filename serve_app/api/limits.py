@@ -6,6 +6,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import OpenAIError, invalid
+from .schemas import Inputs
 
 
 class RequestLimits(BaseModel):
@@ -41,9 +42,15 @@ class InflightTokens:
         self.current = 0
 
     def acquire(self, tokens: int, reserve: bool = False) -> None:
-        # A request alone over the limit may still run when nothing else is in flight.
+        self.resize(0, tokens, reserve)
+
+    def resize(self, held: int, tokens: int, reserve: bool = False) -> None:
+        """Hold `tokens` instead of `held`: a request admitted on an estimate settles on its count
+        once tokenized. Only growth is checked; on a 503 the request still holds `held`."""
+        extra = tokens - held
         limit = self.limit + (self.reserve if reserve else 0)
-        if self.current and self.current + tokens > limit:
+        # A request alone over the limit may still run when nothing else is in flight.
+        if extra > 0 and self.current > held and self.current + extra > limit:
             raise OpenAIError(
                 503,
                 f"The service is overloaded ({self.current} tokens in flight); retry shortly.",
@@ -51,7 +58,7 @@ class InflightTokens:
                 "overloaded",
                 {"Retry-After": "1"},
             )
-        self.current += tokens
+        self.current += extra
 
     def release(self, tokens: int) -> None:
         self.current -= tokens
@@ -84,11 +91,36 @@ def check_counts(n_inputs: int, limits: RequestLimits) -> None:
         )
 
 
-def check_tokens(n_tokens: int, limits: RequestLimits) -> None:
+def check_tokens(n_tokens: int, limits: RequestLimits, counted_all: bool = True) -> None:
+    """`counted_all`: false while tokenizing, which stops as soon as the count is over the limit."""
     if n_tokens > limits.max_tokens_per_request:
+        held = f"the inputs hold {n_tokens}" if counted_all else f"the inputs hold more than {n_tokens - 1}"
         raise invalid(
-            f"Too many tokens: the inputs hold {n_tokens} tokens, but a request may hold at most "
-            f"{limits.max_tokens_per_request}.",
+            f"Too many tokens: {held} tokens, but a request may hold at most {limits.max_tokens_per_request}.",
             "input",
             "too_many_tokens",
         )
+
+
+def token_bounds(inputs: Inputs, truncate: bool, max_input_tokens: int, specials: int, instruction_bytes: int,
+                 limits: RequestLimits) -> tuple[int, int]:
+    """Bounds on a request's tokens known before tokenizing, for refusals that must come before
+    any tokenizing: (at least, about at most), the latter capped where check_tokens refuses.
+
+    At most: the tokenizers served cover at least one byte of UTF-8 text per token (byte-level
+    BPE, sentencepiece with byte fallback, WordPiece), plus the special tokens around each input
+    and the instruction's text. A normalizer that expands characters (NFKC ligatures) can exceed
+    it: the Ingress admits on this figure and settles on the real count once tokenized.
+    At least: client-supplied ids count themselves (text has no such bound that holds for every
+    tokenizer: WordPiece drops whitespace and control characters).
+    """
+    if inputs.token_ids is not None:
+        lengths = [len(ids) for ids in inputs.token_ids]
+        least = 0 if truncate else sum(lengths)
+        most = [n + specials for n in lengths]
+    else:
+        least = 0
+        most = [len(text.encode("utf-8", "surrogatepass")) + instruction_bytes + specials for text in inputs.texts]
+    if truncate:
+        most = [min(n, max_input_tokens) for n in most]
+    return least, min(sum(most), limits.max_tokens_per_request)

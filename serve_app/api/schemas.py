@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, WithJsonSchema, field_validator,
+)
 
-from .errors import OpenAIError, invalid
+from .errors import QUOTE_MAX_CHARS, OpenAIError, invalid, quote
 from .priority import RequestClass
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -24,11 +26,30 @@ class Inputs:
         return len(self.texts if self.texts is not None else self.token_ids)
 
 
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+# What parse_inputs accepts, for the OpenAPI document (the field itself is parsed by hand, to
+# give OpenAI's messages). Per-request limits (inputs, tokens, bytes) are the app's configuration.
+InputField = Annotated[Any, WithJsonSchema({
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+        _TOKEN_IDS,
+        {"type": "array", "items": _TOKEN_IDS, "minItems": 1},
+    ],
+    "description": "A text, texts, token ids, or token-id sequences (in the model's own vocabulary).",
+})]
+
+
+def openapi_body(schema: type[BaseModel]) -> dict:
+    """`openapi_extra` for a route that reads its body itself: the request schema it validates."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
+
+
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr
-    input: Any
+    input: InputField
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
     user: StrictStr | None = None
@@ -75,12 +96,18 @@ def parse_inputs(value: Any) -> Inputs:
         for i, seq in enumerate(value):
             if not seq:
                 raise ValueError(f"input[{i}] is an empty array of token ids")
-            if not all(_is_token(t) for t in seq):
-                raise ValueError(f"input[{i}] must contain only integer token ids")
+            bad = next((k for k, t in enumerate(seq) if not _is_token(t)), None)
+            if bad is not None:
+                raise ValueError(f"input[{i}] must contain only integer token ids, not {quote(seq[bad])}")
         return Inputs(token_ids=value)
+    # Name the first item that breaks the form the first item set (a bool is not a token id).
+    first_is_text = isinstance(value[0], str)
+    odd = next(
+        (i for i, item in enumerate(value) if not (isinstance(item, str) if first_is_text else _is_token(item))), 0
+    )
     raise ValueError(
         "input must be a string, an array of strings, an array of integer token ids, or an "
-        "array of arrays of integer token ids (no mixing)"
+        f"array of arrays of integer token ids (no mixing); input[{odd}] is {quote(value[odd])}"
     )
 
 
@@ -101,11 +128,14 @@ def validate_body(schema: type[Body], payload: Any) -> Body:
 
 def _describe(error: dict) -> OpenAIError:
     loc = [str(part) for part in error.get("loc", ())]
-    param = loc[0] if loc else None
+    # A client chooses the names of unknown fields: bound them as any quoted value.
+    param = loc[0][:QUOTE_MAX_CHARS] if loc else None
     kind = error.get("type", "")
     if kind == "extra_forbidden":
-        return invalid(f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
+        return invalid(f"Unrecognized request argument supplied: {quote(loc[0])}", param, "unknown_parameter")
     if kind == "missing":
         return invalid(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
     message = error.get("msg", "invalid value").removeprefix("Value error, ")
-    return invalid(f"Invalid value for '{param}': {message}", param)
+    if kind == "value_error":  # ours (parse_inputs): the message quotes the offending item itself
+        return invalid(f"Invalid value for '{param}': {message}", param)
+    return invalid(f"Invalid value for '{param}': {quote(error.get('input'))}: {message}", param)

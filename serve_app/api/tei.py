@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from .encoding import apply_dimensions, l2_normalize
 from .errors import OpenAIError, invalid
 from .priority import RequestClass
-from .schemas import parse_inputs, validate_body
+from .schemas import InputField, parse_inputs, validate_body
 
 EMPTY = "empty"  # the code of TEI's one 400: a batch without inputs
 
@@ -49,7 +49,7 @@ class _Body(BaseModel):
 
 
 class EmbedRequest(_Body):
-    inputs: Any
+    inputs: InputField
     normalize: StrictBool = True
     truncate: StrictBool | None = None
     truncation_direction: Literal["right", "left", "Right", "Left"] = "right"

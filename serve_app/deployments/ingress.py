@@ -6,7 +6,7 @@ import importlib.metadata
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,30 +15,33 @@ from fastapi import FastAPI, Request, Response
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from serve_app.api.auth import AuthConfig, Authenticator
 from serve_app.api.cache import CacheConfig, VectorCache, look_up
 from serve_app.api import tei
 from serve_app.api.encoding import apply_dimensions, render_embeddings
-from serve_app.api.errors import OpenAIError, install_error_handlers, internal_error, invalid, out_of_device_memory
-from serve_app.api.limits import InflightTokens, RequestLimits, check_counts, check_tokens, read_body
+from serve_app.api.errors import OpenAIError, install_error_handlers, internal_error, invalid, out_of_device_memory, quote
+from serve_app.api.limits import InflightTokens, RequestLimits, check_counts, check_tokens, read_body, token_bounds
 from serve_app.api.priority import BATCH, INTERACTIVE, PriorityPolicy, classify
 from serve_app.api.ratelimit import RateLimiter, RateLimits
-from serve_app.api.schemas import Inputs, parse_request
+from serve_app.api.schemas import EmbeddingRequest, Inputs, openapi_body, parse_request
 from serve_app.deployments.chunks import count_tokens, cut_to_budget, flatten, split_rows
 from serve_app.deployments.metrics import IngressMetrics
 from serve_app.deployments.serve_logging import drop_batch_size_warning
 from serve_app.engine.tokenization import load_input_tokenizer, token_ids_rejected
 from serve_app.engine.errors import InputError, RowsOutOfMemory
 from serve_app.engine.long_inputs import combine_windows, split_windows
-from serve_app.engine.spec import ModelSpec, dtype_name
+from serve_app.engine.spec import ModelSpec, dtype_name, format_query
 
 # Serve formats this logger's lines (JSON with `logging_config.encoding: JSON`) and stamps
 # each with the request id it took from, or created for, the X-Request-ID header.
 logger = logging.getLogger("ray.serve")
 
 TOKENIZE_SLICE = 256  # inputs per tokenizer call: large requests spread over tokenizer replicas
+# Tokenizer calls one request has at a time: they still spread over replicas, and a request
+# over the token limit is refused before most of its slices are tokenized.
+TOKENIZE_SLICES_IN_FLIGHT = 4
 # Requests up to this size are tokenized in the ingress itself: for short queries the
 # round trip to the Tokenizer deployment costs far more CPU than the tokenization.
 LOCAL_TOKENIZE_MAX_CHARS = 8192
@@ -100,6 +103,50 @@ class _StageTimer:
         self._last = now
 
 
+# A chunk at the Ingress's coalescer: its model, its token ids, and its request's "abandoned"
+# event (set when the client goes away).
+Coalesced = tuple[str, list[list[int]], asyncio.Event]
+
+
+def _overloaded() -> OpenAIError:
+    return OpenAIError(503, "The service is overloaded; retry shortly.", None, "overloaded", {"Retry-After": "1"})
+
+
+def _overload_as_503(future: asyncio.Future):
+    try:
+        return future.result()
+    except BackPressureError:
+        raise _overloaded() from None
+
+
+async def _numbered(k: int, response: DeploymentResponse) -> tuple[int, object]:
+    return k, await response
+
+
+async def _awaited(response: DeploymentResponse):
+    return await response
+
+
+async def _unless_abandoned(response: DeploymentResponse, callers: Iterable[asyncio.Event]):
+    """The call's result, or None once every caller that waits on it has gone away (the call
+    is then cancelled, which frees its place in the Embedder's queue or batch)."""
+    call = asyncio.ensure_future(_awaited(response))
+    all_gone = asyncio.ensure_future(asyncio.gather(*(event.wait() for event in callers)))
+    try:
+        await asyncio.wait((call, all_gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        response.cancel()
+        call.cancel()
+        raise
+    finally:
+        all_gone.cancel()
+    if call.done():
+        return call.result()
+    response.cancel()
+    call.cancel()
+    return None
+
+
 # Module-level helpers must be defined above the deployment class: Serve pickles the class
 # when the decorator runs, capturing only the names that exist at that point.
 api = FastAPI(title="Embeddings (OpenAI-compatible)", version="0.1.0")
@@ -155,7 +202,9 @@ class Ingress:
             coalesce.set_max_batch_size(budget)
             coalesce.set_batch_wait_timeout_s(COALESCE_WAIT_S)
 
-    @api.post("/v1/embeddings")
+    # Routes read and validate their bodies themselves (OpenAI-shaped errors, byte limits):
+    # openapi_extra publishes the schemas they validate against at /openapi.json.
+    @api.post("/v1/embeddings", openapi_extra=openapi_body(EmbeddingRequest))
     async def create_embeddings(self, request: Request) -> Response:
         return await self._front_door(request, self._create_embeddings, OpenAIError.response)
 
@@ -195,7 +244,8 @@ class Ingress:
         info = await self._describe(spec.name)
         if req.dimensions is not None and req.dimensions > info["dimensions"]:
             raise invalid(
-                f"dimensions must be at most {info['dimensions']} for model '{spec.name}'.", "dimensions"
+                f"Invalid value for 'dimensions': {req.dimensions}: at most {info['dimensions']} for model "
+                f"'{spec.name}'.", "dimensions"
             )
         task = req.instruction or (spec.query_instruction if req.input_type == "query" else None)
         self._check_inputs(spec, req.inputs, task, "instruction" if req.instruction else "input_type")
@@ -209,16 +259,16 @@ class Ingress:
 
     # ---- TEI's routes (serve_app/api/tei.py; README "TEI's API"): one model, TEI's shapes -------
 
-    @api.post("/embed")
+    @api.post("/embed", openapi_extra=openapi_body(tei.EmbedRequest))
     async def tei_embed(self, request: Request) -> Response:
         return await self._front_door(request, self._tei_embed, tei.tei_error)
 
-    @api.post("/")
+    @api.post("/", openapi_extra=openapi_body(tei.EmbedRequest))
     async def tei_root(self, request: Request) -> Response:
         """TEI answers POST / as /embed for an embedding model; clients given the bare URL post here."""
         return await self._front_door(request, self._tei_embed, tei.tei_error)
 
-    @api.post("/tokenize")
+    @api.post("/tokenize", openapi_extra=openapi_body(tei.TokenizeRequest))
     async def tei_tokenize(self, request: Request) -> Response:
         return await self._front_door(request, self._tei_tokenize, tei.tei_error, observe=False)
 
@@ -232,7 +282,10 @@ class Ingress:
         labels["model"] = spec.name
         info = await self._describe(spec.name)
         if req.dimensions is not None and req.dimensions > info["dimensions"]:
-            raise invalid(f"`dimensions` must be at most {info['dimensions']}, the model's dimension.", "dimensions")
+            raise invalid(
+                f"`dimensions` is {req.dimensions}, but must be at most {info['dimensions']}, the model's dimension.",
+                "dimensions",
+            )
         tei.check_normalize(req.normalize, spec.name, info["normalize"])
         task = tei.prompt_task(spec.prompt_tasks(), req.prompt_name)
         self._check_inputs(spec, req.inputs, task, "prompt_name")
@@ -283,8 +336,8 @@ class Ingress:
         body = await read_body(request, self.limits.max_request_bytes)
         try:
             return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise invalid("The request body is not valid JSON.", None, "invalid_json") from None
+        except orjson.JSONDecodeError as exc:  # e.g. a lone surrogate, or nesting past orjson's depth limit
+            raise invalid(f"The request body is not valid JSON: {exc}", None, "invalid_json") from None
 
     @staticmethod
     def _check_inputs(spec: ModelSpec, inputs: Inputs, task: str | None, task_param: str) -> None:
@@ -308,29 +361,46 @@ class Ingress:
         check_counts(len(work.inputs), self.limits)
         timer = _StageTimer()
         key_default = self.rate.limits.priority_for(labels["key"])
-        ids = await self._tokenize(spec, work, classify(self.priority, work.priority, key_default,
-                                                        work.is_query, len(work.inputs), None))
-        # long_input: chunk: over-long inputs travel as their windows (batched and cached as
-        # inputs of their own) and are combined into one vector each afterwards.
-        counts = None
-        if spec.long_input == "chunk":
-            ids, counts = split_windows(ids, self.local_tokenizers[spec.name].windows)
-        n_tokens = sum(len(seq) for seq in ids)
-        check_tokens(n_tokens, self.limits)
-        self.rate.check_tokens(labels["key"], n_tokens)
-        timer.lap("tokenize")
-        request_class = classify(self.priority, work.priority, key_default, work.is_query, len(work.inputs), n_tokens)
-        labels["priority"] = request_class
+        provisional = classify(self.priority, work.priority, key_default, work.is_query, len(work.inputs), None)
+        # Refusals that need no tokenizing come first, so that a flood of over-bound requests
+        # costs no tokenizer time: ids over the limit by their count, and a full in-flight budget
+        # (the request is admitted on its estimated tokens, and settles on its count below).
+        local = self.local_tokenizers[spec.name]
+        least, held = token_bounds(
+            work.inputs, work.truncate, local.max_tokens, len(local.prefix) + len(local.suffix),
+            len(format_query(work.task, "").encode()) if work.task is not None else 0, self.limits,
+        )
+        check_tokens(least, self.limits)
+        self.inflight.acquire(held, reserve=provisional == INTERACTIVE)
+        self.metrics.inflight_tokens.set(self.inflight.current)
+        charged = 0  # tokens taken from the key's rate limit: given back if the request is not served
         try:
-            self.inflight.acquire(n_tokens, reserve=request_class == INTERACTIVE)
-            try:
-                vectors = await self._embed(spec, ids, request_class)
-            finally:
-                self.inflight.release(n_tokens)
+            ids = await self._tokenize(spec, work, provisional)
+            # long_input: chunk: over-long inputs travel as their windows (batched and cached as
+            # inputs of their own) and are combined into one vector each afterwards.
+            counts = None
+            if spec.long_input == "chunk":
+                ids, counts = split_windows(ids, local.windows)
+            n_tokens = sum(len(seq) for seq in ids)
+            check_tokens(n_tokens, self.limits)
+            self.rate.check_tokens(labels["key"], n_tokens)
+            charged = n_tokens
+            timer.lap("tokenize")
+            request_class = classify(self.priority, work.priority, key_default, work.is_query, len(work.inputs), n_tokens)
+            labels["priority"] = request_class
+            self.inflight.resize(held, n_tokens, reserve=request_class == INTERACTIVE)
+            held = n_tokens
+            vectors = await self._embed(spec, ids, request_class)
+        except asyncio.CancelledError:  # the client went away: nothing was served
+            self.rate.refund_tokens(labels["key"], charged)
+            raise
         except OpenAIError as exc:
             if exc.status == 503:  # shed before any work was done: don't charge the key
-                self.rate.refund_tokens(labels["key"], n_tokens)
+                self.rate.refund_tokens(labels["key"], charged)
             raise
+        finally:
+            self.inflight.release(held)
+            self.metrics.inflight_tokens.set(self.inflight.current)
         if counts is not None:
             vectors = combine_windows(vectors, ids, counts, spec.normalize)
         timer.lap("embed")
@@ -381,7 +451,7 @@ class Ingress:
         if spec is None:
             raise OpenAIError(
                 404,
-                f"The model '{name}' does not exist. Available models: {', '.join(self.specs)}.",
+                f"The model {quote(name)} does not exist. Available models: {', '.join(self.specs)}.",
                 "model",
                 "model_not_found",
             )
@@ -413,12 +483,31 @@ class Ingress:
                 return run(items, *extra, 0, work.direction)
             except InputError as exc:
                 raise invalid(exc.message, exc.param, exc.code) from None
+        # A few slices at a time, counting as they come back: a request over the token limit is
+        # refused as soon as its count passes it, and its slices not yet tokenized are dropped.
         slices = [items[i : i + TOKENIZE_SLICE] for i in range(0, len(items), TOKENIZE_SLICE)]
-        calls = [call.remote(s, *extra, k * TOKENIZE_SLICE, work.direction) for k, s in enumerate(slices)]
-        results = await self._gather(calls)
-        for part in results:
-            if isinstance(part, InputError):
-                raise invalid(part.message, part.param, part.code)
+        results: list[list[list[int]] | None] = [None] * len(slices)
+        pending: dict[asyncio.Future, DeploymentResponse] = {}
+        counted, sent = 0, 0
+        try:
+            while sent < len(slices) or pending:
+                while sent < len(slices) and len(pending) < TOKENIZE_SLICES_IN_FLIGHT:
+                    response = call.remote(slices[sent], *extra, sent * TOKENIZE_SLICE, work.direction)
+                    pending[asyncio.ensure_future(_numbered(sent, response))] = response
+                    sent += 1
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    del pending[future]
+                    k, part = _overload_as_503(future)
+                    if isinstance(part, InputError):
+                        raise invalid(part.message, part.param, part.code)
+                    results[k] = part
+                    counted += sum(map(len, part))
+                    check_tokens(counted, self.limits, counted_all=False)
+        finally:  # refused, or the client went away: the Tokenizers drop what is still queued
+            for future, response in pending.items():
+                response.cancel()
+                future.cancel()
         return [ids for part in results for ids in part]
 
     async def _embed(self, spec: ModelSpec, ids: list[list[int]], request_class: str) -> np.ndarray:
@@ -443,9 +532,15 @@ class Ingress:
         """Split into chunks that each fit one batch, run them concurrently, keep input order."""
         chunks = cut_to_budget(ids, self.specs[name].max_batch_tokens)
         coalesce = self._coalesce_interactive if request_class == INTERACTIVE else self._coalesce_batch
-        parts = await asyncio.gather(*(coalesce((name, chunk)) for chunk in chunks))
+        abandoned = asyncio.Event()  # set if the client goes away: see _call_coalesced
+        try:
+            parts = await asyncio.gather(*(coalesce((name, chunk, abandoned)) for chunk in chunks))
+        except BaseException:  # the client went away, or another chunk failed: none is needed now
+            abandoned.set()
+            raise
         for part in parts:
             if isinstance(part, OpenAIError):  # this request's own failure (see _call_coalesced)
+                abandoned.set()
                 raise part
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
@@ -454,29 +549,34 @@ class Ingress:
     # requests this turns N calls into one. Each class coalesces apart, so a query's chunk is
     # never merged into (and never waits for) a batch-class call.
     @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.002, max_concurrent_batches=64,
-                 batch_size_fn=lambda items: count_tokens([chunk for _, chunk in items]))
-    async def _coalesce_interactive(self, items: list[tuple[str, list[list[int]]]]) -> list[np.ndarray]:
+                 batch_size_fn=lambda items: count_tokens([chunk for _, chunk, _ in items]))
+    async def _coalesce_interactive(self, items: list[Coalesced]) -> list[np.ndarray]:
         return await self._call_coalesced(items, INTERACTIVE)
 
     @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.002, max_concurrent_batches=64,
-                 batch_size_fn=lambda items: count_tokens([chunk for _, chunk in items]))
-    async def _coalesce_batch(self, items: list[tuple[str, list[list[int]]]]) -> list[np.ndarray]:
+                 batch_size_fn=lambda items: count_tokens([chunk for _, chunk, _ in items]))
+    async def _coalesce_batch(self, items: list[Coalesced]) -> list[np.ndarray]:
         return await self._call_coalesced(items, BATCH)
 
-    async def _call_coalesced(self, items: list[tuple[str, list[list[int]]]], request_class: str) -> list[np.ndarray]:
+    async def _call_coalesced(self, items: list[Coalesced], request_class: str) -> list[np.ndarray | None]:
         """One call per Embedder deployment for all chunks that arrived together (of any of its
         models: each row names its own), split back after. A deployment whose batch budget is
-        below the coalescer's (the largest of all models) gets as many calls as fit its budget."""
+        below the coalescer's (the largest of all models) gets as many calls as fit its budget.
+        Serve's batcher drops a queued chunk whose caller went away; a call whose callers have
+        all gone away is cancelled at the Embedder (None for its chunks: nobody reads them)."""
         groups, calls = [], []
         for deployment, positions in self._group_by_deployment(items).items():
             budget = self.specs[items[positions[0]][0]].max_batch_tokens  # shared within a deployment
             for group in cut_to_budget(positions, budget, size=lambda p: count_tokens([items[p][1]])):
                 chunks = [items[p][1] for p in group]
                 models = [items[p][0] for p in group for _ in items[p][1]]
+                callers = {id(items[p][2]): items[p][2] for p in group}.values()
                 groups.append((group, chunks))
-                calls.append(self._call_embedder(deployment, flatten(chunks), models, request_class))
-        results: list[np.ndarray | OpenAIError] = [None] * len(items)  # type: ignore[list-item]
+                calls.append(self._call_embedder(deployment, flatten(chunks), models, request_class, callers))
+        results: list[np.ndarray | OpenAIError | None] = [None] * len(items)
         for (group, chunks), vectors in zip(groups, await self._gather(calls)):
+            if vectors is None:  # every caller of this call went away
+                continue
             # Rows that did not fit in device memory fail their own chunks only (returned, not
             # raised, so that the other chunks of the call still get their vectors).
             unfit = set(vectors.rows) if isinstance(vectors, RowsOutOfMemory) else set()
@@ -487,25 +587,26 @@ class Ingress:
                 start += len(chunk)
         return results
 
-    def _group_by_deployment(self, items: list[tuple[str, list[list[int]]]]) -> dict[str, list[int]]:
+    def _group_by_deployment(self, items: list[Coalesced]) -> dict[str, list[int]]:
         by_deployment: dict[str, list[int]] = {}
-        for position, (name, _) in enumerate(items):
+        for position, (name, _, _) in enumerate(items):
             by_deployment.setdefault(self.embedder_of[name], []).append(position)
         return by_deployment
 
     async def _call_embedder(self, deployment: str, sequences: list[list[int]], models: list[str],
-                             request_class: str) -> np.ndarray:
-        """Embedding is idempotent: if the replica dies mid-batch, retry once on another."""
+                             request_class: str, callers: Iterable[asyncio.Event]) -> np.ndarray | None:
+        """Embedding is idempotent: if the replica dies mid-batch, retry once on another.
+        None if every caller went away first (the call is cancelled)."""
         # Bounds: a token id pickles to at most 8 bytes, a row's model name (the same few
         # strings, which pickle memoizes) to 8; the result is float32 rows.
         dims = (await self._describe(models[0]))["dimensions"]
         size = 8 * sum(map(len, sequences)) + (8 + 4 * dims) * len(sequences)
         handle = (self.embedders_by_value if size <= BY_VALUE_MAX_BYTES else self.embedders)[deployment]
         try:
-            return await handle.embed.remote(sequences, request_class, models)
+            return await _unless_abandoned(handle.embed.remote(sequences, request_class, models), callers)
         except (RayActorError, ActorUnavailableError) as exc:
             logger.warning("Embedder replica lost (%s); retrying the chunk once", type(exc).__name__)
-            return await handle.embed.remote(sequences, request_class, models)
+            return await _unless_abandoned(handle.embed.remote(sequences, request_class, models), callers)
 
     @staticmethod
     async def _gather(calls) -> list:
@@ -513,6 +614,4 @@ class Ingress:
         try:
             return await asyncio.gather(*calls)
         except BackPressureError:
-            raise OpenAIError(
-                503, "The service is overloaded; retry shortly.", None, "overloaded", {"Retry-After": "1"}
-            ) from None
+            raise _overloaded() from None

@@ -37,6 +37,11 @@ class IngressMetrics:
             "embeddings_cache_evictions", "Vectors dropped from the cache to stay within its size.", ("model",)
         )
         self.cache_bytes = Gauge("embeddings_cache_bytes", "Bytes the vector cache of an Ingress replica holds.")
+        self.inflight_tokens = Gauge(
+            "embeddings_inflight_tokens",
+            "Tokens an Ingress replica holds of its in-flight budget (max_inflight_tokens): requests "
+            "being tokenized (on an estimate) or embedded.",
+        )
 
 
 class EmbedderMetrics:

@@ -1,0 +1,248 @@
+"""End to end: bounds that hold before work is spent, edge inputs, and cancelled requests.
+
+Issue 20: over-bound requests are refused without tokenizing them whole (a flood of them gets
+fast, well-formed refusals while a query beside them is served); edge inputs get a correct
+vector (against tests/reference.py) or a clear 4xx; a request whose client goes away gives
+back its in-flight budget, its work queued at the Embedders and its rate-limit tokens.
+"""
+
+import asyncio
+import re
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import MAX_REQUEST_TOKENS, METERED_TOKENS_PER_MINUTE, SFR_TASK, TINY_MAX_TOKENS
+
+WORDS = "the quick brown fox jumps over lazy dog cat sleeps in warm sun search vectors".split()
+LORA_MAX_TOKENS = 512  # tiny-sfr-lora's max_input_tokens (tests/conftest.py)
+
+
+@pytest.fixture(scope="module")
+def http(base_url, api_keys):
+    with httpx.Client(base_url=base_url, timeout=120, headers={"Authorization": f"Bearer {api_keys.tester}"}) as c:
+        yield c
+
+
+def n_tokens(reference, text: str) -> int:
+    """Tokens the model sees for `text`: the tokenizer's ids plus the EOS the model pools on."""
+    return len(reference.tokenizer(text)["input_ids"]) + 1
+
+
+def text_of_length(reference, length: int) -> str:
+    for k in range(1, 4 * length):
+        for tail in ("", " a", " a b", " of"):
+            text = " ".join(WORDS[i % len(WORDS)] for i in range(k)) + tail
+            if n_tokens(reference, text) == length:
+                return text
+    raise AssertionError(f"no text of exactly {length} tokens")
+
+
+def embedding(response: httpx.Response, i: int = 0) -> np.ndarray:
+    return np.array(response.json()["data"][i]["embedding"], dtype=np.float32)
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(response.json()) == {"error"} and set(error) == {"message", "type", "param", "code"}
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+# ---- edge inputs -------------------------------------------------------------------------------
+
+
+def test_input_of_exactly_the_limit_and_one_token_over(http, base_reference):
+    exact = text_of_length(base_reference, TINY_MAX_TOKENS)
+    over = text_of_length(base_reference, TINY_MAX_TOKENS + 1)
+    ok = http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": exact})
+    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == TINY_MAX_TOKENS
+    np.testing.assert_allclose(embedding(ok), base_reference.embed([exact])[0], atol=1e-5)
+    error = assert_openai_error(
+        http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": ["fine", over]}), 400, "context_length_exceeded"
+    )
+    assert f"Input 1 is {TINY_MAX_TOKENS + 1} tokens long" in error["message"]
+
+
+def test_truncated_input_beside_a_short_one(http, base_reference):
+    long_text = text_of_length(base_reference, TINY_MAX_TOKENS + 30)
+    short = "warm sun"
+    response = http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": [short, long_text], "truncate": True})
+    assert response.status_code == 200
+    assert response.json()["usage"]["prompt_tokens"] == n_tokens(base_reference, short) + TINY_MAX_TOKENS
+    want = base_reference.embed([short, long_text])  # the reference cuts to max_length - 1, then EOS
+    np.testing.assert_allclose(np.stack([embedding(response, 0), embedding(response, 1)]), want, atol=1e-5)
+
+
+def test_2048_text_inputs_and_one_more(http, base_reference):
+    batch = [f"{WORDS[i % len(WORDS)]} number {i}" for i in range(2048)]
+    response = http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": batch})
+    assert response.status_code == 200 and len(response.json()["data"]) == 2048
+    for i in (0, 1023, 2047):
+        np.testing.assert_allclose(embedding(response, i), base_reference.embed([batch[i]])[0], atol=1e-5)
+    error = assert_openai_error(
+        http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": batch + ["x"]}), 400, "too_many_inputs"
+    )
+    assert "2049" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "body, param, quoted",
+    [
+        ({"input": [1, True]}, "input", "true"),  # a JSON boolean is not a token id
+        ({"input": [[5, 6], [True, 2]]}, "input", "true"),
+        ({"input": "x", "dimensions": True}, "dimensions", "true"),  # ... nor the integer 1
+        ({"input": "x", "dimensions": 1 << 20}, "dimensions", str(1 << 20)),
+        ({"input": "x", "encoding_format": "int8" * 30}, "encoding_format", '"int8int8'),
+        ({"input": "x", "model": "no-such-model" * 10}, "model", '"no-such-model'),
+    ],
+)
+def test_wrong_types_and_values_are_quoted_in_the_400(http, body, param, quoted):
+    response = http.post("/v1/embeddings", json={"model": "tiny-sfr"} | body)
+    error = assert_openai_error(response, 404 if param == "model" else 400)
+    assert error["param"] == param and quoted in error["message"]
+    assert len(error["message"]) < 300  # the value is quoted, bounded: never echoed whole
+
+
+@pytest.mark.parametrize(
+    "raw, what",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "depth"),  # deeper than any JSON parser should go
+        (b'{"model": "tiny-sfr", "input": "\\ud800"}', "surrogate"),  # a lone surrogate escape
+        (b'{"model": "tiny-sfr", "input": "\xff\xfe"}', "utf-8"),  # bytes that are not UTF-8
+    ],
+)
+def test_undecodable_bodies_are_400_invalid_json(http, raw, what):
+    response = http.post("/v1/embeddings", content=raw, headers={"content-type": "application/json"})
+    error = assert_openai_error(response, 400, "invalid_json")
+    assert what in error["message"].lower()
+
+
+def test_deep_nesting_inside_valid_json_is_400(http):
+    nested: list = [1]
+    for _ in range(200):
+        nested = [nested]
+    error = assert_openai_error(http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": nested}), 400)
+    assert error["param"] == "input" and "[[[[" in error["message"] and len(error["message"]) < 300
+
+
+def test_nul_characters_are_text(http, base_reference):
+    texts = ["a\x00b", "\x00", "null \x00 inside"]
+    response = http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": texts})
+    assert response.status_code == 200
+    got = np.stack([embedding(response, i) for i in range(len(texts))])
+    np.testing.assert_allclose(got, base_reference.embed(texts), atol=1e-5)
+
+
+# ---- a flood of over-bound requests ------------------------------------------------------------
+
+
+async def _flood(base_url: str, key: str, bodies: list[dict], query: dict) -> tuple[list[httpx.Response], httpx.Response]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=120, headers={"Authorization": f"Bearer {key}"},
+                                 limits=httpx.Limits(max_connections=len(bodies) + 1)) as client:
+        flood = [asyncio.ensure_future(client.post("/v1/embeddings", json=body)) for body in bodies]
+        await asyncio.sleep(0.2)  # the query arrives while the flood is being refused
+        answer = await client.post("/v1/embeddings", json=query)
+        return list(await asyncio.gather(*flood)), answer
+
+
+def test_a_flood_of_over_bound_requests_is_refused_and_a_query_beside_it_served(base_url, api_keys, base_reference,
+                                                                                ray_session):
+    """Over max_tokens_per_request: text ones (each input fits, the sum does not; tokenizing
+    stops at the limit) and token-id ones (refused by their count, before any check)."""
+    per_input = MAX_REQUEST_TOKENS // 2000 + 8
+    text = text_of_length(base_reference, per_input)
+    over_text = {"model": "tiny-sfr-lora", "input": [f"{text}"] * 2000}
+    over_ids = {"model": "tiny-sfr", "input": [[5] * (per_input - 1)] * 2000}
+    query = {"model": "tiny-sfr", "input": "is the fox quick", "input_type": "query"}
+    answers, plain = asyncio.run(_flood(base_url, api_keys.tester, [over_text, over_ids] * 8, query))
+    for response in answers:
+        if response.status_code == 503:
+            assert_openai_error(response, 503, "overloaded")
+            assert int(response.headers["retry-after"]) >= 1
+        else:
+            error = assert_openai_error(response, 400, "too_many_tokens")
+            assert str(MAX_REQUEST_TOKENS) in error["message"]
+    assert plain.status_code == 200
+    np.testing.assert_allclose(embedding(plain), base_reference.embed([query["input"]], SFR_TASK)[0], atol=1e-5)
+    assert wait_for_metrics(ray_session.metrics_url, lambda m: m.sum("ray_embeddings_inflight_tokens") == 0)
+
+
+# ---- cancelled requests give back what they held -----------------------------------------------
+
+
+class Metrics:
+    def __init__(self, text: str):
+        self.text = text
+
+    def sum(self, name: str, **labels: str) -> float:
+        total = 0.0
+        for line in self.text.splitlines():
+            match = re.match(rf"^{name}(?:\{{(.*)\}})? (\S+)$", line)
+            if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
+                total += float(match.group(2))
+        return total
+
+
+def wait_for_metrics(url: str, condition, timeout_s: float = 60) -> bool:
+    """Poll Ray's Prometheus endpoint (metrics reach it every few seconds) until `condition`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition(Metrics(httpx.get(url, timeout=10).text)):
+            return True
+        time.sleep(1)
+    return False
+
+
+def idle(metrics: Metrics) -> bool:
+    """Nothing held: the Ingress's in-flight budget, the Embedders' queued or running chunks."""
+    return (metrics.sum("ray_embeddings_inflight_tokens") == 0
+            and metrics.sum("ray_embeddings_queue_tokens") == 0
+            and metrics.sum("ray_embeddings_queue_requests") == 0)
+
+
+async def _post_cancelled_after(base_url: str, body: dict, headers: dict, seconds: float) -> httpx.Response | None:
+    """POST, and go away (close the connection) after `seconds`; None if no answer came first."""
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=120) as client:
+        try:
+            return await asyncio.wait_for(client.post("/v1/embeddings", json=body), seconds)
+        except asyncio.TimeoutError:
+            return None
+
+
+def test_a_cancelled_request_gives_back_everything_it_held(base_url, api_keys, base_reference, merged_reference,
+                                                          ray_session):
+    """A batch-class request of most of the `metered` key's minute, cancelled by its client while
+    tokenized, and at a third and two thirds of its time (queued, mid-pass); then the same
+    request, served: possible only if every cancelled one was refunded. The Embedders compute
+    far less than the cancelled requests held: their queued chunks were dropped."""
+    text = text_of_length(base_reference, 56)
+    inputs = [f"{text} {i}" for i in range(640)]  # distinct: nothing is shared between inputs
+    body = {"model": "tiny-sfr-lora", "input": inputs, "priority": "batch"}
+    tokens = sum(len(ids) + 1 for ids in base_reference.tokenizer(inputs)["input_ids"])
+    assert 0.8 * METERED_TOKENS_PER_MINUTE < tokens < METERED_TOKENS_PER_MINUTE
+    url = ray_session.metrics_url
+    t0 = time.monotonic()  # the request's whole time, on another key
+    timed = httpx.post(f"{base_url}/v1/embeddings", json=body, timeout=300,
+                       headers={"Authorization": f"Bearer {api_keys.tester}"})
+    whole_s = time.monotonic() - t0
+    assert timed.status_code == 200
+    metered = {"Authorization": f"Bearer {api_keys.metered}"}
+    assert wait_for_metrics(url, idle)
+    computed_before = Metrics(httpx.get(url, timeout=10).text).sum("ray_embeddings_batch_tokens_sum")
+    for timeout_s in (0.05, whole_s / 3, 2 * whole_s / 3):
+        answered = asyncio.run(_post_cancelled_after(base_url, body, metered, timeout_s))
+        assert answered is None, f"answered before the cancel at {timeout_s}s: {answered.status_code}"
+        assert wait_for_metrics(url, idle), f"something still held after a cancel at {timeout_s}s"
+    computed = Metrics(httpx.get(url, timeout=10).text).sum("ray_embeddings_batch_tokens_sum") - computed_before
+    # Had the Embedders run the chunks of the two later cancels, they would have computed ~2x.
+    assert computed < 1.5 * tokens, (computed, tokens)
+    served = httpx.post(f"{base_url}/v1/embeddings", json=body, headers=metered, timeout=300)
+    assert served.status_code == 200, served.text
+    assert served.json()["usage"]["prompt_tokens"] == tokens
+    np.testing.assert_allclose(embedding(served, 639), merged_reference.embed([inputs[639]])[0], atol=1e-5)
+    assert wait_for_metrics(url, idle)
