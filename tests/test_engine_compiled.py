@@ -3,7 +3,6 @@ whatever the pass shapes, and pass shapes are bucketed as the CUDA graphs need."
 
 import numpy as np
 import pytest
-import torch
 from torch._dynamo.utils import counters
 
 from serve_app.engine.compiled import graph_shapes, pass_shape, repeated_layers

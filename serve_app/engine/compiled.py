@@ -84,6 +84,9 @@ def _call_layer_in_graphs(layer: torch.nn.Module, *args, **kwargs):
 def compile_layers(model: torch.nn.Module, cuda_graphs: bool, max_width: int | None = None) -> None:
     """Compile the model's repeated layer in place; `cuda_graphs`: passes of a graph_shapes()
     shape run as CUDA graphs (mode="reduce-overhead"), the others as the compiled layer."""
+    # Each model a process compiles adds a graph or two (its layer, and one-row passes); the
+    # default limit (8) would quietly run a further model eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     compiled = torch.compile(_call_layer, dynamic=True)
     graphed = torch.compile(_call_layer_in_graphs, dynamic=True, mode="reduce-overhead") if cuda_graphs else None
     small_shapes = frozenset(graph_shapes(max_width)) if cuda_graphs else frozenset()

@@ -114,14 +114,16 @@ class EmbeddingEngine:
         adapters: Mapping[str, str] | None = None,
         compile: bool = False,
         max_width: int | None = None,
+        cuda_graphs: bool | None = None,
     ):
         self.model = model.eval()
         # Causal decoders run their padded passes without an attention mask (attention.py).
         self.causal = attends_only_backwards(self.model, device)
         # Compiled: every layer runs one compiled graph, passes in bucketed shapes no wider
-        # than `max_width` (the longest input); on CUDA, small passes replay CUDA graphs.
+        # than `max_width` (the longest input); on CUDA, small passes replay CUDA graphs unless
+        # `cuda_graphs` is False (the GPU benchmark compares both).
         self.compiled = compile
-        self.cuda_graphs = compile and device.startswith("cuda")
+        self.cuda_graphs = compile and device.startswith("cuda") and cuda_graphs is not False
         self.max_width = max_width
         if compile:
             compile_layers(self.model, self.cuda_graphs, max_width)
@@ -393,8 +395,8 @@ def choose_pack_above_padding(spec: ModelSpec, model, device: str) -> float:
         if spec.pack_above_padding is not None:
             raise ValueError(
                 f"model {spec.name!r}: pack_above_padding is set, but this model attends across "
-                "packed sequences (its attention mask ignores position ids, as BERT-style encoders' "
-                "do); remove the setting to run padded passes"
+                "packed sequences (its attention mask ignores position ids, as RoBERTa's does); "
+                "remove the setting to run padded passes"
             )
         logger.info("model %s: attends across packed sequences; running padded passes", spec.name)
         threshold = 1.0
