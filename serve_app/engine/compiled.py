@@ -7,9 +7,10 @@ and every layer runs it. Start-up compiles one layer, not the whole model.
 
 Shapes: the layer is compiled with dynamic shapes, so new pass shapes do not recompile (torch
 specialises a dimension of size 1 once, so a one-row pass compiles a second graph). Passes are
-still bucketed (`pass_shape`): small passes to powers of two, so that CUDA graphs (recorded per
-shape) stay a bounded set that the warm-up records before the replica is ready; large ones to a
-multiple of 16 tokens, the tensor cores' alignment, for at most 15 tokens of padding per row.
+still bucketed (`pass_shape`): on CUDA, small passes to powers of two, so that CUDA graphs
+(recorded per shape) stay a bounded set that the warm-up records before the replica is ready;
+other passes to a multiple of 16 tokens wide, the tensor cores' alignment, for at most 15
+tokens of padding per row.
 
 CUDA graphs (mode="reduce-overhead") run small passes on CUDA only: they replay a recorded
 pass with one launch instead of a launch per kernel, which matters where kernels are short
@@ -39,13 +40,14 @@ def _aligned(width: int) -> int:
     return -(-width // WIDTH_ALIGNMENT) * WIDTH_ALIGNMENT
 
 
-def pass_shape(rows: int, width: int, max_width: int | None = None) -> tuple[int, int]:
-    """The (rows, width) a pass of `rows` rows of `width` tokens runs as, when compiled: a
-    CUDA-graph shape (powers of two) where one holds it, else `width` aligned; never wider than
+def pass_shape(rows: int, width: int, max_width: int | None = None, graphs: bool = True) -> tuple[int, int]:
+    """The (rows, width) a pass of `rows` rows of `width` tokens runs as, when compiled: with
+    `graphs`, a CUDA-graph shape (powers of two) where one holds it, else `width` aligned (without
+    CUDA graphs, padding small passes to powers of two would only cost compute); never wider than
     `max_width` (the model's longest input) unless `width` is, never fewer rows or narrower."""
     limit = max(width, max_width) if max_width else float("inf")
     graph = next_power_of_two(rows), max(GRAPH_WIDTHS[0], next_power_of_two(width))
-    if graph[1] <= min(GRAPH_WIDTHS[1], limit) and graph[0] * graph[1] <= GRAPH_MAX_TOKENS:
+    if graphs and graph[1] <= min(GRAPH_WIDTHS[1], limit) and graph[0] * graph[1] <= GRAPH_MAX_TOKENS:
         return graph
     return rows, int(min(_aligned(width), limit))
 

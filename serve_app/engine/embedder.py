@@ -348,7 +348,7 @@ class EmbeddingEngine:
         padding after them, and pooling reads each row at its own length."""
         n_rows, width = len(rows), batch.width
         if self.compiled:
-            n_rows, width = pass_shape(n_rows, width, self.max_width)
+            n_rows, width = pass_shape(n_rows, width, self.max_width, self.cuda_graphs)
         # Rows of padding pooled by nobody count one token, so that no mask row is all zeros.
         lengths = torch.ones(n_rows, dtype=torch.long)
         ids = torch.zeros((n_rows, width), dtype=torch.long)
