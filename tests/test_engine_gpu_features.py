@@ -3,10 +3,11 @@ reference, the packing planner, FP8 and CUDA refusals, and the app's start-up GP
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from serve_app.engine.batching import MicroBatch, PackedPass, plan_packed_passes
-from serve_app.engine.embedder import EmbeddingEngine
+from serve_app.engine.embedder import EmbeddingEngine, choose_pack_above_padding
 from serve_app.engine.packing import supports_packing
 from serve_app.engine.quantization import FP8Unsupported
 from serve_app.engine.spec import ModelSpec
@@ -69,12 +70,33 @@ def test_packing_threshold_picks_the_layout_per_batch(tiny_family):
     assert all(isinstance(p, MicroBatch) for p in default._plan(mixed))  # the CPU default: padded
 
 
+def test_minilm_keeps_packed_sequences_apart_and_packs(tiny_family):
+    # transformers 5.25 keeps packed sequences apart by their position ids in BERT-style
+    # encoders too, so MiniLM's packed passes give its padded passes' vectors.
+    from tests.reference import minilm_reference
+
+    spec = ModelSpec(name="m", source=MINILM, pack_above_padding=0)
+    packed, padded = EmbeddingEngine.load(spec), EmbeddingEngine.load(ModelSpec(name="m", source=MINILM))
+    assert supports_packing(packed.model, "cpu") and supports_packing(padded.model, "cpu")
+    ids = load_input_tokenizer(spec).tokenize_texts(TEXTS * 3)
+    assert all(isinstance(p, PackedPass) for p in packed._plan([len(s) for s in ids]))
+    vectors = packed.embed(ids)
+    np.testing.assert_allclose(vectors, padded.embed(ids), atol=1e-5)
+    np.testing.assert_allclose(vectors, minilm_reference(TEXTS * 3), atol=1e-5)
+
+
 def test_encoders_that_attend_across_packed_rows_are_not_packed(tiny_family):
-    minilm = EmbeddingEngine.load(ModelSpec(name="m", source=MINILM))
-    assert not supports_packing(minilm.model, "cpu")
+    # RoBERTa's mask (transformers 5.25) still lets packed sequences see each other.
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    roberta = RobertaModel(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64)).eval()
+    assert not supports_packing(roberta, "cpu")
     assert supports_packing(EmbeddingEngine.load(spec_for(tiny_family["base"])).model, "cpu")
     with pytest.raises(ValueError, match="attends across packed sequences"):
-        EmbeddingEngine.load(ModelSpec(name="m", source=MINILM, pack_above_padding=0.1))
+        choose_pack_above_padding(ModelSpec(name="m", source="r", pack_above_padding=0.1), roberta, "cpu")
+    assert choose_pack_above_padding(ModelSpec(name="m", source="r"), roberta, "cpu") == 1.0
 
 
 def test_fp8_refuses_to_start_without_an_fp8_gpu_before_loading_weights():

@@ -14,9 +14,11 @@ import numpy as np
 import torch
 
 from .adapters import RowAdapters, adapter_names, load_adapters
+from .attention import attends_only_backwards
 from .errors import RowsOutOfMemory
 from .faults import FaultInjection, probe_device, release_cached_memory
 from .batching import MicroBatch, PackedPass, padding_ratio, plan_micro_batches, plan_packed_passes, plan_per_group
+from .compiled import begin_pass, compile_layers, graph_shapes, pass_shape
 from .host_memory import HostMemoryTrimmer
 from .loading import load_model, load_tokenizer, resolve_spec
 from .scheduling import PassScheduler, Priority
@@ -56,6 +58,10 @@ DEFAULT_PACK_ABOVE_PADDING = {"cpu": 1.0, "cuda": 1.0}
 # row, since PEFT picks adapters per row. Measured by `python -m bench.cpu_engine adapters` (CPU) and
 # bench/gpu_engine.py's LoRA rows (GPU).
 MIX_ADAPTERS_IN_PASSES = True
+# Per device, whether `compile: auto` compiles the forward (compiled.py). Both stay eager until
+# measured on a quiet machine: `python -m bench.cpu_engine compile` (CPU) and bench/gpu_engine.py
+# (GPU, pending its run: bench/results/GPU_PENDING.md) compare eager and compiled in one run.
+DEFAULT_COMPILE = {"cpu": False, "cuda": False}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -124,8 +130,21 @@ class EmbeddingEngine:
         batch_share: float = 0.25,
         pack_above_padding: float = 1.0,
         adapters: Mapping[str, str] | None = None,
+        compile: bool = False,
+        max_width: int | None = None,
+        cuda_graphs: bool | None = None,
     ):
         self.model = model.eval()
+        # Causal decoders run their padded passes without an attention mask (attention.py).
+        self.causal = attends_only_backwards(self.model, device)
+        # Compiled: every layer runs one compiled graph, passes in bucketed shapes no wider
+        # than `max_width` (the longest input); on CUDA, small passes replay CUDA graphs unless
+        # `cuda_graphs` is False (the GPU benchmark compares both).
+        self.compiled = compile
+        self.cuda_graphs = compile and device.startswith("cuda") and cuda_graphs is not False
+        self.max_width = max_width
+        if compile:
+            compile_layers(self.model, self.cuda_graphs, max_width)
         # Several models over one base (a PeftModel with their LoRA adapters unmerged): each
         # model's adapter name (adapters.BASE: the bare base); every call names each row's model.
         self.adapters = dict(adapters) if adapters else None
@@ -185,7 +204,7 @@ class EmbeddingEngine:
         if unmerged:
             model = load_adapters(model, specs, names).to(device)
         if spec.quantization == "fp8":
-            quantize_fp8(model)
+            quantize_fp8(model, spec.fp8_granularity)
         on_gpu = device.startswith("cuda")
         micro = spec.micro_batch_tokens or (
             spec.max_batch_tokens if on_gpu else min(spec.max_batch_tokens, CPU_MICRO_BATCH_TOKENS)
@@ -194,7 +213,7 @@ class EmbeddingEngine:
         engine = cls(
             model, device, resolved[spec.name].pooling, spec.normalize, micro, cpu_threads, spec.cpu_lanes,
             batch_pass, spec.batch_share, choose_pack_above_padding(spec, model, device),
-            names if unmerged else None,
+            names if unmerged else None, choose_compile(spec, device), resolved[spec.name].max_input_tokens,
         )
         engine.resolved_models = resolved
         engine.resolved = resolved[spec.name]
@@ -279,6 +298,8 @@ class EmbeddingEngine:
         width = max(resolved.max_input_tokens for resolved in self.resolved_models.values()) if self.resolved_models else 16
         self._warming_up = True
         try:
+            if self.compiled:
+                self._warm_up_compiled(models)
             for priority, tokens in self.pass_tokens.items():
                 if priority is Priority.BATCH and tokens == self.pass_tokens[Priority.INTERACTIVE]:
                     continue  # the same passes again
@@ -298,6 +319,16 @@ class EmbeddingEngine:
         finally:
             self._warming_up = False
         self._last_interactive_call = float("-inf")  # the warm-up is no query
+
+    def _warm_up_compiled(self, models: list[str | None]) -> None:
+        """Compile before the first request does: a pass of several rows first (its trace gives
+        rows and width a symbol each; a first pass as many rows as tokens wide would give them
+        one, and later shapes would compile again), then one of one row (torch compiles a graph
+        of its own for a dimension of size 1); on CUDA, then record a CUDA graph of every small
+        pass shape (compiled.graph_shapes), on the lane that will replay it."""
+        shapes = [(2, 32), (1, 16)] + (graph_shapes(self.max_width) if self.cuda_graphs else [])
+        for rows, width in shapes:
+            self.embed([[0] * width] * rows, Priority.INTERACTIVE, [models[k % len(models)] for k in range(rows)])
 
     def check_device(self) -> None:
         """Raise if the device cannot run work any more (lost, or its context poisoned)."""
@@ -400,26 +431,40 @@ class EmbeddingEngine:
         return self._forward_padded(batch, rows)
 
     def _forward_packed(self, batch: PackedPass, rows: list[list[int]]) -> torch.Tensor:
-        ids, positions, spans = pack_inputs_and_spans(batch, rows)
-        if self.pin_memory:
-            ids, positions = ids.pin_memory(), positions.pin_memory()
-        ids = ids.to(self.device, non_blocking=True)
-        positions = positions.to(self.device, non_blocking=True)
+        ids, positions, spans = self._to_device(*pack_inputs_and_spans(batch, rows))
         hidden = self.model(input_ids=ids, position_ids=positions, **self._no_cache).last_hidden_state
-        return self._normalized(pool_packed(hidden, spans.to(self.device), self.pooling))
+        return self._normalized(pool_packed(hidden, spans, self.pooling))
 
     def _forward_padded(self, batch: MicroBatch, rows: list[list[int]]) -> torch.Tensor:
-        width, lengths = batch.width, [len(row) for row in rows]
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        """Right-padded rows; compiled, in the pass's bucketed shape (extra rows of padding,
+        which nobody pools). A causal model gets no mask: its real tokens never attend to the
+        padding after them, and pooling reads each row at its own length."""
+        n_rows, width = len(rows), batch.width
+        if self.compiled:
+            n_rows, width = pass_shape(n_rows, width, self.max_width, self.cuda_graphs)
+        # Rows of padding pooled by nobody count one token, so that no mask row is all zeros.
+        lengths = torch.ones(n_rows, dtype=torch.long)
+        ids = torch.zeros((n_rows, width), dtype=torch.long)
         for r, row in enumerate(rows):
             ids[r, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-        mask = (torch.arange(width) < torch.as_tensor(lengths).unsqueeze(1)).long()
-        if self.pin_memory:
-            ids, mask = ids.pin_memory(), mask.pin_memory()
-        ids = ids.to(self.device, non_blocking=True)
-        mask = mask.to(self.device, non_blocking=True)
-        hidden = self.model(input_ids=ids, attention_mask=mask, **self._no_cache).last_hidden_state
-        return self._normalized(pool(hidden, mask, self.pooling))
+            lengths[r] = len(row)
+        inputs = {"input_ids": ids}
+        if not self.causal:
+            inputs["attention_mask"] = (torch.arange(width) < lengths.unsqueeze(1)).long()
+        inputs, lengths = self._to_device(inputs, lengths)
+        begin_pass(self.cuda_graphs)
+        hidden = self.model(**inputs, **self._no_cache).last_hidden_state[: len(rows)]
+        return self._normalized(pool(hidden, lengths[: len(rows)], self.pooling))
+
+    def _to_device(self, *tensors):
+        """Host tensors (or dicts of them) onto the device before the pass: on a GPU pinned
+        and without blocking, so that the copies queue ahead of the pass's kernels."""
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            if self.pin_memory:
+                tensor = tensor.pin_memory()
+            return tensor.to(self.device, non_blocking=True)
+
+        return tuple({k: move(v) for k, v in t.items()} if isinstance(t, dict) else move(t) for t in tensors)
 
     def _normalized(self, pooled: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
@@ -448,22 +493,30 @@ def choose_pack_above_padding(spec: ModelSpec, model, device: str) -> float:
         if spec.pack_above_padding is not None:
             raise ValueError(
                 f"model {spec.name!r}: pack_above_padding is set, but this model attends across "
-                "packed sequences (its attention mask ignores position ids, as BERT-style encoders' "
-                "do); remove the setting to run padded passes"
+                "packed sequences (its attention mask ignores position ids, as RoBERTa's does); "
+                "remove the setting to run padded passes"
             )
         logger.info("model %s: attends across packed sequences; running padded passes", spec.name)
         threshold = 1.0
     return threshold
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Pool right-padded hidden states in float32."""
+def choose_compile(spec: ModelSpec, device: str) -> bool:
+    """The spec's `compile`, or with `auto` the device's default (DEFAULT_COMPILE)."""
+    if spec.compile == "auto":
+        return DEFAULT_COMPILE["cuda" if device.startswith("cuda") else "cpu"]
+    return spec.compile
+
+
+def pool(hidden: torch.Tensor, lengths: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool right-padded hidden states in float32; `lengths`: each row's real tokens, on the
+    hidden states' device (reading them there costs no sync with the host)."""
     if mode == "last_token":
-        last = mask.sum(dim=1) - 1
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1].float()
     if mode == "cls":
         return hidden[:, 0].float()
     if mode == "mean":
+        mask = torch.arange(hidden.shape[1], device=hidden.device) < lengths.unsqueeze(1)
         weights = mask.unsqueeze(-1).to(torch.float32)
         return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
     raise ValueError(f"unknown pooling mode {mode!r}")

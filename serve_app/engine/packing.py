@@ -3,9 +3,10 @@
 transformers (5.x, `masking_utils.find_packed_sequence_indices`) reads a row whose position ids
 restart at 0 as several packed sequences, when no attention mask and no cache are passed, and
 builds the block-diagonal causal mask itself (sdpa, eager and flex_attention alike). Decoder
-models (Mistral, Llama, Qwen2, ...) build their masks that way; encoders such as BERT build a
-bidirectional mask that ignores position ids, so their rows would attend across sequences:
-`supports_packing` checks a model before the engine packs for it.
+models (Mistral, Llama, Qwen2, ...) build their masks that way, and under transformers 5.25 so do
+BERT-style encoders (MiniLM); others, such as RoBERTa, build a mask that ignores position ids, so
+their rows would attend across sequences: `supports_packing` checks a model before the engine
+packs for it.
 """
 
 from __future__ import annotations

@@ -57,9 +57,21 @@ class ModelSpec(BaseModel):
     dtype: DType = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU.")
     quantization: Quantization = Field(
         default="none",
-        description="fp8: the linear layers' weights and activations in float8 (torchao, per-row "
-        "scales; the rest stays in dtype). Needs a CUDA GPU of compute capability >= 8.9 and "
+        description="fp8: the linear layers' weights and activations in float8 (torchao, "
+        "fp8_granularity scales; the rest stays in dtype). Needs a CUDA GPU of compute capability >= 8.9 and "
         "the `fp8` extra; elsewhere the replica refuses to start.",
+    )
+    fp8_granularity: Literal["row", "tensor"] = Field(
+        default="row",
+        description="FP8 scales: row, one per token and per output channel (an outlier costs only "
+        "its row precision); tensor, one per tensor. Per-row stays the default until "
+        "bench/gpu_engine.py has measured both against compiled bf16 on a GPU.",
+    )
+    compile: bool | Literal["auto"] = Field(
+        default="auto",
+        description="Compile the forward (torch.compile of one decoder layer, reused by all; on "
+        "CUDA, small passes as CUDA graphs), warmed up before the replica is ready. auto: the "
+        "device's default (the engine's DEFAULT_COMPILE: eager everywhere until measured).",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     query_instruction: str | None = Field(
@@ -207,7 +219,8 @@ def dtype_name(requested: str, device: str) -> str:
 # What one loaded base and its Embedder deployment are: models that share a base must agree on
 # these (the rest, such as adapter, max_input_tokens or query_instruction, is each model's own).
 SHARED_FIELDS = (
-    "source", "revision", "trust_remote_code", "dtype", "device", "quantization", "pooling", "normalize",
+    "source", "revision", "trust_remote_code", "dtype", "device", "quantization", "fp8_granularity", "compile",
+    "pooling", "normalize",
     "max_batch_tokens", "micro_batch_tokens", "pack_above_padding", "batch_wait_timeout_s",
     "busy_batch_wait_timeout_s", "batch_pass_tokens", "batch_share", "cpu_threads", "cpu_lanes",
     "batches_in_flight",
