@@ -127,11 +127,18 @@ async def _awaited(response: DeploymentResponse):
     return await response
 
 
+async def _all_set(events: Iterable[asyncio.Event]) -> None:
+    # A task, not asyncio.gather: a cancelled gather of waits ends with a CancelledError that
+    # nobody retrieves, which asyncio logs as an error.
+    for event in events:
+        await event.wait()
+
+
 async def _unless_abandoned(response: DeploymentResponse, callers: Iterable[asyncio.Event]):
     """The call's result, or None once every caller that waits on it has gone away (the call
     is then cancelled, which frees its place in the Embedder's queue or batch)."""
     call = asyncio.ensure_future(_awaited(response))
-    all_gone = asyncio.ensure_future(asyncio.gather(*(event.wait() for event in callers)))
+    all_gone = asyncio.ensure_future(_all_set(callers))
     try:
         await asyncio.wait((call, all_gone), return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
