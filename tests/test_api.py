@@ -144,9 +144,15 @@ def test_quoted_values_are_bounded():
 
 def test_token_bounds_before_tokenizing():
     limits = RequestLimits(max_tokens_per_request=1000)
-    texts = Inputs(texts=["héllo", "x" * 5000])  # 6 and 5000 UTF-8 bytes
-    assert token_bounds(texts, False, 64, specials=2, instruction_bytes=0, limits=limits) == (0, 1000)  # capped
-    assert token_bounds(texts, True, 64, specials=2, instruction_bytes=10, limits=limits) == (0, 18 + 64)
+    texts = Inputs(texts=["héllo", "x" * 5000])  # 6 and 5000 UTF-8 bytes, a word each
+    assert token_bounds(texts, False, 64, specials=2, instruction_bytes=0, limits=limits) == (6, 1000)  # capped
+    assert token_bounds(texts, True, 64, specials=2, instruction_bytes=10, limits=limits) == (6, 18 + 64)
+    # 600 words; then 1 with a letter, twice: non-ASCII, and ASCII with a control character
+    words = Inputs(texts=["a b c " * 200, "\u0301\t\x00 ... ok"])
+    assert token_bounds(words, False, 64, specials=2, instruction_bytes=0, limits=limits)[0] == 602 + 3
+    assert token_bounds(words, True, 64, specials=2, instruction_bytes=0, limits=limits)[0] == 64 + 3
+    ascii_control = Inputs(texts=["\x01 \x7f ok"])
+    assert token_bounds(ascii_control, False, 64, specials=2, instruction_bytes=0, limits=limits)[0] == 1 + 2
     ids = Inputs(token_ids=[[5] * 600, [6] * 500])
     assert token_bounds(ids, False, 64, specials=1, instruction_bytes=0, limits=limits)[0] == 1100  # over: refused untokenized
     assert token_bounds(ids, True, 64, specials=1, instruction_bytes=0, limits=limits) == (0, 128)

@@ -13,6 +13,11 @@ import time
 import httpx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from serve_app.api.limits import RequestLimits, token_bounds
+from serve_app.api.schemas import Inputs
 
 from tests.conftest import MAX_REQUEST_TOKENS, METERED_TOKENS_PER_MINUTE, SFR_TASK, TINY_MAX_TOKENS
 
@@ -266,3 +271,25 @@ def test_a_cancelled_request_gives_back_everything_it_held(base_url, api_keys, b
         # computed in full, and more (1.36x its tokens, seen twice): see the closing note of
         # this change. The refunds above hold; the dropped work does not yet.
         pytest.xfail(f"cancelled requests' chunks were still computed: {computed:.0f} tokens for {tokens}")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(st.characters(codec="utf-8"), max_size=200) | st.from_regex(r"[\w .,'!?\-]{0,200}", fullmatch=True))
+def test_the_word_bound_never_exceeds_the_real_token_count(served_tokenizers, text):
+    """Refusals before tokenizing rest on token_bounds' lower bound: it must hold for every
+    tokenizer served (WordPiece: MiniLM; sentencepiece-style: the tiny SFR family)."""
+    limits = RequestLimits(max_tokens_per_request=10**9)
+    for tokenizer in served_tokenizers:
+        specials = len(tokenizer.prefix) + len(tokenizer.suffix)
+        least, _ = token_bounds(Inputs(texts=[text]), True, tokenizer.max_tokens, specials, 0, limits)
+        (ids,) = tokenizer.tokenize_texts([text], truncate=True)
+        assert least <= len(ids), (text, least, len(ids))
+
+
+@pytest.fixture(scope="module")
+def served_tokenizers(tiny_family):
+    from serve_app.engine.spec import ModelSpec
+    from serve_app.engine.tokenization import load_input_tokenizer
+    from tests.conftest import local_config_model, tiny_sfr_model
+
+    return [load_input_tokenizer(ModelSpec.model_validate(m)) for m in (local_config_model(), tiny_sfr_model(tiny_family))]

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import OpenAIError, invalid
 from .schemas import Inputs
+
+# A word that holds an ASCII letter or digit: at least one token in any tokenizer served (token_bounds).
+# No backtracking: the first part cannot take the letter or digit the second needs.
+_WORD = re.compile(r"[^\sA-Za-z0-9]*[A-Za-z0-9]\S*")
+# ASCII characters that str.split() keeps inside words but WordPiece drops.
+_ASCII_DROPPED = re.compile(r"[\x00-\x08\x0e-\x1b\x7f]")
+
+
+def _fewest_words(text: str) -> int:
+    """Words of `text` that no tokenizer served turns into zero tokens (token_bounds)."""
+    if text.isascii() and not _ASCII_DROPPED.search(text):
+        return len(text.split())  # every ASCII word is then printable: at least one token
+    return len(_WORD.findall(text))
 
 
 class RequestLimits(BaseModel):
@@ -111,15 +126,20 @@ def token_bounds(inputs: Inputs, truncate: bool, max_input_tokens: int, specials
     BPE, sentencepiece with byte fallback, WordPiece), plus the special tokens around each input
     and the instruction's text. A normalizer that expands characters (NFKC ligatures) can exceed
     it: the Ingress admits on this figure and settles on the real count once tokenized.
-    At least: client-supplied ids count themselves (text has no such bound that holds for every
-    tokenizer: WordPiece drops whitespace and control characters).
+    At least: client-supplied ids count themselves. A text counts its words that hold an ASCII
+    letter or digit, plus the special tokens: the tokenizers served split on whitespace before
+    they look up pieces (WordPiece, byte-level BPE, sentencepiece's `▁` words), so no token
+    spans two words, and an ASCII letter or digit survives every normalizer, so no such word
+    becomes zero tokens (WordPiece drops whitespace, control characters and accents: words of
+    only those may).
     """
     if inputs.token_ids is not None:
         lengths = [len(ids) for ids in inputs.token_ids]
         least = 0 if truncate else sum(lengths)
         most = [n + specials for n in lengths]
     else:
-        least = 0
+        fewest = [_fewest_words(text) + specials for text in inputs.texts]
+        least = sum(min(n, max_input_tokens) for n in fewest) if truncate else sum(fewest)
         most = [len(text.encode("utf-8", "surrogatepass")) + instruction_bytes + specials for text in inputs.texts]
     if truncate:
         most = [min(n, max_input_tokens) for n in most]
