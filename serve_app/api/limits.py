@@ -10,17 +10,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import OpenAIError, invalid
 from .schemas import Inputs
 
-# A word that holds an ASCII letter or digit: at least one token in any tokenizer served (token_bounds).
-# No backtracking: the first part cannot take the letter or digit the second needs.
-_WORD = re.compile(r"[^\sA-Za-z0-9]*[A-Za-z0-9]\S*")
-# ASCII characters that str.split() keeps inside words but WordPiece drops.
-_ASCII_DROPPED = re.compile(r"[\x00-\x08\x0e-\x1b\x7f]")
+# A word that holds an ASCII letter or digit: at least one token in any tokenizer served
+# (token_bounds). Words end only at a space, tab or line break: WordPiece drops the other ASCII
+# controls (a form feed joins "a\x0cb" into one word). No backtracking: the first part cannot
+# take the letter or digit that the second needs.
+_WORD = re.compile(r"[^ \t\n\rA-Za-z0-9]*[A-Za-z0-9][^ \t\n\r]*")
+# ASCII controls that str.split() treats as spaces, or keeps in words, but WordPiece drops.
+_ASCII_DROPPED = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def _fewest_words(text: str) -> int:
     """Words of `text` that no tokenizer served turns into zero tokens (token_bounds)."""
     if text.isascii() and not _ASCII_DROPPED.search(text):
-        return len(text.split())  # every ASCII word is then printable: at least one token
+        return len(text.split())  # printable ASCII words between spaces, tabs, line breaks
     return len(_WORD.findall(text))
 
 
@@ -127,8 +129,8 @@ def token_bounds(inputs: Inputs, truncate: bool, max_input_tokens: int, specials
     and the instruction's text. A normalizer that expands characters (NFKC ligatures) can exceed
     it: the Ingress admits on this figure and settles on the real count once tokenized.
     At least: client-supplied ids count themselves. A text counts its words that hold an ASCII
-    letter or digit, plus the special tokens: the tokenizers served split on whitespace before
-    they look up pieces (WordPiece, byte-level BPE, sentencepiece's `▁` words), so no token
+    letter or digit, plus the special tokens: the tokenizers served split at spaces, tabs and line
+    breaks before they look up pieces (WordPiece, byte-level BPE, sentencepiece's `▁` words), so no token
     spans two words, and an ASCII letter or digit survives every normalizer, so no such word
     becomes zero tokens (WordPiece drops whitespace, control characters and accents: words of
     only those may).
