@@ -128,7 +128,7 @@ def test_fault_injection_is_off_without_its_variables():
 
 
 def test_rows_out_of_memory_fail_only_their_own_chunk_of_a_batch():
-    from serve_app.deployments.embedder import per_chunk
+    from serve_app.deployments.chunks import per_chunk
 
     vectors = np.arange(10, dtype=np.float32).reshape(5, 2)
     chunks = [[[1], [2]], [[3], [4], [5]]]  # two chunks of one Embedder batch: rows 0-1 and 2-4

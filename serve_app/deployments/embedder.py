@@ -14,10 +14,10 @@ import torch
 from ray import serve
 
 from serve_app.deployments.autoscaling import BACKLOG_REQUESTS, BACKLOG_TOKENS
-from serve_app.deployments.chunks import count_tokens, flatten, split_rows
+from serve_app.deployments.chunks import count_tokens, flatten, per_chunk
 from serve_app.deployments.metrics import EmbedderMetrics
 from serve_app.deployments.serve_logging import drop_batch_size_warning
-from serve_app.engine.embedder import EmbeddingEngine, unfit_message
+from serve_app.engine.embedder import EmbeddingEngine
 from serve_app.engine.errors import RowsOutOfMemory
 from serve_app.engine.scheduling import Priority
 from serve_app.engine.spec import MAX_BATCHES_IN_FLIGHT, ModelSpec
@@ -37,18 +37,6 @@ HEALTH_CHECK_TIMEOUT_S = 10.0
 
 # A queued chunk: its token ids, each row's model, and when it arrived.
 Queued = tuple[list[list[int]], list[str], float]
-
-
-def per_chunk(vectors: np.ndarray, chunks: list[list[list[int]]], unfit_rows) -> list:
-    """Each chunk's vectors, or RowsOutOfMemory (holding the chunk's vectors, NaN in those rows)
-    for a chunk with rows that did not fit: one chunk's failure leaves the batch's others whole."""
-    parts, start = split_rows(vectors, chunks), 0
-    for k, chunk in enumerate(chunks):
-        rows = [row - start for row in unfit_rows if start <= row < start + len(chunk)]
-        if rows:
-            parts[k] = RowsOutOfMemory(unfit_message(len(rows)), rows, parts[k])
-        start += len(chunk)
-    return parts
 
 
 def count_queued_tokens(items: list[Queued]) -> int:

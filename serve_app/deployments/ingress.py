@@ -26,7 +26,7 @@ from serve_app.api.limits import InflightTokens, RequestLimits, check_counts, ch
 from serve_app.api.priority import BATCH, INTERACTIVE, PriorityPolicy, classify
 from serve_app.api.ratelimit import RateLimiter, RateLimits
 from serve_app.api.schemas import EmbeddingRequest, Inputs, openapi_body, parse_request
-from serve_app.deployments.chunks import count_tokens, cut_to_budget, flatten, split_rows
+from serve_app.deployments.chunks import count_tokens, cut_to_budget, flatten, per_chunk, split_rows
 from serve_app.deployments.metrics import IngressMetrics
 from serve_app.deployments.serve_logging import drop_batch_size_warning
 from serve_app.engine.tokenization import load_input_tokenizer, token_ids_rejected
@@ -586,12 +586,10 @@ class Ingress:
                 continue
             # Rows that did not fit in device memory fail their own chunks only (returned, not
             # raised, so that the other chunks of the call still get their vectors).
-            unfit = set(vectors.rows) if isinstance(vectors, RowsOutOfMemory) else set()
-            start = 0
-            for p, chunk, part in zip(group, chunks, split_rows(vectors.vectors if unfit else vectors, chunks)):
-                hit = not unfit.isdisjoint(range(start, start + len(chunk)))
-                results[p] = out_of_device_memory() if hit else part
-                start += len(chunk)
+            parts = (per_chunk(vectors.vectors, chunks, vectors.rows) if isinstance(vectors, RowsOutOfMemory)
+                     else split_rows(vectors, chunks))
+            for p, part in zip(group, parts):
+                results[p] = out_of_device_memory() if isinstance(part, RowsOutOfMemory) else part
         return results
 
     def _group_by_deployment(self, items: list[Coalesced]) -> dict[str, list[int]]:

@@ -225,7 +225,7 @@ class EmbeddingEngine:
         sequence did not fit in device memory even alone."""
         done = self.embed_counted(sequences, priority, models)
         if done.unfit_rows:
-            raise RowsOutOfMemory(unfit_message(len(done.unfit_rows)), list(done.unfit_rows), done.vectors)
+            raise RowsOutOfMemory.of(list(done.unfit_rows), done.vectors)
         return done.vectors
 
     def embed_counted(self, sequences: list[list[int]], priority: Priority = Priority.BATCH,
@@ -477,11 +477,6 @@ def _pass_adapters(batch: MicroBatch | PackedPass, adapters: list[str]) -> list[
         starts = itertools.accumulate((len(row) for row in batch.rows[:-1]), initial=0)
         return [adapters[start] for start in starts]
     return adapters
-
-
-def unfit_message(rows: int) -> str:
-    return (f"{rows} input(s) did not fit in the device's memory even in a forward pass of their own; "
-            "memory held elsewhere for a while may be the cause: retry shortly")
 
 
 def choose_pack_above_padding(spec: ModelSpec, model, device: str) -> float:

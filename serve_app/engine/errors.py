@@ -30,5 +30,10 @@ class RowsOutOfMemory(RuntimeError):
         self.rows = rows
         self.vectors = vectors
 
+    @classmethod
+    def of(cls, rows: list[int], vectors=None) -> "RowsOutOfMemory":
+        return cls(f"{len(rows)} input(s) did not fit in the device's memory even in a forward pass of their "
+                   "own; memory held elsewhere for a while may be the cause: retry shortly", rows, vectors)
+
     def __reduce__(self):  # survive pickling across Ray actors with all fields
         return (type(self), (self.message, self.rows, self.vectors))
