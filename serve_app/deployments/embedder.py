@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,12 +36,22 @@ logger = logging.getLogger(__name__)
 HEALTH_CHECK_PERIOD_S = 5.0
 HEALTH_CHECK_TIMEOUT_S = 10.0
 
-# A queued chunk: its token ids, each row's model, and when it arrived.
-Queued = tuple[list[list[int]], list[str], float]
+@dataclass
+class Queued:
+    """A chunk waiting at this replica: its token ids, each row's model, and when it arrived.
+    `abandoned` is set when its caller goes away. Serve's batcher drops a cancelled call only
+    while it is still queued; a batch already formed waits for one of the replica's batch slots
+    and skips its abandoned chunks once it gets one, so a cancelled request's chunks are not
+    computed for nobody."""
+
+    chunk: list[list[int]]
+    models: list[str]
+    queued_at: float
+    abandoned: bool = False
 
 
 def count_queued_tokens(items: list[Queued]) -> int:
-    return count_tokens([chunk for chunk, _, _ in items])
+    return count_tokens([item.chunk for item in items])
 
 
 # A replica being replaced (redeploy) or scaled down serves the chunks already queued at it
@@ -100,8 +111,12 @@ class Embedder:
         request_class = Priority(priority)
         tokens = sum(len(ids) for ids in chunk)
         self._change_backlog(request_class, tokens, 1)
+        queued = Queued(chunk, models, time.perf_counter())
         try:
-            return await self._batchers[request_class]((chunk, models, time.perf_counter()))
+            return await self._batchers[request_class](queued)
+        except asyncio.CancelledError:
+            queued.abandoned = True
+            raise
         finally:
             self._change_backlog(request_class, -tokens, -1)
 
@@ -131,13 +146,16 @@ class Embedder:
     async def _embed_batch(self, items: list[Queued]) -> list[np.ndarray]:
         return await self._run_batch(items, Priority.BATCH)
 
-    async def _run_batch(self, items: list[Queued], request_class: Priority) -> list[np.ndarray]:
+    async def _run_batch(self, items: list[Queued], request_class: Priority) -> list[np.ndarray | None]:
         async with self._slots[request_class]:
+            live = [k for k, item in enumerate(items) if not item.abandoned]
+            if not live:
+                return [None] * len(items)  # nobody waits for these
             started = time.perf_counter()
-            for _, _, queued_at in items:
-                self.metrics.queue_wait.observe(started - queued_at, self._class_tags[request_class])
-            chunks = [chunk for chunk, _, _ in items]
-            models = [model for _, chunk_models, _ in items for model in chunk_models]
+            for k in live:
+                self.metrics.queue_wait.observe(started - items[k].queued_at, self._class_tags[request_class])
+            chunks = [items[k].chunk for k in live]
+            models = [model for k in live for model in items[k].models]
             # Off the event loop, so new requests keep queueing (and batches fill) while it runs.
             try:
                 done = await asyncio.get_running_loop().run_in_executor(
@@ -154,7 +172,10 @@ class Embedder:
         self.metrics.batch_tokens.observe(done.real_tokens, self.metrics_tags)
         padding = 1.0 - done.real_tokens / done.padded_tokens if done.padded_tokens else 0.0
         self.metrics.padding_ratio.observe(padding, self.metrics_tags)
-        return per_chunk(done.vectors, chunks, done.unfit_rows)
+        results: list[np.ndarray | RowsOutOfMemory | None] = [None] * len(items)
+        for k, part in zip(live, per_chunk(done.vectors, chunks, done.unfit_rows)):
+            results[k] = part
+        return results
 
     async def check_health(self) -> None:
         """Serve's health check (every HEALTH_CHECK_PERIOD_S): raises when the device cannot run
