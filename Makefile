@@ -1,6 +1,6 @@
 # Two commands on a fresh machine: `make serve` and `make test`.
 # Both create .venv if it is missing and (re)install only when pyproject.toml or the lock changed: a stamp
-# file in .venv records each install. `make test PYTEST_ARGS='tests/test_api.py -x'` narrows it.
+# file in .venv records each install. `make test PYTEST_ARGS='tests/unit/test_api.py -x'` narrows it.
 
 PYTHON ?= python3
 VENV := .venv

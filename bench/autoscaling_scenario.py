@@ -3,7 +3,7 @@
     python -m bench.autoscaling_scenario            # ~4 min; writes bench/results/autoscaling.{png,md,json}
     python -m bench.autoscaling_scenario --quick    # shorter phases (smoke run)
 
-An SFR-like Mistral (tests/tiny_models.py's tokenizer, hidden 384 / 4 layers: slow enough on
+An SFR-like Mistral (testkit/tiny_models.py's tokenizer, hidden 384 / 4 layers: slow enough on
 one core for a queue to form) is served by `build_app` on a head node and two worker nodes
 with a custom resource `fake_gpu` (2 and 1) standing in for GPUs; the Embedder asks for
 `{fake_gpu: 1}` and autoscales 1..3 replicas with TokenBacklogPolicy. An open-loop load
@@ -48,11 +48,11 @@ class ModelShape:
 
 
 def build_model(root: Path, shape: ModelShape = ModelShape()) -> Path:
-    """An SFR-like model dir: tests/tiny_models.py's tokenizer and ST files, a wider Mistral."""
+    """An SFR-like model dir: testkit/tiny_models.py's tokenizer and ST files, a wider Mistral."""
     import torch
     from transformers import AutoTokenizer, MistralConfig, MistralModel
 
-    from tests.tiny_models import build_tokenizer, write_sentence_transformers_files
+    from testkit.tiny_models import build_tokenizer, write_sentence_transformers_files
 
     build_tokenizer(root)
     config = MistralConfig(
@@ -83,7 +83,7 @@ def model_and_cluster(shape: ModelShape):
 
 def text_pool(n: int, min_words: int, max_words: int, seed: int = 0) -> list[str]:
     """Distinct texts from the tiny tokenizer's corpus words (about one token per word)."""
-    from tests.tiny_models import CORPUS
+    from testkit.tiny_models import CORPUS
 
     words, rng, texts = " ".join(CORPUS).split(), random.Random(seed), {}
     while len(texts) < n:

@@ -4,7 +4,7 @@
 
 The cluster, model and config of bench/autoscaling_scenario.py, with the Embedder fixed at 2
 replicas (`{fake_gpu: 1}` each). Reference vectors for every text come from
-tests/reference.py's `SFRReference` (one text at a time, from the card), in this process.
+testkit/reference.py's `SFRReference` (one text at a time, from the card), in this process.
 `--clients` closed-loop clients send 4 distinct texts per request (from a pool of
 `--max-requests` distinct requests, repeated as long as the load lasts); from `--kill-after-s`
 on, one of the two replicas is `ray.kill`ed as soon as it holds at least `--min-victim-work`
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
             model_and_cluster(opts.shape) as (model_dir, temp_dir, names):
         import torch
 
-        from tests.reference import SFRReference
+        from testkit.reference import SFRReference
 
         torch.set_num_threads(1)  # the references; more threads only oversubscribe a shared 2-core box
         reference, pool, rng = SFRReference(model_dir, max_length=256), text_pool(240, 20, 80, seed=2), random.Random(3)

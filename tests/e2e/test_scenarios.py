@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from bench.scenario import fault_when_busy
-from tests.conftest import TINY_MAX_TOKENS
+from testkit.app import TINY_MAX_TOKENS
 
 APP = "replica-kill"
 PREFIX = "/replica-kill"

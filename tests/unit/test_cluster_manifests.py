@@ -11,7 +11,7 @@ node that holds a CPU replica never goes idle, so it never scales down); enough 
 the Embedder's max_replicas, and no more always-on ones than its min_replicas.
 
 Run as a script, it copies deploy/config.yaml into deploy/rayservice.yaml's serveConfigV2:
-    python tests/test_cluster_manifests.py
+    python tests/unit/test_cluster_manifests.py
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster.yaml"
 SERVE_CONFIG = ROOT / "deploy" / "config.yaml"
 RAYSERVICE = ROOT / "deploy" / "rayservice.yaml"
@@ -205,7 +205,7 @@ def test_rayservice_serves_exactly_deploy_config_yaml():
     where = first_difference(yaml.safe_load(service["spec"]["serveConfigV2"]), load(SERVE_CONFIG))
     assert where is None, (
         f"deploy/rayservice.yaml's serveConfigV2 differs from deploy/config.yaml at {where}; "
-        "copy it over with: python tests/test_cluster_manifests.py"
+        "copy it over with: python tests/unit/test_cluster_manifests.py"
     )
 
 

@@ -8,7 +8,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from serve_app.deployments.app import AppArgs, deployment_names
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["local.yaml", "config.yaml"])

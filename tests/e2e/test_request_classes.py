@@ -7,9 +7,8 @@ import time
 
 import httpx
 import numpy as np
-import pytest
 
-from tests.conftest import SFR_TASK
+from testkit.app import SFR_TASK
 
 WORDS = "the quick brown fox jumps over lazy dog cat sleeps in warm sun search vectors".split()
 
@@ -17,12 +16,6 @@ WORDS = "the quick brown fox jumps over lazy dog cat sleeps in warm sun search v
 def texts(n: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 20)))) + f" {seed}-{i}" for i in range(n)]
-
-
-@pytest.fixture(scope="module")
-def http(base_url, api_keys):
-    with httpx.Client(base_url=base_url, timeout=120, headers={"Authorization": f"Bearer {api_keys.tester}"}) as c:
-        yield c
 
 
 def embed(http, **body) -> tuple[np.ndarray, httpx.Response]:

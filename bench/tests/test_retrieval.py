@@ -10,7 +10,7 @@ import json
 import pytest
 
 from bench import retrieval
-from tests.reference import minilm_reference
+from testkit.reference import minilm_reference
 
 TOPICS = {
     "volcano": [

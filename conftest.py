@@ -1,23 +1,26 @@
+import ipaddress
 import os
-from pathlib import Path
+import socket
 from types import SimpleNamespace
 
+import httpx
 import pytest
-import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.reference import SFRReference  # noqa: E402
-from tests.tiny_models import build_family  # noqa: E402
-
-TINY_MAX_TOKENS = 64
-ROOT = Path(__file__).resolve().parent.parent
-MAX_REQUEST_BYTES = 1 << 20
-MAX_REQUEST_TOKENS = 2048 * TINY_MAX_TOKENS  # exactly the worst case of tiny-sfr
-# tests/test_bounds.py: a cancelled request of most of this must be refunded for the next to pass.
-METERED_TOKENS_PER_MINUTE = 40_000
-SFR_TASK = "Given a web search query, retrieve relevant passages that answer the query"
+from testkit.app import (  # noqa: E402
+    MAX_REQUEST_BYTES,
+    MAX_REQUEST_TOKENS,
+    METERED_TOKENS_PER_MINUTE,
+    SFR_TASK,
+    TINY_MAX_TOKENS,
+    free_port,
+    local_config_model,
+    tiny_sfr_model,
+)
+from testkit.reference import SFRReference  # noqa: E402
+from testkit.tiny_models import build_family  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -38,14 +41,6 @@ def merged_reference(tiny_family):
 @pytest.fixture(scope="session")
 def merged2_reference(tiny_family):
     return SFRReference(tiny_family["merged2"], TINY_MAX_TOKENS)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -75,12 +70,6 @@ def ray_session():
     ray.shutdown()
 
 
-def local_config_model() -> dict:
-    """The model entry of deploy/local.yaml, so the test serves exactly what users start."""
-    config = yaml.safe_load((ROOT / "deploy/local.yaml").read_text())
-    return config["applications"][0]["args"]["models"][0]
-
-
 @pytest.fixture(scope="session")
 def api_keys(tmp_path_factory) -> SimpleNamespace:
     """Real keys, stored hashed in a keys file: `tester` unlimited, `limited` at 3 requests/min,
@@ -92,19 +81,6 @@ def api_keys(tmp_path_factory) -> SimpleNamespace:
     keys.file = tmp_path_factory.mktemp("auth") / "api_keys"
     keys.file.write_text("".join(f"{name}:{hash_key(getattr(keys, name))}\n" for name in names))
     return keys
-
-
-def tiny_sfr_model(tiny_family) -> dict:
-    """The served `tiny-sfr` entry (batch jobs embed with exactly these settings too)."""
-    return {
-        "name": "tiny-sfr",
-        "source": str(tiny_family["base"]),
-        "query_instruction": SFR_TASK,
-        "max_input_tokens": TINY_MAX_TOKENS,
-        "max_batch_tokens": 512,  # small, so large requests fan out over many chunks
-        # Two CPU lanes, so two batches in flight that share them, as deploy/local.yaml runs.
-        "cpu_threads": 2,
-    }
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +112,7 @@ def base_url(ray_session, tiny_family, api_keys):
                 "cpu_threads": 2,
             },
             local_config_model(),
-            {  # long inputs embedded in windows (tests/test_long_inputs.py); also on tiny-sfr's base
+            {  # long inputs embedded in windows (tests/e2e/test_long_inputs.py); also on tiny-sfr's base
                 "name": "tiny-sfr-chunk",
                 "source": str(tiny_family["base"]),
                 "max_input_tokens": TINY_MAX_TOKENS,
@@ -157,3 +133,26 @@ def base_url(ray_session, tiny_family, api_keys):
     serve.run(build_app(args), name="embeddings", route_prefix="/")
     yield ray_session.url
     serve.delete("embeddings")
+
+
+@pytest.fixture(scope="module")
+def http(base_url, api_keys):
+    """A client of the test app with the unlimited key."""
+    with httpx.Client(base_url=base_url, timeout=120, headers={"Authorization": f"Bearer {api_keys.tester}"}) as c:
+        yield c
+
+
+@pytest.fixture
+def loopback_only(monkeypatch):
+    """Any connection past loopback fails the test: tests stay offline (clients that would
+    download a file, such as tiktoken's BPE or LlamaIndex's NLTK data, are caught here)."""
+    connect = socket.socket.connect
+
+    def guarded(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            host = address[0]
+            if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+                raise OSError(f"a test tried to reach {address}: tests stay offline")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)

@@ -1,12 +1,11 @@
 """Long inputs: `long_input: chunk` windows, their combination, and truncation from either side.
 
 The reference is computed here, independently of the code under test, from the tokenizer and
-tests/reference.py's per-text model: tokenize the text without special tokens, cut it into
+testkit/reference.py's per-text model: tokenize the text without special tokens, cut it into
 windows of `max_input_tokens - 2` tokens, give each `<s>` and `</s>`, embed each window alone,
 take the mean weighted by the windows' lengths, L2-normalize.
 """
 
-import httpx
 import numpy as np
 import pytest
 
@@ -14,11 +13,10 @@ from serve_app.engine.embedder import EmbeddingEngine
 from serve_app.engine.errors import InputError
 from serve_app.engine.long_inputs import combine_windows, split_windows
 from serve_app.engine.tokenization import load_input_tokenizer
-from tests.conftest import SFR_TASK, TINY_MAX_TOKENS
-from tests.reference import reference_long_vector, reference_windows
-from tests.test_engine import spec_for
+from testkit.app import SFR_TASK, TINY_MAX_TOKENS
+from testkit.reference import reference_long_vector, reference_windows
+from tests.common import LONG, left_truncated_reference, spec_for
 
-LONG = "the quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun " * 12
 SHORT = "how do cats sleep"
 
 
@@ -74,16 +72,6 @@ def test_an_instructed_query_is_never_chunked(chunking):
     assert err.value.code == "context_length_exceeded" and "long_input: chunk" in err.value.message
 
 
-def left_truncated_reference(reference, text: str, max_tokens: int) -> list[int]:
-    """The model card's rule with the tokenizer's own truncation from the left: the text's end."""
-    hf = reference.tokenizer
-    hf.truncation_side = "left"
-    try:
-        return hf(text, truncation=True, max_length=max_tokens - 1)["input_ids"] + [hf.eos_token_id]
-    finally:
-        hf.truncation_side = "right"
-
-
 def test_left_truncation_equals_the_tokenizers_own(base_reference, tiny_family):
     tokenizer = load_input_tokenizer(spec_for(tiny_family["base"]))
     expected = left_truncated_reference(base_reference, LONG, TINY_MAX_TOKENS)
@@ -104,13 +92,7 @@ def test_token_id_inputs_are_windowed_with_the_special_tokens_they_have(chunking
     assert all(len(w) <= TINY_MAX_TOKENS for w in windows)
 
 
-# --- served: the app of tests/conftest.py has tiny-sfr-chunk ----------------------------------
-
-
-@pytest.fixture(scope="module")
-def http(base_url, api_keys):
-    with httpx.Client(base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {api_keys.tester}"}) as c:
-        yield c
+# --- served: the app of conftest.py has tiny-sfr-chunk ----------------------------------
 
 
 def test_served_long_document_is_chunked_and_usage_counts_every_window(http, base_reference):

@@ -1,6 +1,6 @@
 """End to end: a real Serve instance over HTTP, called with the official openai client and httpx.
 
-Vectors are checked against the independent per-text references in tests/reference.py.
+Vectors are checked against the independent per-text references in testkit/reference.py.
 """
 
 import asyncio
@@ -14,19 +14,21 @@ import numpy as np
 import openai
 import pytest
 
-from tests.conftest import MAX_REQUEST_BYTES, MAX_REQUEST_TOKENS, ROOT, SFR_TASK, TINY_MAX_TOKENS
+from testkit.app import (
+    MAX_REQUEST_BYTES,
+    MAX_REQUEST_TOKENS,
+    ROOT,
+    SFR_TASK,
+    TINY_MAX_TOKENS,
+)
+from tests.common import post_body
+
 WORDS = "the quick brown fox jumps over lazy dog cat sleeps in warm sun search vectors".split()
 
 
 @pytest.fixture(scope="module")
 def client(base_url, api_keys):
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_keys.tester, max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def http(base_url, api_keys):
-    with httpx.Client(base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {api_keys.tester}"}) as c:
-        yield c
 
 
 def texts(n: int, seed: int = 0) -> list[str]:
@@ -171,7 +173,7 @@ def test_models_on_one_base_share_an_embedder_and_each_get_their_own_vectors(
 
 
 def test_local_config_model_matches_sentence_transformers(client):
-    from tests.reference import minilm_reference
+    from testkit.reference import minilm_reference
 
     batch = ["A man is eating food.", "A man is riding a horse.", "embeddings for search"]
     got = vectors(client.embeddings.create(model="all-MiniLM-L6-v2", input=batch))
@@ -181,7 +183,7 @@ def test_local_config_model_matches_sentence_transformers(client):
 def test_models_with_different_batch_budgets_coalesce_within_their_own(client, base_reference):
     """all-MiniLM-L6-v2 batches 8192 tokens, the tiny models 512: concurrent requests of both are
     coalesced together, and each Embedder still gets calls within its own budget."""
-    from tests.reference import minilm_reference
+    from testkit.reference import minilm_reference
 
     long_texts = [" ".join(WORDS * 6) + f" {i}" for i in range(40)]  # ~100 tokens each
     small = texts(30, seed=9)
@@ -227,12 +229,6 @@ BAD_REQUESTS = [
     ({"model": "tiny-sfr", "input": "x", "bogus": True}, 400, "unknown_parameter"),
     ({"model": "no-such-model", "input": "x"}, 404, "model_not_found"),
 ]
-
-
-def post_body(http, route: str, body) -> httpx.Response:
-    """POST `body` to `route`: bytes as they are, anything else as JSON."""
-    content = body if isinstance(body, bytes) else None
-    return http.post(route, content=content, json=None if content else body, headers={"content-type": "application/json"})
 
 
 @pytest.mark.parametrize("body, status, code", BAD_REQUESTS, ids=range(len(BAD_REQUESTS)))
@@ -309,7 +305,7 @@ def test_every_metric_the_grafana_dashboard_plots_exists(http, ray_session):
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     wanted = {name for expr in exprs for name in re.findall(r"\bray_[a-z_]+", expr)}
     assert len(wanted) >= 10
-    # Exported after a first out-of-memory pass only: tests/test_gpu_faults.py provokes one and checks it.
+    # Exported after a first out-of-memory pass only: tests/e2e/test_gpu_faults.py provokes one and checks it.
     wanted.discard("ray_embeddings_out_of_memory_total")
     # Traffic that touches every series: cache misses, then hits, then evictions (an
     # interactive request of more vectors than the session's 256 KiB cache holds).

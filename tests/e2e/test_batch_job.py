@@ -1,7 +1,7 @@
 """The batch job (serve_app.batch) on the test session's Ray instance, against the served app.
 
 Every vector is checked against what the running service returns over HTTP for the same text
-and settings, and against the independent references of tests/reference.py.
+and settings, and against the independent references of testkit/reference.py.
 """
 
 import json
@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -19,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import ROOT, SFR_TASK, TINY_MAX_TOKENS, tiny_sfr_model
-from tests.reference import minilm_reference, reference_long_vector
+from testkit.app import ROOT, SFR_TASK, TINY_MAX_TOKENS, tiny_sfr_model
+from testkit.reference import minilm_reference, reference_long_vector
 
 WORDS = "the quick brown fox jumps over lazy dog cat sleeps in warm sun search vectors".split()
 
@@ -70,12 +69,6 @@ def job_config(path, model: dict) -> str:
     app["args"]["models"] = [model]
     path.write_text(yaml.safe_dump(config))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def http(base_url, api_keys):
-    with httpx.Client(base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {api_keys.tester}"}) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

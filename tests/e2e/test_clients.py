@@ -1,7 +1,7 @@
 """The clients people use, unchanged, against the served test app: the official `openai` client
 (sync and async), LangChain's `OpenAIEmbeddings` and LlamaIndex's `OpenAILikeEmbedding`.
 
-Every vector is checked against the independent references in tests/reference.py. Neither
+Every vector is checked against the independent references in testkit/reference.py. Neither
 LangChain nor LlamaIndex sends `input_type`, so their queries are embedded as documents unless
 the request is told otherwise; the tests pin that down, since the README tells users so.
 Nothing here may reach past loopback: tiktoken would download its BPE file, LlamaIndex its NLTK
@@ -9,8 +9,6 @@ data; the `loopback_only` guard makes any such attempt fail the test.
 """
 
 import asyncio
-import ipaddress
-import socket
 from pathlib import Path
 
 import httpx
@@ -18,31 +16,14 @@ import numpy as np
 import openai
 import pytest
 
-from tests.conftest import SFR_TASK, TINY_MAX_TOKENS
-from tests.reference import minilm_reference
+from testkit.app import SFR_TASK, TINY_MAX_TOKENS
+from testkit.reference import minilm_reference
+from tests.common import DOCS, QUERY
 
-DOCS = [
-    "Volcanoes erupt when magma rises through cracks in the crust.",
-    "Bread rises because yeast releases carbon dioxide.",
-    "The Moon's gravity drives the ocean tides.",
-]
-QUERY = "why do volcanoes erupt"
+pytestmark = pytest.mark.usefixtures("loopback_only")  # tests stay offline
+
 STRICT_PREFIX = "/strict"  # a second app whose model refuses token-id inputs
 STRICT_MODEL = "tiny-sfr-strict"
-
-
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch):
-    connect = socket.socket.connect
-
-    def guarded(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            host = address[0]
-            if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
-                raise OSError(f"a test tried to reach {address}: tests stay offline")
-        return connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,11 @@ import httpx
 import numpy as np
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
+
+from tests.common import FUZZ
 
 VARIANTS = 10  # requests per generated case, sent concurrently: the case, and 9 hostile edits of it
 OPENAI_CASES = 800  # x VARIANTS requests to /v1/embeddings
@@ -30,56 +32,22 @@ for _ in range(300):
 HOSTILE = [True, False, None, 0, -1, 2**64, -(2**63) - 1, 1.5, 1e308, "", "\x00", "x" * 5000, [], [[]], {}, [True],
            [[1, True]], [1, None], ["a", 1], [""], ["a"] * 3000, [[5] * 3000], _DEEP, {"input": "nested"}]
 
-# Shared with tests/test_tei.py's hand-written TEI cases.
-json_leaf = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=False),
-    st.text(max_size=40),
-)
-json_value = st.recursive(
-    json_leaf,
-    lambda inner: st.one_of(st.lists(inner, max_size=6), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-    max_leaves=20,
-)
-token_ids = st.lists(st.integers(min_value=-5, max_value=40_000), min_size=0, max_size=80)
-inputs = st.one_of(
-    st.text(max_size=300),
-    st.lists(st.text(max_size=120), max_size=12),
-    token_ids,
-    st.lists(token_ids, max_size=6),
-    json_value,
-)
-raw_bodies = st.one_of(
-    st.binary(max_size=200),
-    st.text(max_size=200).map(str.encode),
-    json_value.map(lambda value: json.dumps(value).encode()),
-)
-
-FUZZ = settings(
-    max_examples=OPENAI_CASES,
-    deadline=None,
-    derandomize=True,  # the same cases on every run, so CI is reproducible
-    suppress_health_check=list(HealthCheck),
-    database=None,
-)
 
 
 @pytest.fixture(scope="module")
-def http(base_url, api_keys):
+def concurrent_http(base_url, api_keys):
     with httpx.Client(base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {api_keys.tester}"},
                       limits=httpx.Limits(max_connections=VARIANTS)) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def operations(http) -> dict[str, st.SearchStrategy]:
+def operations(concurrent_http) -> dict[str, st.SearchStrategy]:
     """Per POST route of the service's OpenAPI document: schemathesis's cases, valid or not."""
-    document = http.get("/openapi.json").json()
+    document = concurrent_http.get("/openapi.json").json()
     # The tiny models: the session's real one (all-MiniLM-L6-v2) costs a 22M-parameter forward per
     # request on 2 cores, behind the same pipeline.
-    served = [card["id"] for card in http.get("/v1/models").json()["data"] if card["id"].startswith("tiny-")]
+    served = [card["id"] for card in concurrent_http.get("/v1/models").json()["data"] if card["id"].startswith("tiny-")]
     for operations in document["paths"].values():
         if "post" in operations:
             schema = operations["post"]["requestBody"]["content"]["application/json"]["schema"]
@@ -145,8 +113,8 @@ def check_tei(response: httpx.Response) -> None:
         assert set(body) == {"error", "error_type"}, body
 
 
-def test_the_openapi_document_describes_every_request_body(http):
-    document = http.get("/openapi.json").json()
+def test_the_openapi_document_describes_every_request_body(concurrent_http):
+    document = concurrent_http.get("/openapi.json").json()
     for route in ("/v1/embeddings", "/embed", "/", "/tokenize"):
         schema = document["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert schema["properties"] and schema.get("required")
@@ -155,25 +123,25 @@ def test_the_openapi_document_describes_every_request_body(http):
     assert len(embeddings["properties"]["input"]["anyOf"]) == 4  # text, texts, ids, lists of ids
 
 
-@FUZZ
+@settings(FUZZ, max_examples=OPENAI_CASES)
 @given(data=st.data())
-def test_generated_openai_requests(http, operations, data):
+def test_generated_openai_requests(concurrent_http, operations, data):
     case = data.draw(operations["/v1/embeddings"])
-    for response in send_all(http, "/v1/embeddings", variants(data, case.body)):
+    for response in send_all(concurrent_http, "/v1/embeddings", variants(data, case.body)):
         check_openai(response)
 
 
 @settings(FUZZ, max_examples=TEI_CASES)
 @given(data=st.data(), route=st.sampled_from(["/embed", "/", "/tokenize"]))
-def test_generated_tei_requests(http, operations, data, route):
+def test_generated_tei_requests(concurrent_http, operations, data, route):
     case = data.draw(operations[route])
-    for response in send_all(http, route, variants(data, case.body)):
+    for response in send_all(concurrent_http, route, variants(data, case.body)):
         check_tei(response)
 
 
-def test_still_correct_after_fuzzing(http, base_reference):
-    response = http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": ["after the storm"]})
+def test_still_correct_after_fuzzing(concurrent_http, base_reference):
+    response = concurrent_http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": ["after the storm"]})
     assert response.status_code == 200
     got = np.array(response.json()["data"][0]["embedding"], dtype=np.float32)
     np.testing.assert_allclose(got, base_reference.embed(["after the storm"])[0], atol=1e-5)
-    assert http.get("/health").status_code == 200
+    assert concurrent_http.get("/health").status_code == 200

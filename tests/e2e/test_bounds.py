@@ -2,7 +2,7 @@
 
 Issue 20: over-bound requests are refused without tokenizing them whole (a flood of them gets
 fast, well-formed refusals while a query beside them is served); edge inputs get a correct
-vector (against tests/reference.py) or a clear 4xx; a request whose client goes away gives
+vector (against testkit/reference.py) or a clear 4xx; a request whose client goes away gives
 back its in-flight budget, its work queued at the Embedders and its rate-limit tokens.
 """
 
@@ -18,17 +18,17 @@ from hypothesis import strategies as st
 
 from serve_app.api.limits import RequestLimits, token_bounds
 from serve_app.api.schemas import Inputs
-
-from tests.conftest import MAX_REQUEST_TOKENS, METERED_TOKENS_PER_MINUTE, SFR_TASK, TINY_MAX_TOKENS
+from testkit.app import (
+    MAX_REQUEST_TOKENS,
+    METERED_TOKENS_PER_MINUTE,
+    SFR_TASK,
+    TINY_MAX_TOKENS,
+    local_config_model,
+    tiny_sfr_model,
+)
 
 WORDS = "the quick brown fox jumps over lazy dog cat sleeps in warm sun search vectors".split()
-LORA_MAX_TOKENS = 512  # tiny-sfr-lora's max_input_tokens (tests/conftest.py)
-
-
-@pytest.fixture(scope="module")
-def http(base_url, api_keys):
-    with httpx.Client(base_url=base_url, timeout=120, headers={"Authorization": f"Bearer {api_keys.tester}"}) as c:
-        yield c
+LORA_MAX_TOKENS = 512  # tiny-sfr-lora's max_input_tokens (conftest.py)
 
 
 def n_tokens(reference, text: str) -> int:
@@ -296,6 +296,5 @@ def test_the_word_bound_never_exceeds_the_real_token_count(served_tokenizers, te
 def served_tokenizers(tiny_family):
     from serve_app.engine.spec import ModelSpec
     from serve_app.engine.tokenization import load_input_tokenizer
-    from tests.conftest import local_config_model, tiny_sfr_model
 
     return [load_input_tokenizer(ModelSpec.model_validate(m)) for m in (local_config_model(), tiny_sfr_model(tiny_family))]

@@ -19,11 +19,16 @@ import torch
 
 from serve_app.engine.embedder import EmbeddingEngine
 from serve_app.engine.errors import RowsOutOfMemory
-from serve_app.engine.faults import OOM_ABOVE_TOKENS, POISON_TRIGGER, POISONED_MESSAGE, FaultInjection
+from serve_app.engine.faults import (
+    OOM_ABOVE_TOKENS,
+    POISON_TRIGGER,
+    POISONED_MESSAGE,
+    FaultInjection,
+)
 from serve_app.engine.scheduling import Priority
 from serve_app.engine.spec import ModelSpec
 from serve_app.engine.tokenization import load_input_tokenizer
-from tests.conftest import TINY_MAX_TOKENS
+from testkit.app import TINY_MAX_TOKENS
 
 SHORT = ["how do cats sleep", "x", "embeddings turn text into vectors", "the lazy dog", "search", "warm sun"]
 # Tokenizes to more than FITS_TOKENS tokens, within TINY_MAX_TOKENS.

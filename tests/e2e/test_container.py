@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port, local_config_model
+from testkit.app import ROOT, free_port, local_config_model
 
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 LOCK = ROOT / "constraints.txt"

@@ -10,8 +10,8 @@ from serve_app.engine.embedder import DEFAULT_COMPILE, EmbeddingEngine
 from serve_app.engine.scheduling import Priority
 from serve_app.engine.spec import ModelSpec
 from serve_app.engine.tokenization import load_input_tokenizer
-from tests.conftest import TINY_MAX_TOKENS
-from tests.test_engine import TEXTS, spec_for
+from testkit.app import TINY_MAX_TOKENS
+from tests.common import TEXTS, spec_for
 
 
 def graphs_compiled() -> int:
