@@ -35,7 +35,7 @@ def tiny_sfr_model(tiny_family) -> dict:
         "source": str(tiny_family["base"]),
         "query_instruction": SFR_TASK,
         "max_input_tokens": TINY_MAX_TOKENS,
-        "max_batch_tokens": 512,  # small, so large requests fan out over many chunks
+        "max_batch_tokens": 512,  # small, so large requests fan out over many parts
         # Two CPU lanes, so two batches in flight that share them, as deploy/local.yaml runs.
         "cpu_threads": 2,
     }

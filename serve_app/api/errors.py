@@ -96,6 +96,10 @@ def internal_error() -> OpenAIError:
     return OpenAIError(500, "The server had an error while processing your request.", code="internal_error")
 
 
+def overloaded() -> OpenAIError:
+    return OpenAIError(503, "The service is overloaded; retry shortly.", None, "overloaded", {"Retry-After": "1"})
+
+
 def out_of_device_memory() -> OpenAIError:
     """An input that did not fit in the accelerator's memory even alone. Start-up proves that
     the longest inputs allowed fit, so memory was held elsewhere for a while: retry."""

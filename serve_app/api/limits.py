@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import orjson
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -93,6 +94,15 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int):
+    """The body, decoded as JSON, within `limit` bytes (see read_body)."""
+    body = await read_body(request, limit)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:  # e.g. a lone surrogate, or nesting past orjson's depth limit
+        raise invalid(f"The request body is not valid JSON: {exc}", None, "invalid_json") from None
 
 
 def _too_large(limit: int) -> OpenAIError:

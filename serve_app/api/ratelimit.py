@@ -36,7 +36,7 @@ from typing import Annotated, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import OpenAIError
-from .priority import RequestClass
+from .request_class import PriorityField, RequestClass
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class KeyLimits(BaseModel):
     tokens_per_minute: PerMinute | Literal["unlimited"] | None = None
     # The request class of this key's requests that do not send `priority` (e.g. an indexing
     # key: batch); None: decided per request (README "Request classes").
-    priority: RequestClass | None = None
+    priority: PriorityField | None = None
 
 
 class Limits(NamedTuple):
@@ -82,7 +82,7 @@ class RateLimits(BaseModel):
     tokens_per_minute: PerMinute | None = None
     per_key: dict[str, KeyLimits] = Field(default_factory=dict)
 
-    def priority_for(self, name: str) -> RequestClass | None:
+    def request_class_for(self, name: str) -> RequestClass | None:
         override = self.per_key.get(name)
         return override.priority if override else None
 

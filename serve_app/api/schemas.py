@@ -10,7 +10,7 @@ from pydantic import (
 )
 
 from .errors import QUOTE_MAX_CHARS, OpenAIError, invalid, quote
-from .priority import RequestClass
+from .request_class import PriorityField
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -58,7 +58,7 @@ class EmbeddingRequest(BaseModel):
     instruction: Annotated[StrictStr, Field(min_length=1)] | None = None
     truncate: StrictBool = False
     # Extension: the request class (README "Request classes"); absent, the service decides.
-    priority: RequestClass | None = None
+    priority: PriorityField | None = None
 
     @field_validator("input", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from .encoding import apply_dimensions, l2_normalize
 from .errors import OpenAIError, invalid
-from .priority import RequestClass
+from .request_class import PriorityField
 from .schemas import InputField, parse_inputs, validate_body
 
 EMPTY = "empty"  # the code of TEI's one 400: a batch without inputs
@@ -55,7 +55,7 @@ class EmbedRequest(_Body):
     truncation_direction: Literal["right", "left", "Right", "Left"] = "right"
     dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
     # Extension, as on /v1/embeddings: the request class (README "Request classes").
-    priority: RequestClass | None = None
+    priority: PriorityField | None = None
 
     @field_validator("inputs", mode="before")
     @classmethod

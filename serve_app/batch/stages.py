@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from serve_app.deployments.chunks import cut_to_budget
 from serve_app.engine.errors import InputError
 from serve_app.engine.long_inputs import combine_windows
+from serve_app.engine.parts import cut_to_budget
 from serve_app.engine.spec import ModelSpec
 from serve_app.engine.tokenization import InputTokenizer, load_input_tokenizer
 
@@ -112,7 +112,7 @@ class Embed:
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         out = np.empty((len(sequences), self.engine.dimensions), dtype=np.float32)
         start = 0
-        for chunk in cut_to_budget([sequences[i] for i in order], self.spec.max_batch_tokens):
-            out[order[start : start + len(chunk)]] = self.engine.embed(chunk)  # raises on rows out of memory
-            start += len(chunk)
+        for part in cut_to_budget([sequences[i] for i in order], self.spec.max_batch_tokens):
+            out[order[start : start + len(part)]] = self.engine.embed(part)  # raises on rows out of memory
+            start += len(part)
         return out

@@ -14,8 +14,8 @@ from ray.serve import Application
 from serve_app.api.auth import AuthConfig
 from serve_app.api.cache import CacheConfig
 from serve_app.api.limits import RequestLimits
-from serve_app.api.priority import PriorityPolicy
 from serve_app.api.ratelimit import RateLimits
+from serve_app.api.request_class import RequestClassPolicy
 from serve_app.api.tei import TeiConfig
 from serve_app.engine.spec import ModelSpec, share_base
 
@@ -35,7 +35,7 @@ class AppArgs(BaseModel):
     auth: AuthConfig
     rate_limits: RateLimits = RateLimits()
     limits: RequestLimits = RequestLimits()
-    priority: PriorityPolicy = PriorityPolicy()
+    priority: RequestClassPolicy = RequestClassPolicy()  # the request classes (config key as users write it)
     cache: CacheConfig = CacheConfig()
     tei: TeiConfig = TeiConfig()  # TEI's routes (README "TEI's API")
     # The start-up guard's opt-out, for a cluster whose GPU nodes an autoscaler adds on demand

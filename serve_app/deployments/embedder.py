@@ -15,12 +15,13 @@ import torch
 from ray import serve
 
 from serve_app.deployments.autoscaling import BACKLOG_REQUESTS, BACKLOG_TOKENS
-from serve_app.deployments.chunks import count_tokens, flatten, per_chunk
 from serve_app.deployments.metrics import EmbedderMetrics
+from serve_app.deployments.model_info import ModelInfo
 from serve_app.deployments.serve_logging import drop_batch_size_warning
 from serve_app.engine.embedder import EmbeddingEngine
 from serve_app.engine.errors import RowsOutOfMemory
-from serve_app.engine.scheduling import Priority
+from serve_app.engine.parts import count_tokens, flatten, per_part
+from serve_app.engine.scheduling import RequestClass
 from serve_app.engine.spec import MAX_BATCHES_IN_FLIGHT, ModelSpec
 
 
@@ -38,27 +39,27 @@ HEALTH_CHECK_TIMEOUT_S = 10.0
 
 @dataclass
 class Queued:
-    """A chunk waiting at this replica: its token ids, each row's model, and when it arrived.
+    """A part waiting at this replica: its token ids, each row's model, and when it arrived.
     `abandoned` is set when its caller goes away. Serve's batcher drops a cancelled call only
     while it is still queued; a batch already formed waits for one of the replica's batch slots
-    and skips its abandoned chunks once it gets one, so a cancelled request's chunks are not
+    and skips its abandoned parts once it gets one, so a cancelled request's parts are not
     computed for nobody."""
 
-    chunk: list[list[int]]
+    part: list[list[int]]
     models: list[str]
     queued_at: float
     abandoned: bool = False
 
 
 def count_queued_tokens(items: list[Queued]) -> int:
-    return count_tokens([item.chunk for item in items])
+    return count_tokens([item.part for item in items])
 
 
-# A replica being replaced (redeploy) or scaled down serves the chunks already queued at it
+# A replica being replaced (redeploy) or scaled down serves the parts already queued at it
 # before it exits; Serve force-kills it after graceful_shutdown_timeout_s (default 20 s), and a
-# queue admitted under load can take longer than that (up to max_ongoing_requests chunks of
+# queue admitted under load can take longer than that (up to max_ongoing_requests parts of
 # max_batch_tokens). Keep this below the Ingress's GRACEFUL_SHUTDOWN_TIMEOUT_S, so that an
-# ingress outlives the drain and can retry a chunk lost to a force-kill.
+# ingress outlives the drain and can retry a part lost to a force-kill.
 @serve.deployment(name="Embedder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
                   graceful_shutdown_timeout_s=120, health_check_period_s=HEALTH_CHECK_PERIOD_S,
                   health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S)
@@ -80,38 +81,38 @@ class Embedder:
         # scheduler orders the passes of all batches in flight (interactive first), and runs one
         # pass at a time per lane, so on a GPU the memory holds one pass's activations.
         self._in_flight = self.spec.batches_in_flight or self.engine.lanes
-        self._slots = {request_class: asyncio.Semaphore(self._in_flight) for request_class in Priority}
+        self._slots = {request_class: asyncio.Semaphore(self._in_flight) for request_class in RequestClass}
         # Threads that wait for the engine's lanes, so the event loop never blocks.
-        self._forward_threads = ThreadPoolExecutor(len(Priority) * self._in_flight, thread_name_prefix="forward")
+        self._forward_threads = ThreadPoolExecutor(len(RequestClass) * self._in_flight, thread_name_prefix="forward")
         # Device probes on a thread of their own: one stuck on a hung device blocks no forward.
         self._probe_thread = ThreadPoolExecutor(1, thread_name_prefix="device-probe")
         # Warm up (on the engine's lanes) before Serve marks the replica ready, so the first real
         # request doesn't pay for it and /health means "ready to serve".
         self._forward_threads.submit(self.engine.warm_up).result()
-        self._batchers = {Priority.INTERACTIVE: self._embed_interactive, Priority.BATCH: self._embed_batch}
+        self._batchers = {RequestClass.INTERACTIVE: self._embed_interactive, RequestClass.BATCH: self._embed_batch}
         for batcher in self._batchers.values():
             batcher.set_max_batch_size(self.spec.max_batch_tokens)
-            batcher.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+            batcher.set_batch_wait_timeout_s(self._batch_wait_s(busy=False))
         # Per class, its batch slots' busy time in the current ~1 s window and the window's start,
         # for the adaptive batch wait.
-        self._busy = {request_class: [0.0, time.perf_counter()] for request_class in Priority}
+        self._busy = {request_class: [0.0, time.perf_counter()] for request_class in RequestClass}
         # Work held by this replica (queued in the batchers or in forward passes), per class.
-        self.backlog = {request_class: [0, 0] for request_class in Priority}  # tokens, chunks
+        self.backlog = {request_class: [0, 0] for request_class in RequestClass}  # tokens, parts
         self.metrics = EmbedderMetrics()
         self.metrics_tags = {"model": "+".join(self.specs)}  # a shared base: all of its models
-        self._class_tags = {c: self.metrics_tags | {"priority": c.value} for c in Priority}
+        self._class_tags = {c: self.metrics_tags | {"priority": c.value} for c in RequestClass}
 
-    async def embed(self, chunk: list[list[int]], priority: str, models: list[str]) -> np.ndarray | RowsOutOfMemory:
-        """Vectors for one chunk (whose tokens fit the batch budget), in order; `models` names
+    async def embed(self, part: list[list[int]], request_class: str, models: list[str]) -> np.ndarray | RowsOutOfMemory:
+        """Vectors for one part (whose tokens fit the batch budget), in order; `models` names
         each row's model, so that a batch may mix the adapters of a shared base. Returned, not
         raised: RowsOutOfMemory when some row did not fit in device memory even alone; it holds
         the other rows' vectors, which belong to other requests when the Ingress coalesced them."""
-        if len(models) != len(chunk) or not self.specs.keys() >= set(models):
-            raise ValueError(f"models must name one of {list(self.specs)} for each of the chunk's {len(chunk)} rows")
-        request_class = Priority(priority)
-        tokens = sum(len(ids) for ids in chunk)
+        if len(models) != len(part) or not self.specs.keys() >= set(models):
+            raise ValueError(f"models must name one of {list(self.specs)} for each of the part's {len(part)} rows")
+        request_class = RequestClass(request_class)
+        tokens = sum(len(ids) for ids in part)
         self._change_backlog(request_class, tokens, 1)
-        queued = Queued(chunk, models, time.perf_counter())
+        queued = Queued(part, models, time.perf_counter())
         try:
             return await self._batchers[request_class](queued)
         except asyncio.CancelledError:
@@ -120,10 +121,10 @@ class Embedder:
         finally:
             self._change_backlog(request_class, -tokens, -1)
 
-    def _change_backlog(self, request_class: Priority, tokens: int, chunks: int) -> None:
+    def _change_backlog(self, request_class: RequestClass, tokens: int, parts: int) -> None:
         backlog = self.backlog[request_class]
         backlog[0] += tokens
-        backlog[1] += chunks
+        backlog[1] += parts
         self.metrics.backlog_tokens.set(backlog[0], self._class_tags[request_class])
         self.metrics.backlog_requests.set(backlog[1], self._class_tags[request_class])
 
@@ -131,22 +132,21 @@ class Embedder:
         """Read by Serve's autoscaler (both classes' work); see autoscaling.TokenBacklogPolicy."""
         return {
             BACKLOG_TOKENS: sum(tokens for tokens, _ in self.backlog.values()),
-            BACKLOG_REQUESTS: sum(chunks for _, chunks in self.backlog.values()),
+            BACKLOG_REQUESTS: sum(parts for _, parts in self.backlog.values()),
         }
 
-    # Serve's cap on concurrent batches is fixed at import; _slots are the replica's. One batcher
-    # per class, so a query's chunk never waits in a queue behind batch-class chunks.
-    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, max_concurrent_batches=MAX_BATCHES_IN_FLIGHT,
-                 batch_size_fn=count_queued_tokens)
+    # Serve's cap on concurrent batches is fixed at import; _slots are the replica's. The budget
+    # and the wait come from the model's config (__init__). One batcher per class, so a query's
+    # part never waits in a queue behind batch-class parts.
+    @serve.batch(max_concurrent_batches=MAX_BATCHES_IN_FLIGHT, batch_size_fn=count_queued_tokens)
     async def _embed_interactive(self, items: list[Queued]) -> list[np.ndarray]:
-        return await self._run_batch(items, Priority.INTERACTIVE)
+        return await self._run_batch(items, RequestClass.INTERACTIVE)
 
-    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, max_concurrent_batches=MAX_BATCHES_IN_FLIGHT,
-                 batch_size_fn=count_queued_tokens)
+    @serve.batch(max_concurrent_batches=MAX_BATCHES_IN_FLIGHT, batch_size_fn=count_queued_tokens)
     async def _embed_batch(self, items: list[Queued]) -> list[np.ndarray]:
-        return await self._run_batch(items, Priority.BATCH)
+        return await self._run_batch(items, RequestClass.BATCH)
 
-    async def _run_batch(self, items: list[Queued], request_class: Priority) -> list[np.ndarray | None]:
+    async def _run_batch(self, items: list[Queued], request_class: RequestClass) -> list[np.ndarray | None]:
         async with self._slots[request_class]:
             live = [k for k, item in enumerate(items) if not item.abandoned]
             if not live:
@@ -154,12 +154,12 @@ class Embedder:
             started = time.perf_counter()
             for k in live:
                 self.metrics.queue_wait.observe(started - items[k].queued_at, self._class_tags[request_class])
-            chunks = [items[k].chunk for k in live]
+            parts = [items[k].part for k in live]
             models = [model for k in live for model in items[k].models]
             # Off the event loop, so new requests keep queueing (and batches fill) while it runs.
             try:
                 done = await asyncio.get_running_loop().run_in_executor(
-                    self._forward_threads, self.engine.embed_counted, flatten(chunks), request_class, models
+                    self._forward_threads, self.engine.embed_counted, flatten(parts), request_class, models
                 )
             except Exception:
                 await self._leave_if_device_broken()
@@ -173,8 +173,8 @@ class Embedder:
         padding = 1.0 - done.real_tokens / done.padded_tokens if done.padded_tokens else 0.0
         self.metrics.padding_ratio.observe(padding, self.metrics_tags)
         results: list[np.ndarray | RowsOutOfMemory | None] = [None] * len(items)
-        for k, part in zip(live, per_chunk(done.vectors, chunks, done.unfit_rows)):
-            results[k] = part
+        for k, vectors in zip(live, per_part(done.vectors, parts, done.unfit_rows)):
+            results[k] = vectors
         return results
 
     async def check_health(self) -> None:
@@ -203,7 +203,7 @@ class Embedder:
         sys.stderr.flush()
         os._exit(1)  # the process, at once: no later call may reach this device
 
-    def _adapt_batch_wait(self, request_class: Priority, busy_s: float) -> None:
+    def _adapt_batch_wait(self, request_class: RequestClass, busy_s: float) -> None:
         # A class whose batches keep the replica busy waits longer so its batches grow: a pass
         # has a fixed cost. On a saturated 2-core server, 1.32x on one-query requests vs a fixed
         # 5 ms wait (`python -m bench.serve_variants --variants shipped,fixed-wait-5ms`). Per
@@ -214,19 +214,20 @@ class Embedder:
         window[0] += busy_s
         if now - window[1] >= 1.0:
             busy = window[0] / (now - window[1]) > 0.5
-            self._batchers[request_class].set_batch_wait_timeout_s(
-                self.spec.busy_batch_wait_timeout_s if busy else self.spec.batch_wait_timeout_s
-            )
+            self._batchers[request_class].set_batch_wait_timeout_s(self._batch_wait_s(busy))
             window[:] = [0.0, now]
 
-    def describe(self, model: str) -> dict:
+    def _batch_wait_s(self, busy: bool) -> float:
+        """The batchers' wait, from the config: longer while the class keeps the replica busy."""
+        return self.spec.busy_batch_wait_timeout_s if busy else self.spec.batch_wait_timeout_s
+
+    def describe(self, model: str) -> ModelInfo:
         """What the Ingress needs to know of one of this deployment's models."""
-        resolved = self.engine.resolved_models[model]
-        return {
-            "dimensions": self.engine.dimensions,
-            "max_input_tokens": resolved.max_input_tokens,
-            "max_batch_tokens": self.spec.max_batch_tokens,
-            "pooling": self.engine.pooling,
-            "normalize": self.spec.normalize,
-            "device": self.engine.device,
-        }
+        return ModelInfo(
+            dimensions=self.engine.dimensions,
+            max_input_tokens=self.engine.resolved_models[model].max_input_tokens,
+            max_batch_tokens=self.spec.max_batch_tokens,
+            pooling=self.engine.pooling,
+            normalize=self.spec.normalize,
+            device=self.engine.device,
+        )

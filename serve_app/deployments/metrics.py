@@ -53,7 +53,7 @@ class EmbedderMetrics:
             "embeddings_padding_ratio", "Share of computed tokens that were padding, per batch.", _RATIO, ("model",)
         )
         self.queue_wait = Histogram(
-            "embeddings_queue_wait_s", "Time a chunk waited at the replica before its batch started, by request class.",
+            "embeddings_queue_wait_s", "Time a part waited at the replica before its batch started, by request class.",
             _LATENCY_S, ("model", "priority"),
         )
         self.forward = Histogram(
@@ -69,5 +69,5 @@ class EmbedderMetrics:
             ("model",),
         )
         self.backlog_requests = Gauge(
-            "embeddings_queue_requests", "Chunks queued or running at a replica, by request class.", ("model", "priority")
+            "embeddings_queue_requests", "Parts queued or running at a replica, by request class.", ("model", "priority")
         )

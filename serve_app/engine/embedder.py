@@ -21,7 +21,7 @@ from .batching import MicroBatch, PackedPass, padding_ratio, plan_micro_batches,
 from .compiled import begin_pass, compile_layers, graph_shapes, pass_shape
 from .host_memory import HostMemoryTrimmer
 from .loading import load_model, load_tokenizer, resolve_spec
-from .scheduling import PassScheduler, Priority
+from .scheduling import PassScheduler, RequestClass
 from .packing import pack_inputs_and_spans, pool_packed, supports_packing
 from .quantization import check_fp8_supported, quantize_fp8
 from .spec import ModelSpec, check_shareable, dtype_name, merges_adapter
@@ -160,8 +160,8 @@ class EmbeddingEngine:
         # Padded tokens of one pass, per class: batch passes may be smaller, since a query that
         # arrives while one runs waits for it to finish (see _pass_tokens).
         self.pass_tokens = {
-            Priority.INTERACTIVE: micro_batch_tokens,
-            Priority.BATCH: batch_pass_tokens or micro_batch_tokens,
+            RequestClass.INTERACTIVE: micro_batch_tokens,
+            RequestClass.BATCH: batch_pass_tokens or micro_batch_tokens,
         }
         self._last_interactive_call = float("-inf")
         self.pack_above_padding = pack_above_padding
@@ -219,16 +219,16 @@ class EmbeddingEngine:
         engine.resolved = resolved[spec.name]
         return engine
 
-    def embed(self, sequences: list[list[int]], priority: Priority = Priority.BATCH,
+    def embed(self, sequences: list[list[int]], request_class: RequestClass = RequestClass.BATCH,
               models: Sequence[str] | None = None) -> np.ndarray:
         """One float32 row per sequence, in the order given. Raises RowsOutOfMemory if some
         sequence did not fit in device memory even alone."""
-        done = self.embed_counted(sequences, priority, models)
+        done = self.embed_counted(sequences, request_class, models)
         if done.unfit_rows:
             raise RowsOutOfMemory.of(list(done.unfit_rows), done.vectors)
         return done.vectors
 
-    def embed_counted(self, sequences: list[list[int]], priority: Priority = Priority.BATCH,
+    def embed_counted(self, sequences: list[list[int]], request_class: RequestClass = RequestClass.BATCH,
                       models: Sequence[str] | None = None) -> Embedded:
         """The vectors, with the real and padded token counts of the passes that made them.
 
@@ -240,13 +240,13 @@ class EmbeddingEngine:
         """
         lengths = [len(ids) for ids in sequences]
         adapters = self._row_adapter_names(models, len(sequences))
-        plan = self._plan(lengths, self._pass_tokens(priority), adapters)
+        plan = self._plan(lengths, self._pass_tokens(request_class), adapters)
         # Biggest first, so that the lanes finish together. A batch under one pass's budget
         # stays one pass on one lane: split across lanes, small batches cost more CPU per
         # text, and on served search such a split did not win consistently in A/B rounds.
         plan.sort(key=lambda batch: batch.padded_tokens, reverse=True)
         running = [
-            self._scheduler.submit(priority, partial(self._run_pass, batch, [sequences[i] for i in batch.indices],
+            self._scheduler.submit(request_class, partial(self._run_pass, batch, [sequences[i] for i in batch.indices],
                                                      [adapters[i] for i in batch.indices] if adapters else None))
             for batch in plan
         ]
@@ -267,22 +267,22 @@ class EmbeddingEngine:
         self.host_memory.maybe_trim()
         return Embedded(out, sum(lengths), sum(b.padded_tokens for b in plan), tuple(sorted(unfit)), out_of_memory_events)
 
-    def _pass_tokens(self, priority: Priority) -> int:
+    def _pass_tokens(self, request_class: RequestClass) -> int:
         """The pass size of a call: batch work takes the smaller batch pass size only while
         queries are about (an interactive call within INTERACTIVE_RECENT_S): on 2 cores, 512- vs
         1024-token passes cut query p99 beside an indexing load from ~340 to ~235 ms but cost
         bulk ~11 % (bench/results/mixed_traffic_pass_size/), a price indexing alone need not pay."""
         now = time.monotonic()
-        if priority is Priority.INTERACTIVE:
+        if request_class is RequestClass.INTERACTIVE:
             self._last_interactive_call = now
-            return self.pass_tokens[priority]
+            return self.pass_tokens[request_class]
         recent = now - self._last_interactive_call < INTERACTIVE_RECENT_S
-        return self.pass_tokens[Priority.BATCH if recent else Priority.INTERACTIVE]
+        return self.pass_tokens[RequestClass.BATCH if recent else RequestClass.INTERACTIVE]
 
     @property
     def micro_batch_tokens(self) -> int:
         """Padded tokens of an interactive pass (and of batch passes while no query is about)."""
-        return self.pass_tokens[Priority.INTERACTIVE]
+        return self.pass_tokens[RequestClass.INTERACTIVE]
 
     def warm_up(self) -> None:
         """Prove at start that the replica can run its largest passes, and run the first passes
@@ -300,14 +300,14 @@ class EmbeddingEngine:
         try:
             if self.compiled:
                 self._warm_up_compiled(models)
-            for priority, tokens in self.pass_tokens.items():
-                if priority is Priority.BATCH and tokens == self.pass_tokens[Priority.INTERACTIVE]:
+            for request_class, tokens in self.pass_tokens.items():
+                if request_class is RequestClass.BATCH and tokens == self.pass_tokens[RequestClass.INTERACTIVE]:
                     continue  # the same passes again
                 rows = max(1, tokens // width)
                 n = rows * self.lanes
                 try:
                     # Rows of every adapter, so that each one's layers have run too.
-                    self.embed([[0] * width] * n, priority, [models[k % len(models)] for k in range(n)])
+                    self.embed([[0] * width] * n, request_class, [models[k % len(models)] for k in range(n)])
                 except torch.OutOfMemoryError as exc:
                     raise RuntimeError(
                         f"the largest forward pass does not fit in {self.device} memory: {rows} rows of "
@@ -328,7 +328,7 @@ class EmbeddingEngine:
         pass shape (compiled.graph_shapes), on the lane that will replay it."""
         shapes = [(2, 32), (1, 16)] + (graph_shapes(self.max_width) if self.cuda_graphs else [])
         for rows, width in shapes:
-            self.embed([[0] * width] * rows, Priority.INTERACTIVE, [models[k % len(models)] for k in range(rows)])
+            self.embed([[0] * width] * rows, RequestClass.INTERACTIVE, [models[k % len(models)] for k in range(rows)])
 
     def check_device(self) -> None:
         """Raise if the device cannot run work any more (lost, or its context poisoned)."""

@@ -14,10 +14,13 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from enum import Enum
+from enum import StrEnum
 
 
-class Priority(str, Enum):
+class RequestClass(StrEnum):
+    """Interactive (a person waits) or batch (indexing): docs/glossary.md. A str, so that it
+    travels to Serve replicas, metric tags and headers as its value."""
+
     INTERACTIVE = "interactive"
     BATCH = "batch"
 
@@ -33,7 +36,7 @@ class PassScheduler:
         if not 0 < batch_share < 1:
             raise ValueError("batch_share must be between 0 and 1")
         self.batch_share = batch_share
-        self._queues: dict[Priority, deque] = {Priority.INTERACTIVE: deque(), Priority.BATCH: deque()}
+        self._queues: dict[RequestClass, deque] = {RequestClass.INTERACTIVE: deque(), RequestClass.BATCH: deque()}
         self._ready = threading.Condition()
         # Passes started while both classes were waiting, and how many of them were batch.
         self._contested = 0
@@ -46,13 +49,13 @@ class PassScheduler:
         for thread in self._lanes:
             thread.start()
 
-    def submit(self, priority: Priority, run: Callable[[], object]) -> Future:
+    def submit(self, request_class: RequestClass, run: Callable[[], object]) -> Future:
         """Queue one pass; the future resolves to what `run()` returns (or raises)."""
         future: Future = Future()
         with self._ready:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
-            self._queues[priority].append((run, future))
+            self._queues[request_class].append((run, future))
             self._ready.notify()
         return future
 
@@ -66,7 +69,7 @@ class PassScheduler:
 
     def _next(self):
         """The next pass to start (call with the lock held and a pass waiting)."""
-        interactive, batch = self._queues[Priority.INTERACTIVE], self._queues[Priority.BATCH]
+        interactive, batch = self._queues[RequestClass.INTERACTIVE], self._queues[RequestClass.BATCH]
         if not (interactive and batch):
             self._contested = self._contested_batch = 0  # a contest ends when one side is empty
             return (interactive or batch).popleft()
@@ -81,9 +84,9 @@ class PassScheduler:
             initializer()
         while True:
             with self._ready:
-                while not (self._queues[Priority.INTERACTIVE] or self._queues[Priority.BATCH] or self._closed):
+                while not (self._queues[RequestClass.INTERACTIVE] or self._queues[RequestClass.BATCH] or self._closed):
                     self._ready.wait()
-                if not (self._queues[Priority.INTERACTIVE] or self._queues[Priority.BATCH]):
+                if not (self._queues[RequestClass.INTERACTIVE] or self._queues[RequestClass.BATCH]):
                     return  # closed and drained
                 run, future = self._next()
             if not future.set_running_or_notify_cancel():

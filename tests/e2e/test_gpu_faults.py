@@ -25,7 +25,7 @@ from serve_app.engine.faults import (
     POISONED_MESSAGE,
     FaultInjection,
 )
-from serve_app.engine.scheduling import Priority
+from serve_app.engine.scheduling import RequestClass
 from serve_app.engine.spec import ModelSpec
 from serve_app.engine.tokenization import load_input_tokenizer
 from testkit.app import TINY_MAX_TOKENS
@@ -105,7 +105,7 @@ def test_a_failed_pass_cancels_the_calls_queued_passes(engine, monkeypatch):
         engine.embed(ids)
     release.set()
     # Within a class, passes run in order: once this one ran, no pass of the call is left.
-    engine._scheduler.submit(Priority.BATCH, lambda: None).result()
+    engine._scheduler.submit(RequestClass.BATCH, lambda: None).result()
     assert len(ran) <= engine.lanes + 1  # the failed pass, and at most one more per lane
 
 
@@ -132,15 +132,15 @@ def test_fault_injection_is_off_without_its_variables():
     assert FaultInjection.from_environment({OOM_ABOVE_TOKENS: "40"}).oom_above_tokens == 40
 
 
-def test_rows_out_of_memory_fail_only_their_own_chunk_of_a_batch():
-    from serve_app.deployments.chunks import per_chunk
+def test_rows_out_of_memory_fail_only_their_own_part_of_a_batch():
+    from serve_app.engine.parts import per_part
 
     vectors = np.arange(10, dtype=np.float32).reshape(5, 2)
-    chunks = [[[1], [2]], [[3], [4], [5]]]  # two chunks of one Embedder batch: rows 0-1 and 2-4
-    parts = per_chunk(vectors, chunks, (3,))
-    np.testing.assert_array_equal(parts[0], vectors[:2])
-    assert isinstance(parts[1], RowsOutOfMemory) and parts[1].rows == [1]
-    np.testing.assert_array_equal(parts[1].vectors, vectors[2:])
+    parts = [[[1], [2]], [[3], [4], [5]]]  # two parts in one Embedder batch: rows 0-1 and 2-4
+    split = per_part(vectors, parts, (3,))
+    np.testing.assert_array_equal(split[0], vectors[:2])
+    assert isinstance(split[1], RowsOutOfMemory) and split[1].rows == [1]
+    np.testing.assert_array_equal(split[1].vectors, vectors[2:])
 
 
 # ---- the service, over HTTP ---------------------------------------------------------------------

@@ -1,16 +1,16 @@
-"""Ray-free helpers of the deployments: chunking requests to the batch budget, Serve log hygiene."""
+"""Ray-free helpers of the deployments: cutting requests into parts of the batch budget, Serve log hygiene."""
 
 import logging
 
-from serve_app.deployments.chunks import cut_to_budget, flatten
 from serve_app.deployments.serve_logging import SERVE_LOGGER, drop_batch_size_warning
+from serve_app.engine.parts import cut_to_budget, flatten
 
 
-def test_requests_are_cut_into_chunks_that_fit_the_batch_budget():
+def test_requests_are_cut_into_parts_that_fit_the_batch_budget():
     sequences = [[7] * n for n in (3, 4, 2, 9, 1, 1, 5)]
-    chunks = cut_to_budget(sequences, max_tokens=6)
-    assert [[len(ids) for ids in chunk] for chunk in chunks] == [[3], [4, 2], [9], [1, 1], [5]]
-    assert flatten(chunks) == sequences  # order kept; an over-budget sequence travels alone
+    parts = cut_to_budget(sequences, max_tokens=6)
+    assert [[len(ids) for ids in part] for part in parts] == [[3], [4, 2], [9], [1, 1], [5]]
+    assert flatten(parts) == sequences  # order kept; an over-budget sequence travels alone
     assert cut_to_budget([], 6) == []
 
 

@@ -194,16 +194,16 @@ def test_cpu_forward_passes_are_capped_and_configurable(tiny_family, base):
 
 
 def test_a_vector_does_not_depend_on_its_class_or_on_what_ran_beside_it(tiny_family, base, base_reference):
-    from serve_app.engine.scheduling import Priority
+    from serve_app.engine.scheduling import RequestClass
 
     tokenizer = base[0]
     engine = EmbeddingEngine.load(
         spec_for(tiny_family["base"], micro_batch_tokens=64, batch_pass_tokens=32, cpu_lanes=2), cpu_threads=2
     )
-    assert engine.pass_tokens == {Priority.INTERACTIVE: 64, Priority.BATCH: 32}
+    assert engine.pass_tokens == {RequestClass.INTERACTIVE: 64, RequestClass.BATCH: 32}
     queries = tokenizer.tokenize_texts(TEXTS[:3], task=SFR_TASK)
     documents = tokenizer.tokenize_texts(TEXTS * 8, truncate=True)
-    calls = [(documents, Priority.BATCH)] * 4 + [(queries, Priority.INTERACTIVE)] * 4
+    calls = [(documents, RequestClass.BATCH)] * 4 + [(queries, RequestClass.INTERACTIVE)] * 4
     with ThreadPoolExecutor(len(calls)) as pool:
         results = list(pool.map(lambda call: engine.embed(*call), calls))
     for (ids, _), vectors in zip(calls, results):
@@ -212,14 +212,14 @@ def test_a_vector_does_not_depend_on_its_class_or_on_what_ran_beside_it(tiny_fam
 
 
 def test_batch_work_takes_small_passes_only_while_queries_are_about(tiny_family):
-    from serve_app.engine.scheduling import Priority
+    from serve_app.engine.scheduling import RequestClass
 
     engine = EmbeddingEngine.load(spec_for(tiny_family["base"], micro_batch_tokens=64, batch_pass_tokens=32))
     engine.warm_up()
-    assert engine._pass_tokens(Priority.BATCH) == 64  # indexing alone: full-size passes
-    assert engine._pass_tokens(Priority.INTERACTIVE) == 64
-    assert engine._pass_tokens(Priority.BATCH) == 32  # a query just came: small passes
-    assert EmbeddingEngine.load(spec_for(tiny_family["base"], max_batch_tokens=4096)).pass_tokens[Priority.BATCH] == 512
+    assert engine._pass_tokens(RequestClass.BATCH) == 64  # indexing alone: full-size passes
+    assert engine._pass_tokens(RequestClass.INTERACTIVE) == 64
+    assert engine._pass_tokens(RequestClass.BATCH) == 32  # a query just came: small passes
+    assert EmbeddingEngine.load(spec_for(tiny_family["base"], max_batch_tokens=4096)).pass_tokens[RequestClass.BATCH] == 512
 
 
 def forward_kwargs_of(model) -> list[dict]:

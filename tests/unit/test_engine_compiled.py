@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 
 from serve_app.engine.compiled import graph_shapes, pass_shape, repeated_layers
 from serve_app.engine.embedder import DEFAULT_COMPILE, EmbeddingEngine
-from serve_app.engine.scheduling import Priority
+from serve_app.engine.scheduling import RequestClass
 from serve_app.engine.spec import ModelSpec
 from serve_app.engine.tokenization import load_input_tokenizer
 from testkit.app import TINY_MAX_TOKENS
@@ -46,10 +46,10 @@ def test_the_warm_up_compiles_and_no_pass_shape_compiles_again(compiled):
     for n in (1, 2, 3, 5, 8, 13, 21, 34):
         lengths = rng.integers(2, TINY_MAX_TOKENS + 1, size=n).tolist()
         seqs = [[1, *rng.integers(3, 300, size=k - 2).tolist(), 2] for k in lengths]
-        priority = Priority.INTERACTIVE if n % 2 else Priority.BATCH
+        request_class = RequestClass.INTERACTIVE if n % 2 else RequestClass.BATCH
         shapes |= {pass_shape(len(p.indices), p.width, engine.max_width, graphs=False)
                    for p in engine._plan(lengths)}
-        engine.embed(seqs, priority)
+        engine.embed(seqs, request_class)
     assert len(shapes) >= 8  # many pass shapes ran ...
     assert graphs_compiled() == before  # ... and none of them compiled anything
 

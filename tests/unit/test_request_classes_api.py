@@ -6,11 +6,11 @@ import pytest
 from serve_app.api.cache import ENTRY_OVERHEAD_BYTES, VectorCache, ids_key, look_up
 from serve_app.api.errors import OpenAIError
 from serve_app.api.limits import InflightTokens
-from serve_app.api.priority import PriorityPolicy, classify
 from serve_app.api.ratelimit import RateLimits
+from serve_app.api.request_class import RequestClassPolicy
 from serve_app.api.schemas import parse_request
 
-POLICY = PriorityPolicy()
+POLICY = RequestClassPolicy()
 
 
 @pytest.mark.parametrize(
@@ -27,12 +27,27 @@ POLICY = PriorityPolicy()
     ],
 )
 def test_classes(requested, key_default, is_query, n_inputs, n_tokens, expected):
-    assert classify(POLICY, requested, key_default, is_query, n_inputs, n_tokens) == expected
+    assert POLICY.classify(POLICY.declared(requested, key_default, is_query), n_inputs, n_tokens) == expected
+
+
+@pytest.mark.parametrize(
+    "requested, is_query, n_inputs, expected",
+    [
+        (None, False, 4, True),  # few inputs: interactive unless its tokens say otherwise
+        (None, False, 5, False),
+        (None, True, 500, True),
+        ("batch", True, 1, False),
+    ],
+)
+def test_before_tokenizing_a_request_asks_for_interactive_work_by_what_it_declares_and_its_size(
+    requested, is_query, n_inputs, expected
+):
+    assert POLICY.asks_interactive(POLICY.declared(requested, None, is_query), n_inputs) is expected
 
 
 def test_disabled_classes_put_everything_on_one_path():
-    off = PriorityPolicy(enabled=False)
-    assert classify(off, "batch", "batch", False, 2048, 300_000) == "interactive"
+    off = RequestClassPolicy(enabled=False)
+    assert off.classify(off.declared("batch", "batch", False), 2048, 300_000) == "interactive"
 
 
 def test_the_priority_field_is_validated():
@@ -45,7 +60,7 @@ def test_the_priority_field_is_validated():
 
 def test_a_key_can_carry_a_default_class():
     limits = RateLimits.model_validate({"per_key": {"indexer": {"priority": "batch"}, "alice": {"requests_per_minute": 5}}})
-    assert [limits.priority_for(k) for k in ("indexer", "alice", "bob")] == ["batch", None, None]
+    assert [limits.request_class_for(k) for k in ("indexer", "alice", "bob")] == ["batch", None, None]
     assert limits.for_key("indexer").requests_per_minute is None
 
 

@@ -4,9 +4,9 @@ import threading
 
 import pytest
 
-from serve_app.engine.scheduling import PassScheduler, Priority
+from serve_app.engine.scheduling import PassScheduler, RequestClass
 
-I, B = Priority.INTERACTIVE, Priority.BATCH
+I, B = RequestClass.INTERACTIVE, RequestClass.BATCH
 
 
 class Recorder:
@@ -30,11 +30,11 @@ class Recorder:
         return run
 
 
-def run_queued(scheduler: PassScheduler, recorder: Recorder, queued: list[tuple[Priority, str]]) -> list[str]:
+def run_queued(scheduler: PassScheduler, recorder: Recorder, queued: list[tuple[RequestClass, str]]) -> list[str]:
     """Hold the lane with one pass, queue `queued` behind it, release, return the order they ran in."""
     first = scheduler.submit(B, recorder.blocker)
     assert recorder.started.wait(10)
-    futures = [scheduler.submit(priority, recorder.fake(name)) for priority, name in queued]
+    futures = [scheduler.submit(request_class, recorder.fake(name)) for request_class, name in queued]
     recorder.gate.set()
     assert first.result(10) == "blocker"
     assert [f.result(10) for f in futures] == [name for _, name in queued]
