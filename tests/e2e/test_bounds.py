@@ -219,7 +219,7 @@ def settled_sum(url: str, name: str, quiet_s: float = 12, timeout_s: float = 90)
 
 
 def idle(metrics: Metrics) -> bool:
-    """Nothing held: the Ingress's in-flight budget, the Embedders' queued or running chunks."""
+    """Nothing held: the Ingress's in-flight budget, the Embedders' queued or running parts."""
     return (metrics.sum("ray_embeddings_inflight_tokens") == 0
             and metrics.sum("ray_embeddings_queue_tokens") == 0
             and metrics.sum("ray_embeddings_queue_requests") == 0)
@@ -239,7 +239,7 @@ def test_a_cancelled_request_gives_back_everything_it_held(base_url, api_keys, b
     """A batch-class request of most of the `metered` key's minute, cancelled by its client while
     tokenized, and at a third and two thirds of its time (queued, mid-pass); then the same
     request, served: possible only if every cancelled one was refunded. The Embedders compute
-    far less than the cancelled requests held: their queued chunks are dropped."""
+    far less than the cancelled requests held: their queued parts are dropped."""
     text = text_of_length(base_reference, 56)
     inputs = [f"{text} {i}" for i in range(640)]  # distinct: nothing is shared between inputs
     body = {"model": "tiny-sfr-lora", "input": inputs, "priority": "batch"}
@@ -248,7 +248,7 @@ def test_a_cancelled_request_gives_back_everything_it_held(base_url, api_keys, b
     url = ray_session.metrics_url
     # Work computed is read as the Embedders' batch count: Ray reports a histogram's sum as if
     # each observation sat at its bucket's midpoint (80 batches of ~470 tokens read 80 x 640),
-    # while the count is exact (and each of these chunks is one batch: two exceed max_batch_tokens).
+    # while the count is exact (and each of these parts is one batch: two exceed max_batch_tokens).
     batches = "ray_embeddings_batch_tokens_count"
     assert wait_for_metrics(url, idle)
     before = settled_sum(url, batches)
@@ -271,10 +271,10 @@ def test_a_cancelled_request_gives_back_everything_it_held(base_url, api_keys, b
     assert served.json()["usage"]["prompt_tokens"] == tokens
     np.testing.assert_allclose(embedding(served, 639), merged_reference.embed([inputs[639]])[0], atol=1e-5)
     assert wait_for_metrics(url, idle)
-    # Cancelled at a third and at two thirds of its time, a request whose queued chunks are
+    # Cancelled at a third and at two thirds of its time, a request whose queued parts are
     # dropped computes about one request's work in all (plus the batches running at each
-    # cancel); one whose chunks all run anyway computes nearly two.
-    assert computed < 1.5 * whole, f"cancelled requests' chunks still computed: {computed:.0f} batches, {whole:.0f} for a whole request"
+    # cancel); one whose parts all run anyway computes nearly two.
+    assert computed < 1.5 * whole, f"cancelled requests' parts still computed: {computed:.0f} batches, {whole:.0f} for a whole request"
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

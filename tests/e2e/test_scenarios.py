@@ -49,7 +49,7 @@ def kill_app(ray_session, tiny_family):
                 "name": "tiny-sfr",
                 "source": str(tiny_family["base"]),
                 "max_input_tokens": TINY_MAX_TOKENS,
-                "max_batch_tokens": 512,  # a request of 24 texts spans several chunks
+                "max_batch_tokens": 512,  # a request of 24 texts spans several parts
             }
         ]
     }

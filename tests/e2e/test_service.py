@@ -114,7 +114,7 @@ def test_500_inputs_come_back_in_order(client, base_reference):
 
 
 def test_worst_case_request_fans_out_and_completes(client, base_reference):
-    """2048 inputs at the length limit: 256 chunks of one full batch each, in order."""
+    """2048 inputs at the length limit: 256 parts of one full batch each, in order."""
     rng = np.random.default_rng(4)
     vocab = len(base_reference.tokenizer)
     ids = [[1] + [int(t) for t in rng.integers(3, vocab, size=TINY_MAX_TOKENS - 2)] for _ in range(2048)]

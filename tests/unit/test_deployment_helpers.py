@@ -1,8 +1,16 @@
-"""Ray-free helpers of the deployments: cutting requests into parts of the batch budget, Serve log hygiene."""
+"""Ray-free helpers of the deployments: cutting requests into parts of the batch budget, where a
+request is tokenized, Serve log hygiene."""
 
 import logging
 
+from serve_app.api.schemas import Inputs
 from serve_app.deployments.serve_logging import SERVE_LOGGER, drop_batch_size_warning
+from serve_app.deployments.tokenizer_client import (
+    INTERACTIVE_TOKENIZE_FACTOR,
+    LOCAL_CHECK_MAX_IDS,
+    LOCAL_TOKENIZE_MAX_CHARS,
+    tokenize_in_ingress,
+)
 from serve_app.engine.parts import cut_to_budget, flatten
 
 
@@ -12,6 +20,20 @@ def test_requests_are_cut_into_parts_that_fit_the_batch_budget():
     assert [[len(ids) for ids in part] for part in parts] == [[3], [4, 2], [9], [1, 1], [5]]
     assert flatten(parts) == sequences  # order kept; an over-budget sequence travels alone
     assert cut_to_budget([], 6) == []
+
+
+def test_small_requests_and_interactive_ones_of_a_few_long_inputs_are_tokenized_in_the_ingress():
+    def texts(chars: int) -> Inputs:
+        return Inputs(texts=["x" * (chars - 1), "y"])
+
+    def ids(n: int) -> Inputs:
+        return Inputs(token_ids=[[1] * (n - 1), [2]])
+
+    for inputs, limit in ((texts, LOCAL_TOKENIZE_MAX_CHARS), (ids, LOCAL_CHECK_MAX_IDS)):
+        assert tokenize_in_ingress(inputs(limit), asks_interactive=False)
+        assert not tokenize_in_ingress(inputs(limit + 1), asks_interactive=False)
+        assert tokenize_in_ingress(inputs(limit * INTERACTIVE_TOKENIZE_FACTOR), asks_interactive=True)
+        assert not tokenize_in_ingress(inputs(limit * INTERACTIVE_TOKENIZE_FACTOR + 1), asks_interactive=True)
 
 
 def test_serves_request_count_advice_for_token_budgets_is_dropped_and_nothing_else(caplog):
