@@ -39,7 +39,7 @@ COALESCE_WAIT_S = 0.002
 # gRPC the default: Serve's gRPC channel refuses messages over 4 MiB, and Ray's object store
 # moves big arrays without copying. EMBEDDINGS_BY_VALUE_MAX_BYTES=0 in the application's
 # env_vars sends every call by reference.
-BY_VALUE_MAX_BYTES = int(os.environ.get("EMBEDDINGS_BY_VALUE_MAX_BYTES", 1 << 20))
+BY_VALUE_MAX_BYTES = int(os.environ.get("EMBEDDINGS_BY_VALUE_MAX_BYTES", str(1 << 20)))
 
 # A part at the coalescer: its model, its token ids, and its request's "abandoned" event (set
 # when the client goes away).
