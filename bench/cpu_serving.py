@@ -29,12 +29,14 @@ import httpx
 import numpy as np
 import yaml
 
-from . import workloads as wls
-from .harness import REPO, RESULTS, WORK, log, machine, md_table, ms
-from .inprocess import EngineRunner, SentenceTransformerRunner, run_groups
-from .loadgen import WARMUP_OFFSET, embeddings_url, format_summary, run_load_sync, summarize, vectors
-from .procstats import CpuMeter, wait_for_quiet
-from .servers import InfinitySystem, ServedSystem
+from testkit import workloads as wls
+from testkit.harness import REPO, RESULTS, WORK, log, machine, md_table, ms
+from testkit.inprocess import EngineRunner, SentenceTransformerRunner, run_groups
+from testkit.loadgen import WARMUP_OFFSET, embeddings_url, format_summary, run_load_sync, summarize, vectors
+from testkit.procstats import CpuMeter, wait_for_quiet
+from testkit.servers import ServedSystem
+
+from .infinity import InfinitySystem
 
 WORKLOAD_NAMES = ("search", "bulk", "mixed")
 REQUEST_CAPS = {"search": 6000, "bulk": 400, "mixed": 2000}  # durations bind first on this machine
@@ -317,7 +319,7 @@ def write_markdown(path: Path, res: dict) -> None:
 
 
 def write_plots(out_dir: Path, res: dict) -> list[str]:
-    from .harness import pyplot
+    from testkit.harness import pyplot
 
     plt = pyplot()
     if plt is None:

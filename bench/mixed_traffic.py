@@ -33,10 +33,12 @@ from pathlib import Path
 
 import yaml
 
-from bench import harness, workloads
-from bench.loadgen import WARMUP_OFFSET, arrivals, latency_stats, run_load, run_load_sync, summarize
-from bench.procstats import CpuMeter
-from bench.servers import InfinitySystem, ServedSystem
+from testkit import harness, workloads
+from testkit.loadgen import WARMUP_OFFSET, arrivals, latency_stats, run_load, run_load_sync, summarize
+from testkit.procstats import CpuMeter
+from testkit.servers import ServedSystem
+
+from bench.infinity import InfinitySystem
 
 SYSTEMS = ("ours", "ours-fifo", "infinity")
 CACHE_COUNTERS = ("ray_embeddings_cache_hits_total", "ray_embeddings_cache_misses_total",

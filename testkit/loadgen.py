@@ -10,20 +10,20 @@ bounded by `timeout_s`). Every request is recorded: latency, texts, tokens from 
 
 Function API (reused by the other benchmarks):
 
-    from bench.loadgen import run_load_sync, summarize, arrivals
-    from bench import workloads
+    from testkit.loadgen import run_load_sync, summarize, arrivals
+    from testkit import workloads
     result = run_load_sync("http://127.0.0.1:8000/v1", "all-MiniLM-L6-v2",
                            workloads.search(), concurrency=32, max_requests=2000, max_duration_s=20)
     result = run_load_sync(..., arrivals=arrivals(lambda t: 4.0, 60), ...)  # 4 requests/s, open loop
     print(summarize(result))
 
-`source` is any callable `index -> Request` (see bench/workloads.py) or `index -> list[str]`.
+`source` is any callable `index -> Request` (see testkit/workloads.py) or `index -> list[str]`.
 
 CLI (targets 127.0.0.1 by default; bounded by --requests and --duration):
 
-    python -m bench.loadgen --workload search --duration 20 --requests 2000
-    python -m bench.loadgen --url http://127.0.0.1:7997 --workload bulk --concurrency 8 --json out.json
-    python -m bench.loadgen --workload search --rate 4 --duration 30   # open loop, 4 requests/s
+    python -m testkit.loadgen --workload search --duration 20 --requests 2000
+    python -m testkit.loadgen --url http://127.0.0.1:7997 --workload bulk --concurrency 8 --json out.json
+    python -m testkit.loadgen --workload search --rate 4 --duration 30   # open loop, 4 requests/s
 """
 
 from __future__ import annotations
@@ -340,7 +340,7 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench import workloads
+    from testkit import workloads
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000/v1",

@@ -1,8 +1,8 @@
 """Redeploy under load: two rolling updates mid-load, and not one request may fail or go missing.
 
-    python -m bench.redeploy_scenario     # ~4 min; writes bench/results/redeploy.{md,json}
-    python -m bench.redeploy_scenario --graceful-shutdown-timeout-s Ingress=180,Embedder=120 \
-        --out bench/results/redeploy_graceful         # with these deployment options
+    python -m tests.scenarios.test_redeploy     # ~4 min; writes bench/results/redeploy.{md,json}
+    python -m tests.scenarios.test_redeploy --graceful-shutdown-timeout-s Ingress=180,Embedder=120 \
+        --out bench/.work/redeploy_graceful           # with these deployment options
 
 deploy/local.yaml (through Serve's proxy: under direct ingress the Ingress cannot be replaced
 in place) deployed as `serve run` does on a fresh Ray instance of `--num-cpus` logical CPUs (4:
@@ -28,11 +28,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
-from bench import harness
-from bench.loadgen import latency_stats, run_load, summarize, vectors
-from bench.scenario import changes, header, serve_log_lines
-from bench.workloads import Workload, make_document, make_query
+from testkit import harness
+from testkit.loadgen import latency_stats, run_load, summarize, vectors
+from testkit.workloads import Workload, make_document, make_query
+from tests.scenarios.common import changes, serve_log_lines
 
 MIN_COSINE, MAX_ABS_DIFF = 0.99999, 1e-4
 DEPLOYMENTS = ("Ingress", "Tokenizer", "Embedder")
@@ -188,9 +189,9 @@ def analyse(run: dict, temp_dir: str) -> dict:
 def markdown(rep: dict, opts) -> list[str]:
     s, p, name = rep["summary"], rep["probes"], Path(opts.out).name
     return [
-        *header("Redeploying under load — rolling updates must not fail or drop a request", rep,
+        *harness.header("Redeploying under load — rolling updates must not fail or drop a request", rep,
                 f"{rep['wall_s']} s in all. Every request, probe and replica state change: `{name}.json`. How it "
-                "works: bench/README.md."),
+                "works: tests/scenarios/README.md."),
         f"- deploy/local.yaml through Serve's proxy, {opts.num_cpus} logical CPUs. `graceful_shutdown_timeout_s` as "
         "the controller holds it: " + ", ".join(f"{n} {v} s" for n, v in rep["graceful_shutdown_timeout_s"].items())
         + (f" (set by this run: {opts.graceful})" if opts.graceful else " (the code's and config's own)") + ".",
@@ -270,12 +271,17 @@ def main(argv=None) -> int:
             rep = analyse(run, temp_dir)
     finally:
         harness.stop_ray(temp_dir)
-    rep.update(harness.stamp("bench.redeploy_scenario", argv, m, wall0), options=vars(opts), events=run["events"],
+    rep.update(harness.stamp("tests.scenarios.test_redeploy", argv, m, wall0), options=vars(opts), events=run["events"],
                timeline=run["timeline"], graceful_shutdown_timeout_s=graceful)
     harness.write(Path(opts.out), {**rep, "probe_records": run["probes"],
                                    "records": [vars(r) for r in run["result"].records]}, markdown(rep, opts))
     print(rep["checks"], rep["probes"], *rep["rollouts"], sep="\n")
     return 0 if all(rep["checks"].values()) else 1
+
+
+@pytest.mark.scenario
+def test_redeploy():
+    assert main([]) == 0, "a check failed: see bench/results/redeploy.md"
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ def role_of(cmdline: str, name: str) -> str:
         return "Serve proxy"
     if "ServeController" in cmdline:
         return "Serve controller"
-    if "bench.harness" in cmdline:
-        return "Ray driver (bench.harness)"
+    if "testkit.harness" in cmdline:
+        return "Ray driver (testkit.harness)"
     if "infinity_emb" in cmdline:
         return "Infinity"
     if name in ("raylet", "gcs_server") or "ray" in cmdline:

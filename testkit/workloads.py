@@ -149,6 +149,12 @@ def mixed(seed: int = 0, concurrency: int = 16) -> Workload:
     )
 
 
+def corpus(concurrency: int = 8) -> Workload:
+    """Documents to index (bench.batch_job, the batch job's fault scenario): 64 of 20-150 words per request."""
+    return Workload("batch-corpus", concurrency, "64 documents of 20-150 words per request", doc_words=(20, 150),
+                    bulk_share=1.0)
+
+
 WORKLOADS = {"search": search, "bulk": bulk, "mixed": mixed}
 
 

@@ -1,18 +1,14 @@
-"""The HTTP systems under test, each a subprocess in its own session.
+"""An HTTP system under test as a subprocess in its own session: `ServedSystem` runs our service
+from a Serve config (deploy/local.yaml) as `python -m testkit.harness CONFIG` on a fresh private
+Ray instance (bench/infinity.py runs the peer the same way).
 
-* `ServedSystem`: our service from a Serve config (deploy/local.yaml), `python -m bench.harness
-  CONFIG` on a fresh private Ray instance.
-* `InfinitySystem`: `infinity_emb v2` from its own virtual environment (bench/.venv-infinity),
-  installed on first use, serving the same local model directory offline.
-
-Both check that the port they serve on is listened on by *their own* processes only (another
-Serve instance on this machine could otherwise share a port), and stop by signalling the
-process they started, then killing what is left of that process's tree, by pid.
+A system checks that the port it serves on is listened on by *its own* processes only (another
+Serve instance on this machine could otherwise share a port), and stops by signalling the
+process it started, then killing what is left of that process's tree, by pid.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -24,16 +20,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from .harness import OFFLINE_ENV, REPO, WORK, free_port, port_listeners
-from .procstats import descendants
-
-BENCH_DIR = REPO / "bench"
-REPO_ROOT, WORK_DIR = REPO, WORK  # the names other benchmarks import
-
-INFINITY_VERSION = "0.0.78"
-# torch pinned in the same command: pip then takes the CPU wheel on local disk instead of a
-# multi-GB CUDA build.
-INFINITY_REQUIREMENTS = [f"infinity-emb[server,torch]=={INFINITY_VERSION}", "torch==2.13.0"]
+from testkit.harness import OFFLINE_ENV, REPO, WORK, free_port, port_listeners
+from testkit.procstats import descendants
 
 
 class _Subprocess:
@@ -134,7 +122,7 @@ class ServedSystem(_Subprocess):
         self.metrics_port = next(p for p in iter(free_port, None) if p != self.port)
         env = {**os.environ, **OFFLINE_ENV, **self.extra_env}
         env.pop("RAY_ADDRESS", None)
-        cmd = [sys.executable, "-m", "bench.harness", str(self.config), "--port", str(self.port),
+        cmd = [sys.executable, "-m", "testkit.harness", str(self.config), "--port", str(self.port),
                "--temp-dir", str(self.temp_dir), "--metrics-port", str(self.metrics_port)]
         if self.num_cpus:
             cmd += ["--num-cpus", str(self.num_cpus)]
@@ -151,57 +139,3 @@ class ServedSystem(_Subprocess):
     def stop(self, grace_s: float = 60.0) -> None:
         super().stop(grace_s)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-class InfinitySystem(_Subprocess):
-    """`infinity_emb v2` from bench/.venv-infinity, serving a local model directory offline."""
-
-    name = "infinity"
-
-    def __init__(self, model_dir: str, served_name: str, venv: Path = BENCH_DIR / ".venv-infinity",
-                 dtype: str | None = None):
-        super().__init__(WORK / "infinity.log")
-        self.model_dir, self.served_name, self.venv = model_dir, served_name, venv
-        self.dtype = dtype  # None: Infinity's default (float32 on CPU)
-
-    def ensure_installed(self, timeout_s: float = 900.0) -> dict:
-        """Create the venv and install Infinity unless a previous run did; reports the time."""
-        spec, marker = " ".join(INFINITY_REQUIREMENTS), self.venv / ".bench-installed"
-        if marker.exists() and marker.read_text().strip() == spec:
-            return {"installed_now": False, "install_s": 0.0, "requirements": spec, **self.versions()}
-        t0 = time.time()
-        WORK.mkdir(parents=True, exist_ok=True)
-        log = WORK / "infinity-install.log"
-        print(f"installing {spec} into {self.venv} (log: {log}) ...", file=sys.stderr, flush=True)
-        with open(log, "w") as f:
-            if not (self.venv / "bin" / "python").exists():
-                subprocess.run([sys.executable, "-m", "venv", str(self.venv)], check=True, stdout=f,
-                               stderr=subprocess.STDOUT, timeout=120)
-            subprocess.run([str(self.venv / "bin" / "python"), "-m", "pip", "install", *INFINITY_REQUIREMENTS],
-                           check=True, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s)
-        marker.write_text(spec + "\n")
-        return {"installed_now": True, "install_s": time.time() - t0, "requirements": spec, **self.versions()}
-
-    def versions(self) -> dict:
-        code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
-                "['infinity-emb', 'torch', 'transformers', 'sentence-transformers', 'tokenizers']}))")
-        out = subprocess.run([str(self.venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
-                             timeout=60)
-        try:
-            return {"versions": json.loads(out.stdout)}
-        except ValueError:
-            return {"versions": None}
-
-    def start(self, timeout_s: float = 300.0) -> dict:
-        self.port = free_port()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1",
-               "INFINITY_ANONYMOUS_USAGE_STATS": "0", "TOKENIZERS_PARALLELISM": "false"}
-        env.pop("VIRTUAL_ENV", None)
-        cmd = [str(self.venv / "bin" / "infinity_emb"), "v2", "--model-id", self.model_dir,
-               "--served-model-name", self.served_name, "--engine", "torch", "--device", "cpu",
-               "--host", "127.0.0.1", "--port", str(self.port)] + (["--dtype", self.dtype] if self.dtype else [])
-        return self._start(cmd, env, timeout_s)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"

@@ -1,10 +1,10 @@
 """Soak: steady mixed load for minutes, watching every Serve process's memory for a leak.
 
-    python -m bench.soak_scenario                 # 30 min of load, half of it bulk; bench/results/soak.{md,json,png}
-    python -m bench.soak_scenario --minutes 1 --out bench/.work/soak    # smoke run
+    python -m tests.scenarios.test_soak                 # 30 min of load, half of it bulk; bench/results/soak.{md,json,png}
+    python -m tests.scenarios.test_soak --minutes 1 --out bench/.work/soak    # smoke run
 
-deploy/local.yaml served as `serve run` serves it (bench/servers.py's ServedSystem: a fresh
-private Ray instance, free ports). `--clients` closed-loop clients (bench/loadgen.py) send one
+deploy/local.yaml served as `serve run` serves it (testkit/servers.py's ServedSystem: a fresh
+private Ray instance, free ports). `--clients` closed-loop clients (testkit/loadgen.py) send one
 query (5-15 words) or, for `--bulk-share` of the requests, 64 documents of 20-300 words
 (`truncate: true`), every text distinct and none kept in memory. Every `--sample-s` the RSS
 and RssAnon of the proxy, controller and every replica (found in the service's process tree
@@ -29,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pytest
 
-from bench import harness
-from bench.loadgen import run_load, summarize
-from bench.procstats import CpuMeter, descendants, role_of
-from bench.scenario import header
-from bench.servers import ServedSystem
-from bench.workloads import Workload
+from testkit import harness
+from testkit.loadgen import run_load, summarize
+from testkit.procstats import CpuMeter, descendants, role_of
+from testkit.servers import ServedSystem
+from testkit.workloads import Workload
 
 ROLE_ORDER = ("Serve proxy", "Ingress", "Tokenizer", "Embedder", "Serve controller", "load generator (driver)")
 SERVICE_ROLES = set(ROLE_ORDER[:-1])
@@ -167,8 +167,8 @@ def markdown(rep: dict, opts) -> list[str]:
                      " / ".join(f"{x:+.2f}" for x in p["slope_halves_mb_per_min"]),
                      f"{p['anon_slope_mb_per_min']:+.2f}", p["residual_std_mb"], p["kb_per_request"], p["verdict"]])
     return [
-        *header("Soak test: memory of every Serve process under steady mixed load", rep,
-                f"Every sample: `{name}.json`; plot: `{name}.png`. How it works: bench/README.md."),
+        *harness.header("Soak test: memory of every Serve process under steady mixed load", rep,
+                f"Every sample: `{name}.json`; plot: `{name}.png`. How it works: tests/scenarios/README.md."),
         f"- deploy/local.yaml as `serve run` deploys it, on a fresh Ray instance of its own "
         f"({opts.num_cpus or 'detected'} CPUs).",
         f"- Load: {opts.clients} closed-loop clients for {opts.minutes:g} min; {100 * (1 - opts.bulk_share):.0f} % one "
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
                 if p["role"] in SERVICE_ROLES and p["verdict"] == "LEAK SUSPECT"]
     over_target = [k.replace("|", " pid ") for k, p in per_process.items() if p["role"] in SERVICE_ROLES
                    and p.get("slope_halves_mb_per_min", [0, 0])[1] > opts.second_half_max_mb_min]
-    rep = {**harness.stamp("bench.soak_scenario", argv, m, wall0), "options": vars(opts), "summary": summary,
+    rep = {**harness.stamp("tests.scenarios.test_soak", argv, m, wall0), "options": vars(opts), "summary": summary,
            "cpu": cpu, "per_process": per_process, "leak_suspects": suspects, "over_second_half_target": over_target,
            "stable_processes": len({frozenset(s["procs"]) for s in samples}) <= 1}
     out = Path(opts.out)
@@ -270,6 +270,11 @@ def main(argv=None) -> int:
         print(f"{key:40s} start {p['rss_start_mb']:7.1f} MB  end {p['rss_end_mb']:7.1f} MB  "
               f"slope {p.get('slope_mb_per_min', float('nan')):+.2f} MB/min  {p['verdict']}")
     return 0 if summary["failed"] == 0 and not suspects and not over_target else 1
+
+
+@pytest.mark.scenario
+def test_soak():
+    assert main([]) == 0, "a check failed: see bench/results/soak.md"
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ finished engine batches and `--kill-at` of the documents are committed, worker-b
 without grace (raylet and workers killed). Ray Data re-runs what was lost; the job must finish
 in the same run with every id exactly once and every vector equal to the in-process engine's.
 
-    python -m bench.batch_job_faults            # ~3 minutes; bench/results/batch_job_faults.{md,json}
-    python -m bench.batch_job_faults --documents 1024 --out bench/.work/faults   # smoke run
+    python -m tests.scenarios.test_batch_job_faults            # ~3 minutes; bench/results/batch_job_faults.{md,json}
+    python -m tests.scenarios.test_batch_job_faults --documents 1024 --out bench/.work/faults   # smoke run
 
 Exits non-zero if the work did not reach both workers, the node was not killed mid-run, or
 the output is incomplete, duplicated or wrong.
@@ -29,12 +29,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
-from bench import harness
-from bench.batch_job import CONFIG, DOCS_PER_REQUEST, MODEL, corpus
-from bench.scenario import changes, header
+from testkit import harness, workloads
+from tests.scenarios.common import changes
 
+MODEL = "all-MiniLM-L6-v2"  # deploy/local.yaml
 ENGINE_TASK = "MapWorker(MapBatches(Embed)).submit"
 
 
@@ -55,7 +56,7 @@ def start_cluster(temp_dir: str):
 
 
 def job_config(path: Path) -> Path:
-    config = yaml.safe_load(CONFIG.read_text())
+    config = yaml.safe_load(harness.LOCAL_CONFIG.read_text())
     app = config["applications"][0]
     app["args"]["models"][0]["cpu_threads"] = 1  # one core per stand-in GPU
     embedder = next(d for d in app["deployments"] if d["name"] == "Embedder")
@@ -92,16 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import pyarrow.dataset as pads
 
-    from bench.inprocess import EngineRunner
     from serve_app.batch.config import load_job_model
     from serve_app.batch.job import run
+    from testkit.inprocess import EngineRunner
 
     wall0, m = time.monotonic(), harness.machine()
     os.environ.update({k: v for k, v in harness.OFFLINE_ENV.items() if k not in os.environ})
     temp_dir = tempfile.mkdtemp(prefix="rbf", dir="/tmp")  # short: Unix socket paths are limited
     os.environ["RAY_TMPDIR"] = temp_dir  # Cluster's address file stays out of /tmp/ray
-    work, wl = Path(temp_dir), corpus()
-    texts = [t for i in range(args.documents // DOCS_PER_REQUEST) for t in wl(i).texts]
+    work, wl = Path(temp_dir), workloads.corpus()
+    texts = [t for i in range(args.documents // wl.docs_per_request) for t in wl(i).texts]
     (work / "corpus.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n"
                                                for i, t in enumerate(texts)))
     job_model = load_job_model(job_config(work / "config.yaml"), MODEL)
@@ -157,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         "every id exactly once": res["rows"] == res["unique_ids"] == len(texts) and res["missing"] == 0,
         "vectors equal the in-process engine's (1e-5)": res["max_abs_diff"] is not None and res["max_abs_diff"] <= 1e-5,
     }
-    res.update(harness.stamp("bench.batch_job_faults", argv, m, wall0))
-    lines = [*header("Batch job: a worker node killed midway", res, f"Head (2 CPUs) + 2 workers (1 CPU, fake_gpu 1 "
+    res.update(harness.stamp("tests.scenarios.test_batch_job_faults", argv, m, wall0))
+    lines = [*harness.header("Batch job: a worker node killed midway", res, f"Head (2 CPUs) + 2 workers (1 CPU, fake_gpu 1 "
                      f"each); {MODEL}, one engine actor per worker; {len(texts)} documents, killed at "
                      f"{args.kill_at:.0%} committed."),
              f"- killed: {killed}", f"- run: {res['outcome']}",
@@ -171,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     harness.write(args.out / "batch_job_faults", res, lines)
     print("\n".join(lines[:12]))
     return 0 if all(checks.values()) else 1
+
+
+@pytest.mark.scenario
+def test_batch_job_faults():
+    assert main([]) == 0, "a check failed: see bench/results/batch_job_faults.md"
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """Kill an Embedder replica mid-load: every request must still be answered, correctly.
 
-    python -m bench.replica_kill_scenario      # ~2 min; writes bench/results/replica_kill.{md,json}
+    python -m tests.scenarios.test_replica_kill      # ~2 min; writes bench/results/replica_kill.{md,json}
 
-The cluster, model and config of bench/autoscaling_scenario.py, with the Embedder fixed at 2
+The cluster, model and config of tests/scenarios/test_autoscaling.py, with the Embedder fixed at 2
 replicas (`{fake_gpu: 1}` each). Reference vectors for every text come from
 testkit/reference.py's `SFRReference` (one text at a time, from the card), in this process.
 `--clients` closed-loop clients send 4 distinct texts per request (from a pool of
 `--max-requests` distinct requests, repeated as long as the load lasts); from `--kill-after-s`
 on, one of the two replicas is `ray.kill`ed as soon as it holds at least `--min-victim-work`
-requests (its own count of requests running or queued in it: bench.scenario.fault_when_busy,
+requests (its own count of requests running or queued in it: tests.scenarios.common.fault_when_busy,
 reusable for other faults), so the kill always lands on work in progress. Every response must
 be a 200 with each vector within 1e-4 of its own text's reference and the reference token count
 in `usage`; requests must span the kill; Serve must replace the replica. Exits non-zero otherwise.
@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from bench import harness
-from bench.autoscaling_scenario import (FAKE_GPU_WORKERS, MODEL, ModelShape, checked, model_and_cluster, serve_config,
-                                        text_pool)
-from bench.loadgen import latency_stats, run_load
-from bench.scenario import changes, fault_when_busy, header, serve_log_lines
-from bench.workloads import Request
+from testkit import harness
+from testkit.loadgen import latency_stats, run_load
+from testkit.workloads import Request
+from tests.scenarios.common import (FAKE_GPU_WORKERS, MODEL, ModelShape, changes, checked, fault_when_busy,
+                                    model_and_cluster, serve_config, serve_log_lines, text_pool)
 
 MAX_ABS_DIFF = 1e-4
 
@@ -118,9 +118,9 @@ def markdown(rep: dict, opts) -> list[str]:
     running = [[s["t"], ", ".join(f"{rid} @ {node}" for rid, node, _ in s["running"])]
                for s in changes(rep["timeline"])]
     return [
-        *header("Killing an Embedder replica mid-load — scenario on this machine", rep,
-                "Every request and the replica timeline: `replica_kill.json`. How it works: bench/README.md."),
-        f"- Cluster of bench/autoscaling_scenario.py (workers `fake_gpu` {FAKE_GPU_WORKERS}); Embedder fixed at 2 "
+        *harness.header("Killing an Embedder replica mid-load — scenario on this machine", rep,
+                "Every request and the replica timeline: `replica_kill.json`. How it works: tests/scenarios/README.md."),
+        f"- Cluster of tests/scenarios/test_autoscaling.py (workers `fake_gpu` {FAKE_GPU_WORKERS}); Embedder fixed at 2 "
         f"replicas, `cpu_threads: 1`; model hidden {opts.shape.hidden}, {opts.shape.layers} layers.",
         f"- Load: {opts.clients} closed-loop clients for {opts.duration_s:g} s, 4 distinct texts of 20-80 words per "
         f"request; one replica `ray.kill`ed (after {opts.kill_after_s:g} s) as soon as it held at least "
@@ -174,11 +174,16 @@ def main(argv=None) -> int:
         harness.wait_healthy(f"http://127.0.0.1:{port}")
         harness.log(f"deployed in {time.monotonic() - wall0:.0f} s; load begins")
         run = asyncio.run(drive(opts, f"http://127.0.0.1:{port}", controller, names, requests, tokens, refs))
-        rep = {**analyse(run, temp_dir), **harness.stamp("bench.replica_kill_scenario", argv, m, wall0),
+        rep = {**analyse(run, temp_dir), **harness.stamp("tests.scenarios.test_replica_kill", argv, m, wall0),
                "timeline": run["timeline"]}
     harness.write(Path(opts.out), {**rep, "records": [vars(r) for r in run["result"].records]}, markdown(rep, opts))
     print(rep["summary"], rep["checks"], sep="\n")
     return 0 if all(rep["checks"].values()) else 1
+
+
+@pytest.mark.scenario
+def test_replica_kill():
+    assert main([]) == 0, "a check failed: see bench/results/replica_kill.md"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Autoscaling on the token backlog, end to end on a 3-node Ray cluster on this machine.
 
-    python -m bench.autoscaling_scenario            # ~4 min; writes bench/results/autoscaling.{png,md,json}
-    python -m bench.autoscaling_scenario --quick    # shorter phases (smoke run)
+    python -m tests.scenarios.test_autoscaling            # ~4 min; writes bench/results/autoscaling.{png,md,json}
+    python -m tests.scenarios.test_autoscaling --quick    # shorter phases (smoke run)
 
 An SFR-like Mistral (testkit/tiny_models.py's tokenizer, hidden 384 / 4 layers: slow enough on
 one core for a queue to form) is served by `build_app` on a head node and two worker nodes
@@ -10,127 +10,28 @@ with a custom resource `fake_gpu` (2 and 1) standing in for GPUs; the Embedder a
 (idle → ramp → plateau → idle) is sampled every 0.5 s: offered and answered rates, tokens in
 flight, the backlog the replicas report to the controller, target and running replicas per
 node. Exits non-zero unless it scaled up under backlog, used several nodes, scaled back
-down, and failed no request other than explicit 503s. bench/replica_kill_scenario.py reuses
-the model, texts and config of this module.
+down, and failed no request other than explicit 503s. The model, texts and config live in
+tests/scenarios/common.py (test_replica_kill.py uses them too).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from bench import harness
-from bench.loadgen import arrivals, latency_stats, run_load, vectors
-from bench.scenario import header
-from bench.workloads import Request
-
-MODEL = "tiny-sfr-wide"
-FAKE_GPU_WORKERS = [{"fake_gpu": 2}, {"fake_gpu": 1}]
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    hidden: int = 384
-    intermediate: int = 1024
-    layers: int = 4
-    heads: int = 6
-    kv_heads: int = 2
-
-
-def build_model(root: Path, shape: ModelShape = ModelShape()) -> Path:
-    """An SFR-like model dir: testkit/tiny_models.py's tokenizer and ST files, a wider Mistral."""
-    import torch
-    from transformers import AutoTokenizer, MistralConfig, MistralModel
-
-    from testkit.tiny_models import build_tokenizer, write_sentence_transformers_files
-
-    build_tokenizer(root)
-    config = MistralConfig(
-        vocab_size=len(AutoTokenizer.from_pretrained(root)), hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads, max_position_embeddings=4096, sliding_window=4096, bos_token_id=1,
-        eos_token_id=2)
-    torch.manual_seed(0)
-    MistralModel(config).eval().save_pretrained(root)
-    write_sentence_transformers_files(root)
-    return root
-
-
-@contextlib.contextmanager
-def model_and_cluster(shape: ModelShape):
-    """A temporary SFR-like model, and our cluster of a head and two fake-GPU workers; yields
-    (model dir, the cluster's temp dir, {node id: name}) and tears both down."""
-    tmp, cluster, temp_dir = Path(tempfile.mkdtemp(prefix="sfr-like-")), None, None
-    try:
-        model_dir = build_model(tmp / "model", shape)
-        cluster, temp_dir, names = harness.start_cluster(FAKE_GPU_WORKERS)
-        yield model_dir, temp_dir, names
-    finally:
-        if cluster is not None:
-            harness.stop_ray(temp_dir, cluster)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def text_pool(n: int, min_words: int, max_words: int, seed: int = 0) -> list[str]:
-    """Distinct texts from the tiny tokenizer's corpus words (about one token per word)."""
-    from testkit.tiny_models import CORPUS
-
-    words, rng, texts = " ".join(CORPUS).split(), random.Random(seed), {}
-    while len(texts) < n:
-        texts.setdefault(" ".join(rng.choice(words) for _ in range(rng.randint(min_words, max_words))))
-    return list(texts)
-
-
-def serve_config(port: int, model_dir: Path, embedder: dict, max_batch_tokens: int = 2048) -> dict:
-    """A `serve run` config: `build_app` with one model, Ingress and Tokenizer on the head."""
-    on_head = {"num_cpus": 0.25, "resources": {"head_node": 0.01}}
-    model = {"name": MODEL, "source": str(model_dir), "max_input_tokens": 256, "max_batch_tokens": max_batch_tokens,
-             "batch_wait_timeout_s": 0.005, "cpu_threads": 1}  # one core per "GPU"
-    return {
-        "proxy_location": "HeadOnly",  # every node has IP 127.0.0.1 here: one proxy, one port
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": harness.APP, "route_prefix": "/", "import_path": "serve_app.deployments.app:build_app",
-            "runtime_env": {"env_vars": harness.OFFLINE_ENV},
-            "args": {"models": [model], "auth": {"enabled": False}},  # loopback only
-            "deployments": [{"name": "Ingress", "num_replicas": 1, "ray_actor_options": on_head},
-                            {"name": "Tokenizer", "num_replicas": 1, "ray_actor_options": on_head},
-                            {"name": "Embedder", **embedder}],
-        }],
-    }
-
-
-def checked(dims: int, tokens: list[int], refs: list[np.ndarray] | None = None, atol: float = 1e-4,
-            worst: dict | None = None):
-    """A `validate` for loadgen: every vector `dims` wide and unit length (or within `atol` of
-    its reference; the largest difference seen goes to `worst["max_abs_diff"]`), and usage equal
-    to the request's token count."""
-
-    def validate(index: int, payload: dict) -> str | None:
-        got = vectors(payload)
-        if got.shape[1] != dims:
-            return "wrong_shape"
-        if refs is not None:
-            diff = float(np.max(np.abs(got - refs[index])))
-            if worst is not None:
-                worst["max_abs_diff"] = max(diff, worst.get("max_abs_diff", 0.0))
-            if diff > atol:
-                return "wrong_vector"
-        if not np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4):
-            return "not_normalized"
-        return None if payload["usage"]["prompt_tokens"] == tokens[index] else "wrong_usage"
-
-    return validate
+from testkit import harness
+from testkit.loadgen import arrivals, latency_stats, run_load
+from testkit.workloads import Request
+from tests.scenarios.common import (FAKE_GPU_WORKERS, MODEL, ModelShape, checked, model_and_cluster, serve_config,
+                                    text_pool)
 
 
 @dataclass
@@ -300,8 +201,8 @@ def plot(path: Path, samples: list[dict], opts) -> None:
 
 def markdown(report: dict, opts) -> list[str]:
     return [
-        *header("Embedder autoscaling on the token backlog — scenario on this machine", report,
-                "Plot: `autoscaling.png`; every sample and request: `autoscaling.json`. How it works: bench/README.md."),
+        *harness.header("Embedder autoscaling on the token backlog — scenario on this machine", report,
+                "Plot: `autoscaling.png`; every sample and request: `autoscaling.json`. How it works: tests/scenarios/README.md."),
         f"- Cluster: head (controller, proxy, Ingress, Tokenizer) + 2 workers with `fake_gpu` {FAKE_GPU_WORKERS}; "
         "Embedder `{fake_gpu: 1, num_cpus: 0.1}`, `cpu_threads: 1`, autoscaling 1..3, "
         f"`TokenBacklogPolicy(target_backlog_tokens={opts.target_backlog_tokens})`, upscale/downscale delay "
@@ -366,13 +267,18 @@ def main(argv=None) -> int:
                                                       requests, tokens))
     client_side(samples, result.records, tokens, opts.phases)
     report = {**analyse(samples, result.records, opts, load_end),
-              **harness.stamp("bench.autoscaling_scenario", argv, m, wall0)}
+              **harness.stamp("tests.scenarios.test_autoscaling", argv, m, wall0)}
     out = Path(opts.out)
     plot(out.with_suffix(".png"), samples, opts)
     harness.write(out, {**report, "serve_config": config, "samples": samples,
                         "records": [vars(r) for r in result.records]}, markdown(report, opts))
     print(report["summary"], report["checks"], sep="\n")
     return 0 if all(report["checks"].values()) else 1
+
+
+@pytest.mark.scenario
+def test_autoscaling():
+    assert main([]) == 0, "a check failed: see bench/results/autoscaling.md"
 
 
 if __name__ == "__main__":

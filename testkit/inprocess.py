@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from .loadgen import RequestRecord
+from testkit.loadgen import RequestRecord
 
 
 class EngineRunner:

@@ -1,12 +1,13 @@
-"""What every benchmark and scenario in bench/ shares: start the service, watch it, report.
+"""What every benchmark (bench/) and scenario (tests/scenarios/) shares: start the service, watch it,
+report.
 
 * Start: a Serve config on a fresh, private Ray instance in this process, deployed as
   `serve run CONFIG` deploys it (`start_ray` + `deploy`), or on a multi-node cluster on this
-  machine (`start_cluster` + `deploy`); `python -m bench.harness CONFIG` does the same in a
-  process of its own until signalled (bench/servers.py's ServedSystem runs it).
+  machine (`start_cluster` + `deploy`); `python -m testkit.harness CONFIG` does the same in a
+  process of its own until signalled (testkit/servers.py's ServedSystem runs it).
 * Watch: the controller's view of each deployment (`deployments`), Prometheus metrics
   (`scrape`), anything else every few seconds beside the load (`sample_every`).
-* Report: the machine (`machine`), markdown tables (`md_table`, `md_checks`), and
+* Report: the machine (`machine`, `stamp`, `header`), markdown tables (`md_table`, `md_checks`), and
   `write(prefix, report, md_lines)` for .json + .md (plots: `pyplot`).
 """
 
@@ -45,8 +46,9 @@ def log(msg: str) -> None:
 
 def machine() -> dict:
     """CPU model, cores, memory and the versions that matter, for every results file."""
-    import psutil
     from importlib.metadata import PackageNotFoundError, version
+
+    import psutil
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -322,6 +324,12 @@ def metric_sum(metrics: dict[str, float], name: str) -> float | None:
 # Reporting
 
 
+def header(title: str, report: dict, what: str) -> list[str]:
+    """A scenario's results file opens with its title, the command, when, on what, and `what`."""
+    return [f"# {title}", "", f"`{report['command']}`, {report['generated']}; "
+            f"{machine_line(report['machine'])}. {what}", ""]
+
+
 def md_table(header: list[str], rows: list[list]) -> list[str]:
     cell = lambda v: "–" if v is None else str(v)  # noqa: E731
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
@@ -372,7 +380,7 @@ def pyplot():
 
 
 # --------------------------------------------------------------------------------------------
-# `python -m bench.harness CONFIG`: `serve run CONFIG` on a private Ray instance, until signalled
+# `python -m testkit.harness CONFIG`: `serve run CONFIG` on a private Ray instance, until signalled
 
 
 def main(argv: list[str] | None = None) -> int:
