@@ -3,15 +3,15 @@
 Three systems embed the same documents with deploy/local.yaml's all-MiniLM-L6-v2, one after
 another on this machine:
 
-  in-process  the engine layer in this process (bench/inprocess.py), 64 documents per call:
+  in-process  the engine layer in this process (testkit/inprocess.py), 64 documents per call:
               the ceiling.
   job         `serve_app.batch` (Ray Data) on a fresh local Ray instance, from a JSONL file to
               Parquet: the wall time of the whole run, start-up (actors, model load) included,
               and its steady state (from the first output file to the last, by modification time).
-  served      the service's bulk path: deploy/local.yaml served (bench/servers.py), 8 clients
-              sending 64 documents per request (bench/loadgen.py).
+  served      the service's bulk path: deploy/local.yaml served (testkit/servers.py), 8 clients
+              sending 64 documents per request (testkit/loadgen.py).
 
-Documents are the bulk workload's (bench/workloads.py) at 20-150 words, so that every one fits
+Documents are the bulk workload's (testkit/workloads.py) at 20-150 words, so that every one fits
 the model's 256 tokens (the job reports longer ones as errors; the others would truncate).
 Tokens are counted with the model's tokenizer for every system. Writes
 bench/results/batch_job.{md,json}:

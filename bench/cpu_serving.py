@@ -3,7 +3,7 @@
     python -m bench.cpu_serving            # full run, ~6-8 min; writes bench/results/cpu_serving.*
     python -m bench.cpu_serving --quick    # smoke run, ~2-3 min; writes bench/.work/quick/
 
-One after another, on the same seeded workloads (bench/workloads.py: search, bulk, mixed):
+One after another, on the same seeded workloads (testkit/workloads.py: search, bulk, mixed):
 served (deploy/local.yaml on its own Ray instance, over HTTP), Infinity (installed on first use
 into bench/.venv-infinity, the same model directory), and in-process (our engine on the same
 texts in request-sized groups; at the served Embedder's thread count; batched: all clients'
@@ -264,7 +264,7 @@ def write_markdown(path: Path, res: dict) -> None:
         + (" (sentence-transformers, the correctness reference, in float32)" if res.get("dtype") == "bfloat16" else "")
         + ".", "",
         f"**Machine sharing:** {res['sharing']['verdict']}", "",
-        f"Each HTTP system × workload: warm-up, then {s['load_s']:.0f} s of closed-loop load (bench/loadgen.py, on "
+        f"Each HTTP system × workload: warm-up, then {s['load_s']:.0f} s of closed-loop load (testkit/loadgen.py, on "
         "the same cores). In-process: the same requests' texts, one request-sized group per call (batched: all "
         f"clients' requests merged per call), {s['inprocess_s']:.0f} s each. Tokens are counted with the model's "
         "tokenizer for every system (special tokens included, truncated to 256); latency is per request "
