@@ -325,7 +325,7 @@ def metric_sum(metrics: dict[str, float], name: str) -> float | None:
 
 
 def header(title: str, report: dict, what: str) -> list[str]:
-    """A scenario's results file opens with its title, the command, when, on what, and `what`."""
+    """A report opens with its title, the command, when, on what machine, and `what`."""
     return [f"# {title}", "", f"`{report['command']}`, {report['generated']}; "
             f"{machine_line(report['machine'])}. {what}", ""]
 
