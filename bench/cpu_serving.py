@@ -3,7 +3,7 @@
     python -m bench.cpu_serving            # full run, ~6-8 min; writes bench/results/cpu_serving.*
     python -m bench.cpu_serving --quick    # smoke run, ~2-3 min; writes bench/.work/quick/
 
-One after another, on the same seeded workloads (bench/workloads.py: search, bulk, mixed):
+One after another, on the same seeded workloads (testkit/workloads.py: search, bulk, mixed):
 served (deploy/local.yaml on its own Ray instance, over HTTP), Infinity (installed on first use
 into bench/.venv-infinity, the same model directory), and in-process (our engine on the same
 texts in request-sized groups; at the served Embedder's thread count; batched: all clients'
@@ -29,12 +29,14 @@ import httpx
 import numpy as np
 import yaml
 
-from . import workloads as wls
-from .harness import REPO, RESULTS, WORK, log, machine, md_table, ms
-from .inprocess import EngineRunner, SentenceTransformerRunner, run_groups
-from .loadgen import WARMUP_OFFSET, embeddings_url, format_summary, run_load_sync, summarize, vectors
-from .procstats import CpuMeter, wait_for_quiet
-from .servers import InfinitySystem, ServedSystem
+from testkit import workloads as wls
+from testkit.harness import REPO, RESULTS, WORK, log, machine, md_table, ms
+from testkit.inprocess import EngineRunner, SentenceTransformerRunner, run_groups
+from testkit.loadgen import WARMUP_OFFSET, embeddings_url, format_summary, run_load_sync, summarize, vectors
+from testkit.procstats import CpuMeter, wait_for_quiet
+from testkit.servers import ServedSystem
+
+from .infinity import InfinitySystem
 
 WORKLOAD_NAMES = ("search", "bulk", "mixed")
 REQUEST_CAPS = {"search": 6000, "bulk": 400, "mixed": 2000}  # durations bind first on this machine
@@ -262,7 +264,7 @@ def write_markdown(path: Path, res: dict) -> None:
         + (" (sentence-transformers, the correctness reference, in float32)" if res.get("dtype") == "bfloat16" else "")
         + ".", "",
         f"**Machine sharing:** {res['sharing']['verdict']}", "",
-        f"Each HTTP system × workload: warm-up, then {s['load_s']:.0f} s of closed-loop load (bench/loadgen.py, on "
+        f"Each HTTP system × workload: warm-up, then {s['load_s']:.0f} s of closed-loop load (testkit/loadgen.py, on "
         "the same cores). In-process: the same requests' texts, one request-sized group per call (batched: all "
         f"clients' requests merged per call), {s['inprocess_s']:.0f} s each. Tokens are counted with the model's "
         "tokenizer for every system (special tokens included, truncated to 256); latency is per request "
@@ -317,7 +319,7 @@ def write_markdown(path: Path, res: dict) -> None:
 
 
 def write_plots(out_dir: Path, res: dict) -> list[str]:
-    from .harness import pyplot
+    from testkit.harness import pyplot
 
     plt = pyplot()
     if plt is None:

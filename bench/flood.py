@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from bench import harness, scenario
+from testkit import harness
 
 TARGET_S = 1.0
 # ~200 MiniLM tokens (WordPiece: one per word here), under its 256-token input limit.
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         f"every query under {TARGET_S:.0f} s": max(query_s) < TARGET_S,
     }
     report = harness.stamp("bench.flood", argv, machine, wall0) | {"figures": figures, "checks": checks, **result}
-    lines = scenario.header("Flood of over-bound requests", report, (
+    lines = harness.header("Flood of over-bound requests", report, (
         f"{args.requests} concurrent requests of {args.inputs} inputs of ~200 tokens each (over "
         f"max_tokens_per_request) to {model}, a plain query every {args.query_every_s} s meanwhile."))
     harness.write(args.out, report, lines + harness.md_figures(figures) + [""] + harness.md_checks(checks))

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from testkit import harness
 
 WORK = Path(__file__).resolve().parent / ".work" / "load_memory"
 # SFR-Embedding-Mistral's config.json (Mistral-7B), as ARCHITECTURE.md lists it.
@@ -112,15 +113,6 @@ def measure(path: Path, way: str, device: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def machine() -> str:
-    import psutil
-
-    memory = psutil.virtual_memory()
-    return (f"{platform.node()}: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
-            f"{memory.total / 2**30:.0f} GiB RAM ({memory.available / 2**30:.0f} GiB available at start), "
-            f"Python {platform.python_version()}")
-
-
 def report(rows: list[dict], layers: int, checkpoint_bytes: int, machine_text: str) -> str:
     gib = 2**30
     lines = [
@@ -175,12 +167,10 @@ def main() -> None:
     for way in ("old", "new"):
         rows.append(measure(path, way, args.device))
         print(json.dumps(rows[-1]), flush=True)
-    machine_text = machine()
-    text = report(rows, args.layers, checkpoint_bytes, machine_text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    (args.out.with_suffix(".json")).write_text(json.dumps({"layers": args.layers, "checkpoint_bytes": checkpoint_bytes,
-                                                          "machine": machine_text, "rows": rows}, indent=1))
+    machine = harness.machine()
+    text = report(rows, args.layers, checkpoint_bytes, harness.machine_line(machine))
+    harness.write(args.out.with_suffix(""), {"layers": args.layers, "checkpoint_bytes": checkpoint_bytes,
+                                            "machine": machine, "rows": rows}, text.splitlines())
     print(text)
 
 

@@ -8,10 +8,10 @@ Three systems, one after another, on the same machine and the same requests:
   ours       deploy/local.yaml as it is (request classes and the embedding cache as configured);
   ours-fifo  the same file with `priority: {enabled: false}` and `cache: false` on every model:
              one first-come-first-served path, no cache (`fifo_config`);
-  infinity   Infinity 0.0.78 on the same model directory, offline (bench/servers.py).
+  infinity   Infinity 0.0.78 on the same model directory, offline (bench/infinity.py).
 
 Each gets, at once, for `--load-s` seconds: a bulk indexing load, `--bulk-clients` closed-loop
-clients × 64 documents (bench/workloads.py's bulk; `truncate: true` for ours), and an open loop
+clients × 64 documents (testkit/workloads.py's bulk; `truncate: true` for ours), and an open loop
 of plain one-text OpenAI requests (no extension field) at `--rate` per second, each sent at its
 scheduled time whatever the others are doing, its latency counted from that time. A
 `--repeat-share` of the queries is drawn from a pool of `--pool` queries, the rest are unique; a
@@ -33,10 +33,12 @@ from pathlib import Path
 
 import yaml
 
-from bench import harness, workloads
-from bench.loadgen import WARMUP_OFFSET, arrivals, latency_stats, run_load, run_load_sync, summarize
-from bench.procstats import CpuMeter
-from bench.servers import InfinitySystem, ServedSystem
+from testkit import harness, workloads
+from testkit.loadgen import WARMUP_OFFSET, arrivals, latency_stats, run_load, run_load_sync, summarize
+from testkit.procstats import CpuMeter
+from testkit.servers import ServedSystem
+
+from bench.infinity import InfinitySystem
 
 SYSTEMS = ("ours", "ours-fifo", "infinity")
 CACHE_COUNTERS = ("ray_embeddings_cache_hits_total", "ray_embeddings_cache_misses_total",

@@ -4,20 +4,19 @@
     python -m bench.serve_variants --workload bulk --rounds 2
 
 Each variant is deploy/local.yaml with one change. Every round starts each variant on its own
-fresh Ray instance (bench.servers.ServedSystem) and drives the same seeded workload at it
-(bench/loadgen.py, 127.0.0.1 only, bounded in requests and seconds); variants take turns
+fresh Ray instance (testkit.servers.ServedSystem) and drives the same seeded workload at it
+(testkit/loadgen.py, 127.0.0.1 only, bounded in requests and seconds); variants take turns
 within a round, so slow drifts of a shared machine hit them alike. Reported: texts/s per round,
 each variant's ratio to the shipped config *in the same round*, and the CPU each Serve process
-used. Writes bench/results/serve_variants_<workload>.{md,json}.
+used. Writes bench/.work/serve_variants_<workload>.{md,json} (git-ignored): an A/B is a one-off
+question; a run that decides a default is recorded with `--out bench/results/serve_variants_<name>`
+and gets its line in docs/decisions.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import os
-import platform
 import statistics
 import sys
 import time
@@ -25,13 +24,13 @@ from pathlib import Path
 
 import yaml
 
-from . import workloads as wls
-from .loadgen import WARMUP_OFFSET, format_summary, run_load_sync, summarize
-from .harness import LOCAL_CONFIG as SHIPPED, RESULTS, WORK, without_direct_ingress, write
-from .procstats import CpuMeter
-from .mixed_traffic import fifo_config
-from .servers import ServedSystem
+from testkit import workloads as wls
+from testkit.harness import LOCAL_CONFIG as SHIPPED, WORK, machine, machine_line, stamp, without_direct_ingress, write
+from testkit.loadgen import WARMUP_OFFSET, format_summary, run_load_sync, summarize
+from testkit.procstats import CpuMeter
+from testkit.servers import ServedSystem
 
+from .mixed_traffic import fifo_config
 
 
 def _app(config: dict) -> dict:
@@ -133,7 +132,7 @@ def render(res: dict) -> list[str]:
     lines = [
         f"# Serve settings A/B: {res['workload']} workload",
         "",
-        f"`{res['command']}`, {res['generated']}, {res['machine']}. Each variant is `deploy/local.yaml` "
+        f"`{res['command']}`, {res['generated']}, {machine_line(res['machine'])}. Each variant is `deploy/local.yaml` "
         f"with one change, started fresh on its own Ray instance each round; {res['load_s']:.0f} s of "
         f"closed-loop load per measurement ({res['clients']} clients); variants take turns within a round.",
         "",
@@ -177,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--load-s", type=float, default=20.0)
     p.add_argument("--max-requests", type=int, default=6000)
-    p.add_argument("--out", default=None, help="path prefix (default bench/results/serve_variants_<workload>)")
+    p.add_argument("--out", default=None, help="path prefix (default bench/.work/serve_variants_<workload>)")
     args = p.parse_args(argv)
+    wall0, facts = time.monotonic(), machine()
 
     names = [n for n in args.variants.split(",") if n]
     unknown = set(names) - set(VARIANTS)
@@ -203,13 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         rounds.append(results)
 
     res = {
-        "command": "python -m bench.serve_variants " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+        **stamp("bench.serve_variants", argv, facts, wall0),
         "workload": args.workload, "clients": wl.concurrency, "load_s": args.load_s,
         "variants": names, "rounds": rounds,
     }
-    write(Path(args.out) if args.out else RESULTS / f"serve_variants_{args.workload}", res, render(res))
+    write(Path(args.out) if args.out else WORK / f"serve_variants_{args.workload}", res, render(res))
     print("\n".join(render(res)))
     return 0
 

@@ -5,9 +5,9 @@ import copy
 
 import pytest
 
-from bench import harness
-from bench.loadgen import arrivals
 from bench.mixed_traffic import cache_report, fifo_config, query_stream
+from testkit import harness
+from testkit.loadgen import arrivals
 
 
 def test_open_loop_schedule_follows_the_rate_and_skips_idle_time():

@@ -1,7 +1,7 @@
 """Scenario tests against a live Serve app: an Embedder replica killed mid-load.
 
-The full, multi-node versions (with plots and reports) are bench/replica_kill_scenario.py and
-bench/autoscaling_scenario.py; this is the fast check, in the session's single Ray instance.
+The full, multi-node versions (with plots and reports) are tests/scenarios/test_replica_kill.py and
+tests/scenarios/test_autoscaling.py; this is the fast check, in the session's single Ray instance.
 The app is deployed the way `serve run <config>` deploys one (a `ServeDeploySchema` applied
 by the controller), under its own name and route prefix, so that its `deployments:` section
 can fix the Embedder at two replicas without touching the session's other apps.
@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.scenario import fault_when_busy
+from tests.scenarios.common import fault_when_busy
 from testkit.app import TINY_MAX_TOKENS
 
 APP = "replica-kill"
@@ -24,7 +24,7 @@ PREFIX = "/replica-kill"
 WORDS = "the quick brown fox jumps over lazy dog cat sleeps in warm sun search vectors".split()
 CLIENTS = 8
 LOAD_S = 12.0
-KILL_AFTER_S = 3.0  # then as soon as the victim holds work (bench.scenario.fault_when_busy)
+KILL_AFTER_S = 3.0  # then as soon as the victim holds work (tests.scenarios.common.fault_when_busy)
 
 
 def _embedder_replicas(controller) -> list[dict]:
