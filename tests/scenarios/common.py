@@ -148,7 +148,9 @@ def serve_config(port: int, model_dir: Path, embedder: dict, max_batch_tokens: i
         "applications": [{
             "name": harness.APP, "route_prefix": "/", "import_path": "serve_app.deployments.app:build_app",
             "runtime_env": {"env_vars": harness.OFFLINE_ENV},
-            "args": {"models": [model], "auth": {"enabled": False}},  # loopback only
+            # Auth off: loopback only. Cache off: the load repeats texts from a small pool, and
+            # cached rows never reach the Embedder whose behaviour the scenarios watch.
+            "args": {"models": [model], "auth": {"enabled": False}, "cache": {"max_bytes": 0}},
             "deployments": [{"name": "Ingress", "num_replicas": 1, "ray_actor_options": on_head},
                             {"name": "Tokenizer", "num_replicas": 1, "ray_actor_options": on_head},
                             {"name": "Embedder", **embedder}],
