@@ -57,7 +57,7 @@ def start_cluster(temp_dir: str):
 def job_config(path: Path) -> Path:
     config = yaml.safe_load(CONFIG.read_text())
     app = config["applications"][0]
-    app["args"]["models"][0]["cpu_threads"] = 1  # one core per stand-in GPU
+    app["args"]["models"][0].setdefault("tuning", {})["cpu_threads"] = 1  # one core per stand-in GPU
     embedder = next(d for d in app["deployments"] if d["name"] == "Embedder")
     embedder["ray_actor_options"] = {"num_cpus": 1, "resources": {"fake_gpu": 1}}
     path.write_text(yaml.safe_dump(config))

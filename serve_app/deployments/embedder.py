@@ -71,7 +71,7 @@ class Embedder:
         self.spec = next(iter(self.specs.values()))  # the settings they share
         # Ray sets OMP_NUM_THREADS from the replica's num_cpus; match torch to it so that
         # replicas sharing a machine don't oversubscribe its cores.
-        threads = max(1, self.spec.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
+        threads = max(1, self.spec.tuning.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
         torch.set_num_threads(threads)
         self.engine = EmbeddingEngine.load_models(list(self.specs.values()), cpu_threads=threads)
         # Per request class, by default one batch in flight per CPU lane: the lanes take the
@@ -79,7 +79,7 @@ class Embedder:
         # assembly finish, and two small batches (one pass each) run side by side. The engine's
         # scheduler orders the passes of all batches in flight (interactive first), and runs one
         # pass at a time per lane, so on a GPU the memory holds one pass's activations.
-        self._in_flight = self.spec.batches_in_flight or self.engine.lanes
+        self._in_flight = self.spec.tuning.batches_in_flight or self.engine.lanes
         self._slots = {request_class: asyncio.Semaphore(self._in_flight) for request_class in Priority}
         # Threads that wait for the engine's lanes, so the event loop never blocks.
         self._forward_threads = ThreadPoolExecutor(len(Priority) * self._in_flight, thread_name_prefix="forward")
@@ -91,7 +91,7 @@ class Embedder:
         self._batchers = {Priority.INTERACTIVE: self._embed_interactive, Priority.BATCH: self._embed_batch}
         for batcher in self._batchers.values():
             batcher.set_max_batch_size(self.spec.max_batch_tokens)
-            batcher.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+            batcher.set_batch_wait_timeout_s(self.spec.tuning.batch_wait_timeout_s)
         # Per class, its batch slots' busy time in the current ~1 s window and the window's start,
         # for the adaptive batch wait.
         self._busy = {request_class: [0.0, time.perf_counter()] for request_class in Priority}
@@ -215,7 +215,7 @@ class Embedder:
         if now - window[1] >= 1.0:
             busy = window[0] / (now - window[1]) > 0.5
             self._batchers[request_class].set_batch_wait_timeout_s(
-                self.spec.busy_batch_wait_timeout_s if busy else self.spec.batch_wait_timeout_s
+                self.spec.tuning.busy_batch_wait_timeout_s if busy else self.spec.tuning.batch_wait_timeout_s
             )
             window[:] = [0.0, now]
 

@@ -15,15 +15,15 @@ import torch
 
 from .adapters import RowAdapters, adapter_names, load_adapters
 from .attention import attends_only_backwards
-from .errors import RowsOutOfMemory
-from .faults import FaultInjection, probe_device, release_cached_memory
 from .batching import MicroBatch, PackedPass, padding_ratio, plan_micro_batches, plan_packed_passes, plan_per_group
 from .compiled import begin_pass, compile_layers, graph_shapes, pass_shape
+from .errors import RowsOutOfMemory
+from .faults import FaultInjection, probe_device, release_cached_memory
 from .host_memory import HostMemoryTrimmer
 from .loading import load_model, load_tokenizer, resolve_spec
-from .scheduling import PassScheduler, Priority
 from .packing import pack_inputs_and_spans, pool_packed, supports_packing
 from .quantization import check_fp8_supported, quantize_fp8
+from .scheduling import PassScheduler, Priority
 from .spec import ModelSpec, check_shareable, dtype_name, merges_adapter
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class PassResult:
     with the positions of rows that did not fit alone and the out-of-memory events met."""
 
     rows: torch.Tensor
-    done: "torch.cuda.Event | None"
+    done: torch.cuda.Event | None
     unfit: list[int]
     out_of_memory_events: int
 
@@ -181,11 +181,11 @@ class EmbeddingEngine:
         self.resolved = None
 
     @classmethod
-    def load(cls, spec: ModelSpec, cpu_threads: int | None = None) -> "EmbeddingEngine":
+    def load(cls, spec: ModelSpec, cpu_threads: int | None = None) -> EmbeddingEngine:
         return cls.load_models([spec], cpu_threads)
 
     @classmethod
-    def load_models(cls, specs: Sequence[ModelSpec], cpu_threads: int | None = None) -> "EmbeddingEngine":
+    def load_models(cls, specs: Sequence[ModelSpec], cpu_threads: int | None = None) -> EmbeddingEngine:
         """One model, or several over one base (spec.share_base): the base loads once, and the
         models' adapters stay unmerged beside it. A lone model's adapter is merged into the
         weights unless it says merge_adapter: false (spec.merges_adapter)."""
@@ -206,13 +206,14 @@ class EmbeddingEngine:
         if spec.quantization == "fp8":
             quantize_fp8(model, spec.fp8_granularity)
         on_gpu = device.startswith("cuda")
-        micro = spec.micro_batch_tokens or (
+        tuning = spec.tuning
+        micro = tuning.micro_batch_tokens or (
             spec.max_batch_tokens if on_gpu else min(spec.max_batch_tokens, CPU_MICRO_BATCH_TOKENS)
         )
-        batch_pass = spec.batch_pass_tokens or min(micro, GPU_BATCH_PASS_TOKENS if on_gpu else CPU_BATCH_PASS_TOKENS)
+        batch_pass = tuning.batch_pass_tokens or min(micro, GPU_BATCH_PASS_TOKENS if on_gpu else CPU_BATCH_PASS_TOKENS)
         engine = cls(
-            model, device, resolved[spec.name].pooling, spec.normalize, micro, cpu_threads, spec.cpu_lanes,
-            batch_pass, spec.batch_share, choose_pack_above_padding(spec, model, device),
+            model, device, resolved[spec.name].pooling, spec.normalize, micro, cpu_threads, tuning.cpu_lanes,
+            batch_pass, tuning.batch_share, choose_pack_above_padding(spec, model, device),
             names if unmerged else None, choose_compile(spec, device), resolved[spec.name].max_input_tokens,
         )
         engine.resolved_models = resolved
@@ -253,7 +254,7 @@ class EmbeddingEngine:
         out = np.empty((len(sequences), self.dimensions), dtype=np.float32)
         unfit, out_of_memory_events = [], 0
         try:
-            for batch, future in zip(plan, running):
+            for batch, future in zip(plan, running, strict=True):
                 result = future.result()
                 if result.done is not None:
                     result.done.synchronize()
@@ -312,7 +313,7 @@ class EmbeddingEngine:
                     raise RuntimeError(
                         f"the largest forward pass does not fit in {self.device} memory: {rows} rows of "
                         f"{width} tokens (max_input_tokens), {rows * width} padded tokens, the pass size that "
-                        f"max_batch_tokens (or micro_batch_tokens / batch_pass_tokens) allows: lower "
+                        f"max_batch_tokens (or tuning.micro_batch_tokens / tuning.batch_pass_tokens) allows: lower "
                         f"max_batch_tokens (or max_input_tokens), or give the replica a device with more "
                         f"free memory ({exc})"
                     ) from exc
@@ -481,13 +482,13 @@ def _pass_adapters(batch: MicroBatch | PackedPass, adapters: list[str]) -> list[
 
 def choose_pack_above_padding(spec: ModelSpec, model, device: str) -> float:
     """The spec's packing threshold, else the device's; 1.0 (never) for a model that cannot pack."""
-    threshold = spec.pack_above_padding
+    threshold = spec.tuning.pack_above_padding
     if threshold is None:
         threshold = DEFAULT_PACK_ABOVE_PADDING["cuda" if device.startswith("cuda") else "cpu"]
     if threshold < 1.0 and not supports_packing(model, device):
-        if spec.pack_above_padding is not None:
+        if spec.tuning.pack_above_padding is not None:
             raise ValueError(
-                f"model {spec.name!r}: pack_above_padding is set, but this model attends across "
+                f"model {spec.name!r}: tuning.pack_above_padding is set, but this model attends across "
                 "packed sequences (its attention mask ignores position ids, as RoBERTa's does); "
                 "remove the setting to run padded passes"
             )
