@@ -15,11 +15,17 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from enum import Enum
+from typing import Any, TypeVar
 
 
 class Priority(str, Enum):
     INTERACTIVE = "interactive"
     BATCH = "batch"
+
+
+# A queued pass: what to run, and the future that gets its result.
+Pass = tuple[Callable[[], Any], Future[Any]]
+T = TypeVar("T")
 
 
 class PassScheduler:
@@ -33,7 +39,7 @@ class PassScheduler:
         if not 0 < batch_share < 1:
             raise ValueError("batch_share must be between 0 and 1")
         self.batch_share = batch_share
-        self._queues: dict[Priority, deque] = {Priority.INTERACTIVE: deque(), Priority.BATCH: deque()}
+        self._queues: dict[Priority, deque[Pass]] = {Priority.INTERACTIVE: deque(), Priority.BATCH: deque()}
         self._ready = threading.Condition()
         # Passes started while both classes were waiting, and how many of them were batch.
         self._contested = 0
@@ -46,9 +52,9 @@ class PassScheduler:
         for thread in self._lanes:
             thread.start()
 
-    def submit(self, priority: Priority, run: Callable[[], object]) -> Future:
+    def submit(self, priority: Priority, run: Callable[[], T]) -> Future[T]:
         """Queue one pass; the future resolves to what `run()` returns (or raises)."""
-        future: Future = Future()
+        future: Future[T] = Future()
         with self._ready:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
@@ -64,7 +70,7 @@ class PassScheduler:
         for thread in self._lanes:
             thread.join()
 
-    def _next(self):
+    def _next(self) -> Pass:
         """The next pass to start (call with the lock held and a pass waiting)."""
         interactive, batch = self._queues[Priority.INTERACTIVE], self._queues[Priority.BATCH]
         if not (interactive and batch):

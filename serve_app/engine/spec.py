@@ -289,7 +289,7 @@ def share_base(models: list[ModelSpec]) -> list[list[ModelSpec]]:
     and revision share one (one base in memory, their adapters unmerged), except a model with
     `merge_adapter: true`, which gets one of its own. Raises if models on one base disagree on
     a setting of the base's deployment (SHARED_FIELDS)."""
-    groups: dict[tuple, list[ModelSpec]] = {}
+    groups: dict[tuple[str | None, ...], list[ModelSpec]] = {}
     for spec in models:
         key = (spec.name,) if spec.merge_adapter else (spec.source, spec.revision)
         groups.setdefault(key, []).append(spec)
