@@ -61,7 +61,8 @@ class Tuning(BaseModel):
         ge=0,
         description="The wait used instead while forward passes kept the replica busy more than "
         "half of the last second: bigger batches cost less per text, and an idle replica keeps "
-        "the short wait (measured: bench/results/serve_variants_search_adaptive_wait.md).",
+        "the short wait (measured: bench/results/serve_variants_search_adaptive_wait.md). Lower it "
+        "if latency under load matters more than throughput.",
     )
     cpu_threads: int | None = Field(
         default=None,
@@ -85,7 +86,7 @@ class Tuning(BaseModel):
         description="Batches an Embedder replica runs at once. Default per device: one per CPU "
         "lane (the lanes take the next batch's passes while a batch finishes; measured: "
         "bench/results/serve_variants_search_in_flight.md), one on a GPU (its memory holds one "
-        "batch's activations).",
+        "batch's activations). Raise it on a GPU only if its memory holds several batches' activations.",
     )
     pack_above_padding: float | None = Field(
         default=None,
