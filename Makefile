@@ -16,13 +16,23 @@ TORCH := torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test install-serve install-test lock
+.PHONY: serve test lint docs install-serve install-test lock
 
 serve: install-serve
 	$(VENV)/bin/serve run deploy/local.yaml
 
-test: install-test
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Style, imports and likely bugs everywhere (ruff); types of serve_app/engine and serve_app/api
+# (mypy, strict there). Settings: pyproject.toml. Both always run, so that one report shows every
+# finding; lint fails if either found one.
+lint: install-test
+	$(PY) -m ruff check .; ruff=$$?; $(PY) -m mypy && exit $$ruff
+
+# docs/configuration.md, generated from the pydantic models (a unit test fails while it is stale).
+docs: install-test
+	$(PY) -m serve_app.config_reference
 
 install-serve: $(VENV)/.installed-serve
 install-test: $(VENV)/.installed-test

@@ -101,7 +101,7 @@ def base_url(ray_session, tiny_family, api_keys):
                 "adapter": str(tiny_family["adapter"]),
                 "max_input_tokens": 512,
                 "max_batch_tokens": 512,
-                "cpu_threads": 2,
+                "tuning": {"cpu_threads": 2},
             },
             {
                 "name": "tiny-sfr-lora-b",
@@ -109,7 +109,7 @@ def base_url(ray_session, tiny_family, api_keys):
                 "adapter": str(tiny_family["adapter2"]),
                 "max_input_tokens": TINY_MAX_TOKENS,
                 "max_batch_tokens": 512,
-                "cpu_threads": 2,
+                "tuning": {"cpu_threads": 2},
             },
             local_config_model(),
             {  # long inputs embedded in windows (tests/e2e/test_long_inputs.py); also on tiny-sfr's base
@@ -119,7 +119,7 @@ def base_url(ray_session, tiny_family, api_keys):
                 "long_input": "chunk",
                 "query_instruction": SFR_TASK,
                 "max_batch_tokens": 512,
-                "cpu_threads": 2,
+                "tuning": {"cpu_threads": 2},
             },
         ],
         "limits": {"max_request_bytes": MAX_REQUEST_BYTES, "max_tokens_per_request": MAX_REQUEST_TOKENS},

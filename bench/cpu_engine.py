@@ -52,7 +52,7 @@ import torch
 
 from serve_app.engine.batching import MicroBatch
 from serve_app.engine.embedder import CPU_MICRO_BATCH_TOKENS, SINGLE_THREAD_BELOW_TOKENS, EmbeddingEngine
-from serve_app.engine.spec import ModelSpec
+from serve_app.engine.spec import ModelSpec, Tuning
 from serve_app.engine.tokenization import load_input_tokenizer
 from testkit import workloads as wls
 from testkit.harness import RESULTS, md_table, write
@@ -115,7 +115,7 @@ def lanes(args) -> None:
               for g in range(args.search_groups)]
     workloads = {"bulk": bulk, "search": search}
     engines = {(d, n): EmbeddingEngine.load(ModelSpec(name="m", source=SOURCE, dtype=d, max_batch_tokens=16384,
-                                                      cpu_lanes=n), cpu_threads=args.threads)
+                                                      tuning=Tuning(cpu_lanes=n)), cpu_threads=args.threads)
                for d in dtypes for n in lane_counts}
 
     def setting(dtype: str, n: int, micro: int):

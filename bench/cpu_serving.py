@@ -433,11 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     doc = yaml.safe_load(config.read_text())
     spec = ModelSpec.model_validate(doc["applications"][0]["args"]["models"][0])
     model_dir, model = str(get_model_path()), spec.name
-    # What the served Embedder gives torch: the spec's cpu_threads, else OMP_NUM_THREADS, which Ray
+    # What the served Embedder gives torch: the spec's tuning.cpu_threads, else OMP_NUM_THREADS, which Ray
     # sets from the replica's num_cpus (serve_app/deployments/embedder.py).
     embedder = next((d for d in doc["applications"][0].get("deployments", []) if d.get("name") == "Embedder"), {})
-    served_threads = spec.cpu_threads or max(1, int((embedder.get("ray_actor_options") or {}).get("num_cpus", 1)))
-    threads_why = "cpu_threads in the config" if spec.cpu_threads else "OMP_NUM_THREADS from num_cpus"
+    served_threads = spec.tuning.cpu_threads or max(1, int((embedder.get("ray_actor_options") or {}).get("num_cpus", 1)))
+    threads_why = "tuning.cpu_threads in the config" if spec.tuning.cpu_threads else "OMP_NUM_THREADS from num_cpus"
     log(f"machine: {m['nproc']} CPUs, {m['cpu_model']}; model {model} from {model_dir}")
 
     workloads = {n: wls.get(n, settings.seed) for n in WORKLOAD_NAMES}

@@ -41,10 +41,10 @@ def _logging(**fields):
     return lambda config: _app(config).setdefault("logging_config", {}).update(fields)
 
 
-def _model(**fields):
+def _tuning(**fields):
     def change(config: dict) -> None:
         for model in _app(config)["args"]["models"]:
-            model.update(fields)
+            model.setdefault("tuning", {}).update(fields)
     return change
 
 
@@ -62,17 +62,17 @@ VARIANTS = {
     "via-proxy": ("no direct ingress: clients reach the Ingress through Serve's proxy (as before)",
                   without_direct_ingress),
     "one-lane": ("the engine as before lanes: one forward pass at a time on both threads, 2048-token passes",
-                 _model(cpu_lanes=1, micro_batch_tokens=2048)),
+                 _tuning(cpu_lanes=1, micro_batch_tokens=2048)),
     "one-batch-in-flight": ("the Embedder runs one batch at a time (shipped: one per CPU lane, two here)",
-                           _model(batches_in_flight=1)),
+                           _tuning(batches_in_flight=1)),
     "fixed-wait-5ms": ("the Embedder waits 5 ms for a batch even when busy (no adaptive wait)",
-                       _model(busy_batch_wait_timeout_s=0.005)),
+                       _tuning(busy_batch_wait_timeout_s=0.005)),
     "batch-wait-10ms": ("the Embedder waits 10 ms for a batch, busy or idle",
-                        _model(batch_wait_timeout_s=0.01, busy_batch_wait_timeout_s=0.01)),
+                        _tuning(batch_wait_timeout_s=0.01, busy_batch_wait_timeout_s=0.01)),
     "busy-wait-40ms": ("the Embedder waits 40 ms for a batch while busy (shipped: 20 ms)",
-                       _model(busy_batch_wait_timeout_s=0.04)),
+                       _tuning(busy_batch_wait_timeout_s=0.04)),
     "batch-wait-20ms": ("the Embedder waits 20 ms for a batch, busy or idle",
-                        _model(batch_wait_timeout_s=0.02, busy_batch_wait_timeout_s=0.02)),
+                        _tuning(batch_wait_timeout_s=0.02, busy_batch_wait_timeout_s=0.02)),
     "access-log-on": ("Serve's per-request access log lines on in the replicas", _logging(enable_access_log=True)),
     "log-level-warning": ("replicas log at WARNING: also drops the Ingress's own per-request line",
                           _logging(log_level="WARNING")),

@@ -37,5 +37,5 @@ def tiny_sfr_model(tiny_family) -> dict:
         "max_input_tokens": TINY_MAX_TOKENS,
         "max_batch_tokens": 512,  # small, so large requests fan out over many parts
         # Two CPU lanes, so two batches in flight that share them, as deploy/local.yaml runs.
-        "cpu_threads": 2,
+        "tuning": {"cpu_threads": 2},
     }

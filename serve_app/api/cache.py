@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -91,12 +92,13 @@ class Lookup:
         """All rows in input order, storing the computed ones (None: no misses) in `cache` if
         given; and the number of evictions."""
         evicted = 0
-        for (key, positions), row in zip(self.misses.items(), () if computed is None else computed):
+        for (key, positions), row in zip(self.misses.items(), () if computed is None else computed, strict=True):
             if cache is not None:
                 evicted += cache.put(key, row)
             for position in positions:
                 self.rows[position] = row
-        return np.stack(self.rows), evicted
+        # Every position is a hit or one of the misses filled above.
+        return np.stack(cast(list[np.ndarray], self.rows)), evicted
 
 
 def look_up(cache: VectorCache, fingerprint: str, sequences: list[list[int]]) -> Lookup:

@@ -19,7 +19,8 @@ def apply_dimensions(vectors: np.ndarray, dimensions: int | None, normalize: boo
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (out of place: arrays from Ray's object store are read-only)."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, np.finfo(np.float32).tiny)
+    scaled: np.ndarray = vectors / np.maximum(norms, np.finfo(np.float32).tiny)
+    return scaled
 
 
 def render_embeddings(

@@ -42,7 +42,7 @@ class OpenAIError(Exception):
         self.code = code
         self.headers = headers or {}
 
-    def body(self) -> dict:
+    def body(self) -> dict[str, Any]:
         return {
             "error": {
                 "message": self.message,
@@ -113,19 +113,19 @@ def install_error_handlers(app: FastAPI) -> None:
     """Replace FastAPI's {"detail": ...} shapes (404, 405, 422, 500) with OpenAI's."""
 
     @app.exception_handler(OpenAIError)
-    async def _openai_error(_: Request, exc: OpenAIError):
+    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
         return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException):
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return OpenAIError(exc.status_code, str(exc.detail), None, code, dict(exc.headers or {})).response()
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError):
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return invalid(f"Invalid request: {exc.errors()[0].get('msg', 'malformed')}").response()
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")  # never the request body: it may hold user text
         return internal_error().response()

@@ -150,6 +150,7 @@ def token_bounds(inputs: Inputs, truncate: bool, max_input_tokens: int, specials
         least = 0 if truncate else sum(lengths)
         most = [n + specials for n in lengths]
     else:
+        assert inputs.texts is not None  # an Inputs holds texts or token ids
         fewest = [_fewest_words(text) + specials for text in inputs.texts]
         least = sum(min(n, max_input_tokens) for n in fewest) if truncate else sum(fewest)
         most = [len(text.encode("utf-8", "surrogatepass")) + instruction_bytes + specials for text in inputs.texts]

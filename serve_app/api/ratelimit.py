@@ -97,7 +97,7 @@ class RateLimits(BaseModel):
 def _resolve(override: int | str | None, default: int | None) -> int | None:
     if override is None:
         return default
-    return None if override == "unlimited" else override
+    return None if isinstance(override, str) else override  # the only string is "unlimited"
 
 
 @dataclass

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, WithJsonSchema, field_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
 )
+from pydantic_core import ErrorDetails
 
 from .errors import QUOTE_MAX_CHARS, OpenAIError, invalid, quote
 from .request_class import PriorityField
@@ -23,7 +32,7 @@ class Inputs:
     token_ids: list[list[int]] | None = None
 
     def __len__(self) -> int:
-        return len(self.texts if self.texts is not None else self.token_ids)
+        return len(self.texts) if self.texts is not None else len(self.token_ids or ())
 
 
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
@@ -40,7 +49,7 @@ InputField = Annotated[Any, WithJsonSchema({
 })]
 
 
-def openapi_body(schema: type[BaseModel]) -> dict:
+def openapi_body(schema: type[BaseModel]) -> dict[str, Any]:
     """`openapi_extra` for a route that reads its body itself: the request schema it validates."""
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
 
@@ -67,7 +76,7 @@ class EmbeddingRequest(BaseModel):
 
     @property
     def inputs(self) -> Inputs:
-        return self.input
+        return cast(Inputs, self.input)  # what _parse_input made of it
 
 
 def _is_token(value: Any) -> bool:
@@ -126,7 +135,7 @@ def validate_body(schema: type[Body], payload: Any) -> Body:
         raise _describe(exc.errors()[0]) from None
 
 
-def _describe(error: dict) -> OpenAIError:
+def _describe(error: ErrorDetails) -> OpenAIError:
     loc = [str(part) for part in error.get("loc", ())]
     # A client chooses the names of unknown fields: bound them as any quoted value.
     param = loc[0][:QUOTE_MAX_CHARS] if loc else None

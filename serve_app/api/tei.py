@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from .encoding import apply_dimensions, l2_normalize
 from .errors import OpenAIError, invalid
 from .request_class import PriorityField
-from .schemas import InputField, parse_inputs, validate_body
+from .schemas import InputField, Inputs, parse_inputs, validate_body
 
 EMPTY = "empty"  # the code of TEI's one 400: a batch without inputs
 
@@ -59,7 +59,7 @@ class EmbedRequest(_Body):
 
     @field_validator("inputs", mode="before")
     @classmethod
-    def _parse_inputs(cls, value: Any):
+    def _parse_inputs(cls, value: Any) -> Inputs:
         return parse_inputs(value)
 
     @property
@@ -131,7 +131,7 @@ def render_vectors(vectors: np.ndarray) -> bytes:
 def info(
     *, model_id: str, revision: str | None, dtype: str, served_model_name: str, pooling: str,
     max_input_length: int, max_batch_tokens: int, max_client_batch_size: int, auto_truncate: bool, version: str,
-) -> dict:
+) -> dict[str, Any]:
     """GET /info in TEI's shape, with what this service knows: no fixed bound on concurrent
     requests nor a count of tokenization workers (replicas scale), so those fields are absent."""
     return {

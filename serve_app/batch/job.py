@@ -98,7 +98,7 @@ def run(
     started = time.perf_counter()
     output = output_uri(output)
     spec = job.spec.model_dump()
-    actors = actors or engine_actors(job.actor_options, job.spec.cpu_threads)
+    actors = actors or engine_actors(job.actor_options, job.spec.tuning.cpu_threads)
     corpus = CorpusDatasource(input_path, id_field=id_field, text_field=text_field)
     sink = EmbeddingSink(posixpath.join(output, EMBEDDINGS_DIR))
     context = DataContext.get_current()

@@ -83,7 +83,7 @@ class Embed:
 
         self.spec = ModelSpec.model_validate(spec)
         # Ray sets OMP_NUM_THREADS from the actor's num_cpus, as for a replica.
-        threads = max(1, self.spec.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
+        threads = max(1, self.spec.tuning.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
         torch.set_num_threads(threads)
         self.engine = EmbeddingEngine.load(self.spec, cpu_threads=threads)
         self.engine.warm_up()

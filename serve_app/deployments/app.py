@@ -30,17 +30,20 @@ logger = logging.getLogger(__name__)
 class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    models: list[ModelSpec] = Field(min_length=1)
-    # Required, so that running without API keys is always a written-down decision.
-    auth: AuthConfig
-    rate_limits: RateLimits = RateLimits()
-    limits: RequestLimits = RequestLimits()
-    priority: RequestClassPolicy = RequestClassPolicy()  # the request classes (config key as users write it)
-    cache: CacheConfig = CacheConfig()
-    tei: TeiConfig = TeiConfig()  # TEI's routes (README "TEI's API")
-    # The start-up guard's opt-out, for a cluster whose GPU nodes an autoscaler adds on demand
-    # without telling Ray its node types (see check_gpus_exist).
-    gpu_nodes_on_demand: bool = False
+    models: list[ModelSpec] = Field(min_length=1, description="The models served, by the names clients send.")
+    auth: AuthConfig = Field(
+        description="API keys. Required, so that running without them is always a written-down decision."
+    )
+    rate_limits: RateLimits = Field(default=RateLimits(), description="Requests and tokens per minute, per API key.")
+    limits: RequestLimits = Field(default=RequestLimits(), description="Per-request limits, checked before any work.")
+    priority: RequestClassPolicy = Field(default=RequestClassPolicy(), description="Request classes (docs/request-classes.md); the config key as users write it.")
+    cache: CacheConfig = Field(default=CacheConfig(), description="The Ingress's LRU cache of vectors.")
+    tei: TeiConfig = Field(default=TeiConfig(), description="TEI's routes (docs/tei.md).")
+    gpu_nodes_on_demand: bool = Field(
+        default=False,
+        description="The start-up guard's opt-out, for a cluster whose GPU nodes an autoscaler adds on "
+        "demand without telling Ray its node types (see check_gpus_exist).",
+    )
 
     @field_validator("models")
     @classmethod

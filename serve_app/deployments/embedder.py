@@ -72,7 +72,7 @@ class Embedder:
         self.spec = next(iter(self.specs.values()))  # the settings they share
         # Ray sets OMP_NUM_THREADS from the replica's num_cpus; match torch to it so that
         # replicas sharing a machine don't oversubscribe its cores.
-        threads = max(1, self.spec.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
+        threads = max(1, self.spec.tuning.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
         torch.set_num_threads(threads)
         self.engine = EmbeddingEngine.load_models(list(self.specs.values()), cpu_threads=threads)
         # Per request class, by default one batch in flight per CPU lane: the lanes take the
@@ -80,7 +80,7 @@ class Embedder:
         # assembly finish, and two small batches (one pass each) run side by side. The engine's
         # scheduler orders the passes of all batches in flight (interactive first), and runs one
         # pass at a time per lane, so on a GPU the memory holds one pass's activations.
-        self._in_flight = self.spec.batches_in_flight or self.engine.lanes
+        self._in_flight = self.spec.tuning.batches_in_flight or self.engine.lanes
         self._slots = {request_class: asyncio.Semaphore(self._in_flight) for request_class in RequestClass}
         # Threads that wait for the engine's lanes, so the event loop never blocks.
         self._forward_threads = ThreadPoolExecutor(len(RequestClass) * self._in_flight, thread_name_prefix="forward")

@@ -16,11 +16,15 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .loading import resolve_source
 from .spec import ModelSpec
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 logger = logging.getLogger(__name__)
 
@@ -44,20 +48,20 @@ def adapter_names(models: list[ModelSpec]) -> dict[str, str]:
     return names
 
 
-def load_adapters(model: torch.nn.Module, models: list[ModelSpec], names: dict[str, str]):
+def load_adapters(model: torch.nn.Module, models: list[ModelSpec], names: dict[str, str]) -> PeftModel:
     """`model` (the base) with every adapter of `models` loaded beside it, unmerged: a PeftModel."""
     from peft import PeftModel
 
     peft_model = None
     for spec in models:
         name = names[spec.name]
-        if name == BASE or (peft_model is not None and name in peft_model.peft_config):
+        if spec.adapter is None or name == BASE or (peft_model is not None and name in peft_model.peft_config):
             continue
         source = resolve_source(spec.adapter)
         logger.info("loading LoRA adapter %s (unmerged) for model %s", source, spec.name)
         # autocast_adapter_dtype=False: in the model's dtype. PEFT's default, made for training,
         # keeps a bf16 model's adapters in float32, which makes every pass's LoRA products fp32.
-        load = dict(adapter_name=name, revision=spec.adapter_revision, autocast_adapter_dtype=False)
+        load: dict[str, Any] = dict(adapter_name=name, revision=spec.adapter_revision, autocast_adapter_dtype=False)
         if peft_model is None:
             peft_model = PeftModel.from_pretrained(model, source, **load)
         else:
@@ -68,7 +72,10 @@ def load_adapters(model: torch.nn.Module, models: list[ModelSpec], names: dict[s
                 f"model {spec.name!r}: its adapter is {'DoRA' if config.peft_type == 'LORA' else config.peft_type}, "
                 "which PEFT cannot mix per row over a shared base; set merge_adapter: true"
             )
-    return peft_model.eval()
+    if peft_model is None:
+        raise ValueError("none of these models has an adapter to load")
+    loaded: PeftModel = peft_model.eval()
+    return loaded
 
 
 class RowAdapters:
@@ -81,7 +88,7 @@ class RowAdapters:
         if getattr(model, "_serve_row_adapters", False):
             # A second set of hooks would overwrite the first's names with its own (or none).
             raise ValueError("this model already has per-row adapters: use one engine per model")
-        model._serve_row_adapters = True
+        model._serve_row_adapters = True  # type: ignore[assignment]  # torch types Module attributes as modules or tensors
         self._local = threading.local()
         layers = [m for m in model.modules() if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
         if not layers:
@@ -98,7 +105,9 @@ class RowAdapters:
         finally:
             self._local.names = None
 
-    def _inject(self, module, args, kwargs):
+    def _inject(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         names = getattr(self._local, "names", None)
         # Outside rows(): no adapter, rather than PEFT's active one (the first adapter loaded).
         kwargs["adapter_names"] = names if names is not None else [BASE] * len(args[0])

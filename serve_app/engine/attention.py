@@ -13,7 +13,7 @@ import torch
 
 
 @torch.inference_mode()
-def attends_only_backwards(model, device: str) -> bool:
+def attends_only_backwards(model: torch.nn.Module, device: str) -> bool:
     """Is `model` causal? Tested, not read from its config (whose flags differ per family): two
     rows that differ only in their last token must give the same hidden states before it."""
     first, second = [5, 9, 13, 17, 21, 25], [5, 9, 13, 17, 21, 7]

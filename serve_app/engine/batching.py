@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -41,7 +42,7 @@ def plan_micro_batches(
     return batches
 
 
-def padding_ratio(lengths: list[int], batches: list[MicroBatch] | list["PackedPass"]) -> float:
+def padding_ratio(lengths: list[int], batches: Sequence[MicroBatch | PackedPass]) -> float:
     """Share of computed tokens that were padding (0.0 = none)."""
     padded = sum(batch.padded_tokens for batch in batches)
     return 1.0 - sum(lengths) / padded if padded else 0.0
@@ -91,7 +92,13 @@ def plan_packed_passes(lengths: list[int], max_tokens: int, max_rows: int = 512)
     ]
 
 
-def plan_per_group(planner, lengths: list[int], max_tokens: int, groups: list[list[int]]) -> list[MicroBatch | PackedPass]:
+# plan_micro_batches or plan_packed_passes.
+Planner = Callable[[list[int], int], Sequence[MicroBatch | PackedPass]]
+
+
+def plan_per_group(
+    planner: Planner, lengths: list[int], max_tokens: int, groups: list[list[int]]
+) -> list[MicroBatch | PackedPass]:
     """`planner`'s passes for each group of positions on its own, so that no pass mixes groups
     (e.g. sequences of different adapters), numbered as positions in `lengths`."""
     passes: list[MicroBatch | PackedPass] = []

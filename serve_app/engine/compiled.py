@@ -21,6 +21,7 @@ keep that shape's activations allocated.
 from __future__ import annotations
 
 import types
+from typing import Any
 
 import torch
 
@@ -72,12 +73,12 @@ def repeated_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return max(stacks, key=len)
 
 
-def _call_layer(layer: torch.nn.Module, *args, **kwargs):
+def _call_layer(layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     # The layer is an argument, not the compiled function's `self`: one graph serves every layer.
     return type(layer).forward(layer, *args, **kwargs)
 
 
-def _call_layer_in_graphs(layer: torch.nn.Module, *args, **kwargs):
+def _call_layer_in_graphs(layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     # A function of its own: torch keeps compiled graphs per function, and the CUDA-graph ones
     # must not take the plain ones' places (or count against their recompile limit).
     return type(layer).forward(layer, *args, **kwargs)
@@ -93,9 +94,9 @@ def compile_layers(model: torch.nn.Module, cuda_graphs: bool, max_width: int | N
     graphed = torch.compile(_call_layer_in_graphs, dynamic=True, mode="reduce-overhead") if cuda_graphs else None
     small_shapes = frozenset(graph_shapes(max_width)) if cuda_graphs else frozenset()
 
-    def forward(layer, hidden_states, *args, **kwargs):
-        small = tuple(hidden_states.shape[:2]) in small_shapes
-        return (graphed if small else compiled)(layer, hidden_states, *args, **kwargs)
+    def forward(layer: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        small = graphed is not None and tuple(hidden_states.shape[:2]) in small_shapes
+        return (graphed if graphed is not None and small else compiled)(layer, hidden_states, *args, **kwargs)
 
     for layer in repeated_layers(model):
         layer.forward = types.MethodType(forward, layer)

@@ -6,24 +6,25 @@ import itertools
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
 
 from .adapters import RowAdapters, adapter_names, load_adapters
 from .attention import attends_only_backwards
-from .errors import RowsOutOfMemory
-from .faults import FaultInjection, probe_device, release_cached_memory
 from .batching import MicroBatch, PackedPass, padding_ratio, plan_micro_batches, plan_packed_passes, plan_per_group
 from .compiled import begin_pass, compile_layers, graph_shapes, pass_shape
+from .errors import RowsOutOfMemory
+from .faults import FaultInjection, probe_device, release_cached_memory
 from .host_memory import HostMemoryTrimmer
-from .loading import load_model, load_tokenizer, resolve_spec
-from .scheduling import PassScheduler, RequestClass
+from .loading import ResolvedSpec, load_model, load_tokenizer, resolve_spec
 from .packing import pack_inputs_and_spans, pool_packed, supports_packing
 from .quantization import check_fp8_supported, quantize_fp8
+from .scheduling import PassScheduler, RequestClass
 from .spec import ModelSpec, check_shareable, dtype_name, merges_adapter
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class PassResult:
     with the positions of rows that did not fit alone and the out-of-memory events met."""
 
     rows: torch.Tensor
-    done: "torch.cuda.Event | None"
+    done: torch.cuda.Event | None
     unfit: list[int]
     out_of_memory_events: int
 
@@ -119,7 +120,7 @@ class EmbeddingEngine:
 
     def __init__(
         self,
-        model,
+        model: torch.nn.Module,
         device: str,
         pooling: str,
         normalize: bool,
@@ -167,25 +168,26 @@ class EmbeddingEngine:
         self.pack_above_padding = pack_above_padding
         # No KV cache: nothing is generated, and a cache keeps every layer's keys and values
         # alive until the pass ends (it also hides packed position ids from the mask builder).
-        self._no_cache = {"use_cache": False} if hasattr(model.config, "use_cache") else {}
-        self.dimensions = int(model.config.hidden_size)
+        config: Any = model.config  # transformers' config (torch types a module's attributes as modules or tensors)
+        self._no_cache = {"use_cache": False} if hasattr(config, "use_cache") else {}
+        self.dimensions = int(config.hidden_size)
         self.pin_memory = device.startswith("cuda")
         self.host_memory = HostMemoryTrimmer()
-        self._previous_pass_done = None  # GPU: completion event of the pass launched before
+        self._previous_pass_done: torch.cuda.Event | None = None  # GPU: completion event of the pass launched before
         lane_setup = (lambda: torch.set_num_threads(self.threads_per_lane)) if device == "cpu" else None
         self._scheduler = PassScheduler(self.lanes, batch_share, lane_setup)
         self.faults = FaultInjection.from_environment()
         self._warming_up = False  # the warm-up's passes must fit whole: no splitting
         # What load() decided from the models' files, when it loaded them: per model, and the first's.
-        self.resolved_models = {}
-        self.resolved = None
+        self.resolved_models: dict[str, ResolvedSpec] = {}
+        self.resolved: ResolvedSpec | None = None
 
     @classmethod
-    def load(cls, spec: ModelSpec, cpu_threads: int | None = None) -> "EmbeddingEngine":
+    def load(cls, spec: ModelSpec, cpu_threads: int | None = None) -> EmbeddingEngine:
         return cls.load_models([spec], cpu_threads)
 
     @classmethod
-    def load_models(cls, specs: Sequence[ModelSpec], cpu_threads: int | None = None) -> "EmbeddingEngine":
+    def load_models(cls, specs: Sequence[ModelSpec], cpu_threads: int | None = None) -> EmbeddingEngine:
         """One model, or several over one base (spec.share_base): the base loads once, and the
         models' adapters stay unmerged beside it. A lone model's adapter is merged into the
         weights unless it says merge_adapter: false (spec.merges_adapter)."""
@@ -198,7 +200,7 @@ class EmbeddingEngine:
         tokenizer = load_tokenizer(spec)
         resolved = {s.name: resolve_spec(s, tokenizer) for s in specs}
         merge = merges_adapter(specs)
-        model = load_model(resolved[spec.name], device, pick_dtype(spec.dtype, device), merge_adapter=merge)
+        model: torch.nn.Module = load_model(resolved[spec.name], device, pick_dtype(spec.dtype, device), merge_adapter=merge)
         names = adapter_names(specs)
         unmerged = not merge and any(s.adapter for s in specs)
         if unmerged:
@@ -206,13 +208,14 @@ class EmbeddingEngine:
         if spec.quantization == "fp8":
             quantize_fp8(model, spec.fp8_granularity)
         on_gpu = device.startswith("cuda")
-        micro = spec.micro_batch_tokens or (
+        tuning = spec.tuning
+        micro = tuning.micro_batch_tokens or (
             spec.max_batch_tokens if on_gpu else min(spec.max_batch_tokens, CPU_MICRO_BATCH_TOKENS)
         )
-        batch_pass = spec.batch_pass_tokens or min(micro, GPU_BATCH_PASS_TOKENS if on_gpu else CPU_BATCH_PASS_TOKENS)
+        batch_pass = tuning.batch_pass_tokens or min(micro, GPU_BATCH_PASS_TOKENS if on_gpu else CPU_BATCH_PASS_TOKENS)
         engine = cls(
-            model, device, resolved[spec.name].pooling, spec.normalize, micro, cpu_threads, spec.cpu_lanes,
-            batch_pass, spec.batch_share, choose_pack_above_padding(spec, model, device),
+            model, device, resolved[spec.name].pooling, spec.normalize, micro, cpu_threads, tuning.cpu_lanes,
+            batch_pass, tuning.batch_share, choose_pack_above_padding(spec, model, device),
             names if unmerged else None, choose_compile(spec, device), resolved[spec.name].max_input_tokens,
         )
         engine.resolved_models = resolved
@@ -253,7 +256,7 @@ class EmbeddingEngine:
         out = np.empty((len(sequences), self.dimensions), dtype=np.float32)
         unfit, out_of_memory_events = [], 0
         try:
-            for batch, future in zip(plan, running):
+            for batch, future in zip(plan, running, strict=True):
                 result = future.result()
                 if result.done is not None:
                     result.done.synchronize()
@@ -294,12 +297,11 @@ class EmbeddingEngine:
         that runs out of device memory fails the start with the settings to lower, rather than
         every long request later.
         """
-        models = list(self.adapters or [None])
         width = max(resolved.max_input_tokens for resolved in self.resolved_models.values()) if self.resolved_models else 16
         self._warming_up = True
         try:
             if self.compiled:
-                self._warm_up_compiled(models)
+                self._warm_up_compiled()
             for request_class, tokens in self.pass_tokens.items():
                 if request_class is RequestClass.BATCH and tokens == self.pass_tokens[RequestClass.INTERACTIVE]:
                     continue  # the same passes again
@@ -307,12 +309,12 @@ class EmbeddingEngine:
                 n = rows * self.lanes
                 try:
                     # Rows of every adapter, so that each one's layers have run too.
-                    self.embed([[0] * width] * n, request_class, [models[k % len(models)] for k in range(n)])
+                    self.embed([[0] * width] * n, request_class, self._warm_up_models(n))
                 except torch.OutOfMemoryError as exc:
                     raise RuntimeError(
                         f"the largest forward pass does not fit in {self.device} memory: {rows} rows of "
                         f"{width} tokens (max_input_tokens), {rows * width} padded tokens, the pass size that "
-                        f"max_batch_tokens (or micro_batch_tokens / batch_pass_tokens) allows: lower "
+                        f"max_batch_tokens (or tuning.micro_batch_tokens / tuning.batch_pass_tokens) allows: lower "
                         f"max_batch_tokens (or max_input_tokens), or give the replica a device with more "
                         f"free memory ({exc})"
                     ) from exc
@@ -320,7 +322,12 @@ class EmbeddingEngine:
             self._warming_up = False
         self._last_interactive_call = float("-inf")  # the warm-up is no query
 
-    def _warm_up_compiled(self, models: list[str | None]) -> None:
+    def _warm_up_models(self, n: int) -> list[str] | None:
+        """The models of `n` warm-up rows: every adapter in turn, so that each one's layers run too."""
+        models = list(self.adapters or [])
+        return [models[k % len(models)] for k in range(n)] if models else None
+
+    def _warm_up_compiled(self) -> None:
         """Compile before the first request does: a pass of several rows first (its trace gives
         rows and width a symbol each; a first pass as many rows as tokens wide would give them
         one, and later shapes would compile again), then one of one row (torch compiles a graph
@@ -328,7 +335,7 @@ class EmbeddingEngine:
         pass shape (compiled.graph_shapes), on the lane that will replay it."""
         shapes = [(2, 32), (1, 16)] + (graph_shapes(self.max_width) if self.cuda_graphs else [])
         for rows, width in shapes:
-            self.embed([[0] * width] * rows, RequestClass.INTERACTIVE, [models[k % len(models)] for k in range(rows)])
+            self.embed([[0] * width] * rows, RequestClass.INTERACTIVE, self._warm_up_models(rows))
 
     def check_device(self) -> None:
         """Raise if the device cannot run work any more (lost, or its context poisoned)."""
@@ -337,7 +344,7 @@ class EmbeddingEngine:
 
     def _row_adapter_names(self, models: Sequence[str] | None, n: int) -> list[str] | None:
         """Each row's adapter name, for an engine of several adapters (else None)."""
-        if self._row_adapters is None:
+        if self._row_adapters is None or self.adapters is None:
             return None
         if models is None or len(models) != n:
             raise ValueError(f"this engine serves {sorted(self.adapters)}: name the model of each of the {n} rows")
@@ -373,7 +380,10 @@ class EmbeddingEngine:
         vectors), and the out-of-memory events met."""
         try:
             self.faults.before_pass(batch.padded_tokens, self._warming_up)
-            with self._row_adapters.rows(_pass_adapters(batch, adapters)) if adapters is not None else nullcontext():
+            rows_of_adapters: AbstractContextManager[None] = nullcontext()
+            if adapters is not None and self._row_adapters is not None:
+                rows_of_adapters = self._row_adapters.rows(_pass_adapters(batch, adapters))
+            with rows_of_adapters:
                 return self._forward(batch, rows), [], 0
         except torch.OutOfMemoryError:
             if self._warming_up:
@@ -412,12 +422,12 @@ class EmbeddingEngine:
             for i, name in enumerate(adapters):
                 positions.setdefault(name, []).append(i)
             groups = list(positions.values()) if len(positions) > 1 else None
-        padded = plan_micro_batches(lengths, max_tokens) if groups is None or self.mix_adapters else (
-            plan_per_group(plan_micro_batches, lengths, max_tokens, groups))
+        padded: list[MicroBatch | PackedPass] = [*plan_micro_batches(lengths, max_tokens)] if (
+            groups is None or self.mix_adapters) else plan_per_group(plan_micro_batches, lengths, max_tokens, groups)
         if self.pack_above_padding >= 1.0 or padding_ratio(lengths, padded) <= self.pack_above_padding:
             return padded
         if groups is None:
-            return plan_packed_passes(lengths, max_tokens)
+            return [*plan_packed_passes(lengths, max_tokens)]
         return plan_per_group(plan_packed_passes, lengths, max_tokens, groups)
 
     @torch.inference_mode()  # per thread: lanes need it too
@@ -456,7 +466,7 @@ class EmbeddingEngine:
         hidden = self.model(**inputs, **self._no_cache).last_hidden_state[: len(rows)]
         return self._normalized(pool(hidden, lengths[: len(rows)], self.pooling))
 
-    def _to_device(self, *tensors):
+    def _to_device(self, *tensors: Any) -> tuple[Any, ...]:
         """Host tensors (or dicts of them) onto the device before the pass: on a GPU pinned
         and without blocking, so that the copies queue ahead of the pass's kernels."""
         def move(tensor: torch.Tensor) -> torch.Tensor:
@@ -479,15 +489,15 @@ def _pass_adapters(batch: MicroBatch | PackedPass, adapters: list[str]) -> list[
     return adapters
 
 
-def choose_pack_above_padding(spec: ModelSpec, model, device: str) -> float:
+def choose_pack_above_padding(spec: ModelSpec, model: torch.nn.Module, device: str) -> float:
     """The spec's packing threshold, else the device's; 1.0 (never) for a model that cannot pack."""
-    threshold = spec.pack_above_padding
+    threshold = spec.tuning.pack_above_padding
     if threshold is None:
         threshold = DEFAULT_PACK_ABOVE_PADDING["cuda" if device.startswith("cuda") else "cpu"]
     if threshold < 1.0 and not supports_packing(model, device):
-        if spec.pack_above_padding is not None:
+        if spec.tuning.pack_above_padding is not None:
             raise ValueError(
-                f"model {spec.name!r}: pack_above_padding is set, but this model attends across "
+                f"model {spec.name!r}: tuning.pack_above_padding is set, but this model attends across "
                 "packed sequences (its attention mask ignores position ids, as RoBERTa's does); "
                 "remove the setting to run padded passes"
             )

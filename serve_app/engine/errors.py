@@ -1,5 +1,9 @@
 """Errors the engine reports about a client's input (mapped to HTTP 400 by the API layer)."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class InputError(ValueError):
     """An input the model cannot take; `param` names the offending field, OpenAI-style."""
@@ -10,8 +14,8 @@ class InputError(ValueError):
         self.param = param
         self.code = code
 
-    def __reduce__(self):  # survive pickling across Ray actors with all fields
-        return (type(self), (self.message, self.param, self.code))
+    def __reduce__(self) -> tuple[type[InputError], tuple[str, str | None, str | None]]:
+        return (type(self), (self.message, self.param, self.code))  # survive pickling across Ray actors with all fields
 
 
 class RowsOutOfMemory(RuntimeError):
@@ -24,16 +28,16 @@ class RowsOutOfMemory(RuntimeError):
     rows of other requests in the call are still served.
     """
 
-    def __init__(self, message: str, rows: list[int], vectors=None):
+    def __init__(self, message: str, rows: list[int], vectors: Any = None):
         super().__init__(message)
         self.message = message
         self.rows = rows
         self.vectors = vectors
 
     @classmethod
-    def of(cls, rows: list[int], vectors=None) -> "RowsOutOfMemory":
+    def of(cls, rows: list[int], vectors: Any = None) -> RowsOutOfMemory:
         return cls(f"{len(rows)} input(s) did not fit in the device's memory even in a forward pass of their "
                    "own; memory held elsewhere for a while may be the cause: retry shortly", rows, vectors)
 
-    def __reduce__(self):  # survive pickling across Ray actors with all fields
-        return (type(self), (self.message, self.rows, self.vectors))
+    def __reduce__(self) -> tuple[type[RowsOutOfMemory], tuple[str, list[int], Any]]:
+        return (type(self), (self.message, self.rows, self.vectors))  # survive pickling across Ray actors with all fields

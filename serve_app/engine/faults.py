@@ -44,7 +44,7 @@ class FaultInjection:
     poisoned: bool = False
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> "FaultInjection":
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> FaultInjection:
         above = environ.get(OOM_ABOVE_TOKENS)
         faults = cls(int(above) if above else None, environ.get(OOM_AT_WARMUP) == "1", environ.get(POISON_TRIGGER))
         if faults.active:

@@ -15,9 +15,10 @@ import ctypes
 import ctypes.util
 import threading
 import time
+from collections.abc import Callable
 
 
-def _load_malloc_trim():
+def _load_malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
     try:
         return ctypes.CDLL(name).malloc_trim if name else None

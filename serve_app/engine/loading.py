@@ -7,8 +7,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .spec import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +34,8 @@ def resolve_source(source: str) -> str:
     return str(directory)
 
 
-def _read_json(source: str, filename: str, revision: str | None) -> dict | list | None:
-    """A JSON file of the model, from its directory or the local hub cache; None if absent."""
+def _read_json(source: str, filename: str, revision: str | None) -> Any:
+    """A JSON file of the model (parsed), from its directory or the local hub cache; None if absent."""
     path = Path(source) / filename
     if not Path(source).is_dir():
         try:
@@ -67,7 +72,7 @@ def read_sentence_transformers_info(source: str, revision: str | None) -> Senten
     return SentenceTransformersInfo(pooling, normalize, bert_config.get("max_seq_length"))
 
 
-def _pooling_from_config(config: dict) -> str | None:
+def _pooling_from_config(config: dict[str, Any]) -> str | None:
     for key, mode in (
         ("pooling_mode_lasttoken", "last_token"),
         ("pooling_mode_mean_tokens", "mean"),
@@ -89,7 +94,7 @@ class ResolvedSpec:
     max_input_tokens: int
 
 
-def resolve_spec(spec: ModelSpec, tokenizer) -> ResolvedSpec:
+def resolve_spec(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> ResolvedSpec:
     path = resolve_source(spec.source)
     info = read_sentence_transformers_info(path, spec.revision)
     pooling = spec.pooling or info.pooling or "last_token"
@@ -108,7 +113,7 @@ def resolve_spec(spec: ModelSpec, tokenizer) -> ResolvedSpec:
     return ResolvedSpec(spec, path, pooling, append_eos, max_input_tokens)
 
 
-def load_tokenizer(spec: ModelSpec):
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
@@ -117,7 +122,7 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def load_model(resolved: ResolvedSpec, device: str, dtype, merge_adapter: bool = True):
+def load_model(resolved: ResolvedSpec, device: str, dtype: torch.dtype, merge_adapter: bool = True) -> PreTrainedModel:
     """The encoder (no LM head); with `merge_adapter`, its spec's LoRA adapter (if any) merged
     into the weights (for adapters kept apart, see adapters.py)."""
     from transformers import AutoModel
@@ -137,4 +142,5 @@ def load_model(resolved: ResolvedSpec, device: str, dtype, merge_adapter: bool =
         logger.info("merging LoRA adapter %s into %s", adapter, resolved.path)
         model = PeftModel.from_pretrained(model, adapter, revision=spec.adapter_revision)
         model = model.merge_and_unload()
-    return model.to(device).eval()  # the adapter's weights too
+    loaded: PreTrainedModel = model.to(device).eval()  # the adapter's weights too
+    return loaded

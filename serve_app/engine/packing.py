@@ -58,7 +58,7 @@ def pool_packed(hidden: torch.Tensor, spans: torch.Tensor, mode: str) -> torch.T
 
 
 @torch.inference_mode()
-def supports_packing(model, device: str) -> bool:
+def supports_packing(model: torch.nn.Module, device: str) -> bool:
     """Does `model` keep packed sequences apart? Two sequences packed in one row must give the
     hidden states they give alone; a model that attends across them changes the second one."""
     first, second = [5, 9, 13, 17, 21, 25, 29, 33], [7, 11, 15]

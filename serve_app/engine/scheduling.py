@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from enum import StrEnum
+from typing import Any, TypeVar
 
 
 class RequestClass(StrEnum):
@@ -23,6 +24,11 @@ class RequestClass(StrEnum):
 
     INTERACTIVE = "interactive"
     BATCH = "batch"
+
+
+# A queued pass: what to run, and the future that gets its result.
+Pass = tuple[Callable[[], Any], Future[Any]]
+T = TypeVar("T")
 
 
 class PassScheduler:
@@ -36,7 +42,7 @@ class PassScheduler:
         if not 0 < batch_share < 1:
             raise ValueError("batch_share must be between 0 and 1")
         self.batch_share = batch_share
-        self._queues: dict[RequestClass, deque] = {RequestClass.INTERACTIVE: deque(), RequestClass.BATCH: deque()}
+        self._queues: dict[RequestClass, deque[Pass]] = {RequestClass.INTERACTIVE: deque(), RequestClass.BATCH: deque()}
         self._ready = threading.Condition()
         # Passes started while both classes were waiting, and how many of them were batch.
         self._contested = 0
@@ -49,9 +55,9 @@ class PassScheduler:
         for thread in self._lanes:
             thread.start()
 
-    def submit(self, request_class: RequestClass, run: Callable[[], object]) -> Future:
+    def submit(self, request_class: RequestClass, run: Callable[[], T]) -> Future[T]:
         """Queue one pass; the future resolves to what `run()` returns (or raises)."""
-        future: Future = Future()
+        future: Future[T] = Future()
         with self._ready:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
@@ -67,7 +73,7 @@ class PassScheduler:
         for thread in self._lanes:
             thread.join()
 
-    def _next(self):
+    def _next(self) -> Pass:
         """The next pass to start (call with the lock held and a pass waiting)."""
         interactive, batch = self._queues[RequestClass.INTERACTIVE], self._queues[RequestClass.BATCH]
         if not (interactive and batch):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -11,6 +11,98 @@ Pooling = Literal["last_token", "mean", "cls"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["none", "fp8"]
 MAX_BATCHES_IN_FLIGHT = 64
+
+
+class Tuning(BaseModel):
+    """Expert settings of an Embedder deployment (`tuning:` in a model entry): how its batches
+    are cut into forward passes, scheduled and waited for. They change speed, never the vectors;
+    models that share a base set them alike. Every default is the value measured best (or the
+    only one measured) by the benchmark its description names: change one only to re-measure,
+    with that benchmark, on your hardware and traffic. A dial at the top level of a model entry
+    is an error that says where it moved."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    micro_batch_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="Padded tokens of one forward pass (a batch runs as several, sorted by length). "
+        "Default per device: max_batch_tokens on a GPU; on CPU at most 1024, where smaller passes "
+        "stay in cache (measured: `python -m bench.cpu_engine`). Lower it on a GPU whose memory "
+        "cannot hold the activations of max_batch_tokens at once.",
+    )
+    batch_pass_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="Padded tokens of one forward pass of batch-class work (indexing) while "
+        "interactive requests are about (one in the last 10 s; otherwise batch work takes the "
+        "interactive pass size). A query that arrives while such a pass runs waits for it, so "
+        "these stay small. Default per device: at most 512 on CPU (measured: bench/results/"
+        "mixed_traffic_pass_size/), at most 4096 on a GPU (bench/results/GPU_PENDING.md). Lower "
+        "it if queries wait too long beside indexing; raise it if indexing throughput matters more.",
+    )
+    batch_share: float = Field(
+        default=0.25,
+        gt=0,
+        lt=1,
+        description="When interactive and batch passes both wait, the least share of passes that "
+        "go to batch work (0.25: every fourth), so that indexing never starves. Raise it if "
+        "indexing falls behind under steady query load (measured: `python -m bench.mixed_traffic`).",
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.005,
+        ge=0,
+        description="How long a replica waits for a batch to fill. Longer waits make bigger, "
+        "cheaper batches at the cost of latency when traffic is light (measured: `python -m "
+        "bench.serve_variants`, bench/results/serve_variants_search_batch_wait.md).",
+    )
+    busy_batch_wait_timeout_s: float = Field(
+        default=0.02,
+        ge=0,
+        description="The wait used instead while forward passes kept the replica busy more than "
+        "half of the last second: bigger batches cost less per text, and an idle replica keeps "
+        "the short wait (measured: bench/results/serve_variants_search_adaptive_wait.md). Lower it "
+        "if latency under load matters more than throughput.",
+    )
+    cpu_threads: int | None = Field(
+        default=None,
+        gt=0,
+        description="torch threads of an Embedder replica on CPU. Default: OMP_NUM_THREADS, "
+        "which Ray sets from the replica's num_cpus; set it when the replica should use more "
+        "cores than it reserves from Ray.",
+    )
+    cpu_lanes: int | None = Field(
+        default=None,
+        gt=0,
+        description="On CPU, how many forward passes run side by side, each on "
+        "cpu_threads/cpu_lanes threads. Default: cpu_threads (one thread per pass: measured "
+        "best, `python -m bench.cpu_engine`, bench/results/serve_variants_bulk_lanes.md). "
+        "Ignored on a GPU, which runs one pass at a time.",
+    )
+    batches_in_flight: int | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_BATCHES_IN_FLIGHT,
+        description="Batches an Embedder replica runs at once. Default per device: one per CPU "
+        "lane (the lanes take the next batch's passes while a batch finishes; measured: "
+        "bench/results/serve_variants_search_in_flight.md), one on a GPU (its memory holds one "
+        "batch's activations). Raise it on a GPU only if its memory holds several batches' activations.",
+    )
+    pack_above_padding: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Run a batch as packed passes (no padding: sequences share rows, position ids "
+        "restart per sequence) when its sorted padded passes would waste more than this share "
+        "of their tokens; 0: always pack, 1: never. Default per device: 1 (padded passes, the only "
+        "layout measured so far on both CPU and GPU; `python -m bench.cpu_engine packing` and "
+        "bench/gpu_engine.py print which wins). Only for models whose attention masks follow "
+        "packed position ids (decoders such as Mistral).",
+    )
+
+
+# The dials that moved from a model entry's top level into `tuning`.
+TUNING_FIELDS = tuple(Tuning.model_fields)
 
 
 class ModelSpec(BaseModel):
@@ -30,7 +122,7 @@ class ModelSpec(BaseModel):
         "source and revision share one Embedder deployment, which loads the base once and keeps "
         "their adapters unmerged (see merge_adapter).",
     )
-    adapter_revision: str | None = None
+    adapter_revision: str | None = Field(default=None, description="Revision of the adapter, as revision is of source.")
     merge_adapter: bool | None = Field(
         default=None,
         description="true: merge the adapter into the weights at load, in an Embedder deployment "
@@ -73,7 +165,7 @@ class ModelSpec(BaseModel):
         "CUDA, small passes as CUDA graphs), warmed up before the replica is ready. auto: the "
         "device's default (the engine's DEFAULT_COMPILE: eager everywhere until measured).",
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when torch sees a GPU, else CPU.")
     query_instruction: str | None = Field(
         default=None,
         description="Task applied to inputs sent with input_type=query, as "
@@ -85,70 +177,10 @@ class ModelSpec(BaseModel):
         description="Token budget of one Embedder batch (what @serve.batch collects; chunks of "
         "larger requests are cut to fit it).",
     )
-    micro_batch_tokens: int | None = Field(
-        default=None,
-        gt=0,
-        description="Padded tokens of one forward pass (a batch runs as several). Default: "
-        "max_batch_tokens on a GPU; on CPU at most 1024, where smaller passes stay in cache.",
-    )
-    pack_above_padding: float | None = Field(
-        default=None,
-        ge=0,
-        le=1,
-        description="Run a batch as packed passes (no padding: sequences share rows, position ids "
-        "restart per sequence) when its sorted padded passes would waste more than this share "
-        "of their tokens; 0: always pack, 1: never. Default: per device (see the engine). Only "
-        "for models whose attention masks follow packed position ids (decoders such as Mistral).",
-    )
-    batch_wait_timeout_s: float = Field(
-        default=0.005, ge=0, description="How long a replica waits for a batch to fill."
-    )
-    batch_pass_tokens: int | None = Field(
-        default=None,
-        gt=0,
-        description="Padded tokens of one forward pass of batch-class work (indexing) while "
-        "interactive requests are about (one in the last 10 s; otherwise batch work takes the "
-        "interactive pass size). A query that arrives while such a pass runs waits for it, so "
-        "these stay small. Default: at most 512 on CPU, at most 4096 on a GPU.",
-    )
-    batch_share: float = Field(
-        default=0.25,
-        gt=0,
-        lt=1,
-        description="When interactive and batch passes both wait, the least share of passes that "
-        "go to batch work (0.25: every fourth), so that indexing never starves.",
-    )
     cache: bool = Field(
         default=True,
         description="Keep this model's vectors of interactive requests in the Ingress's LRU cache "
         "(args.cache sizes it), keyed by the exact token ids: a repeated query costs no Embedder call.",
-    )
-    busy_batch_wait_timeout_s: float = Field(
-        default=0.02,
-        ge=0,
-        description="The wait used instead while forward passes kept the replica busy more than "
-        "half of the last second: bigger batches cost less per text, and an idle replica "
-        "keeps the short wait.",
-    )
-    cpu_threads: int | None = Field(
-        default=None,
-        gt=0,
-        description="torch threads of an Embedder replica on CPU. Default: OMP_NUM_THREADS, "
-        "which Ray sets from the replica's num_cpus.",
-    )
-    cpu_lanes: int | None = Field(
-        default=None,
-        gt=0,
-        description="On CPU, how many forward passes run side by side, each on "
-        "cpu_threads/cpu_lanes threads. Default: cpu_threads (one thread per pass).",
-    )
-    batches_in_flight: int | None = Field(
-        default=None,
-        gt=0,
-        le=MAX_BATCHES_IN_FLIGHT,
-        description="Batches an Embedder replica runs at once. Default: one per CPU lane (the "
-        "lanes take the next batch's passes while a batch finishes), one on a GPU (its memory "
-        "holds one batch's activations).",
     )
     token_id_inputs: Literal["accept", "reject"] = Field(
         default="accept",
@@ -169,12 +201,31 @@ class ModelSpec(BaseModel):
         "instruction ('Instruct: {task}\\nQuery: {text}'). `query` means query_instruction unless "
         "given here.",
     )
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Run Python code shipped with the model's files (transformers' trust_remote_code).",
+    )
+    tuning: Tuning = Field(
+        default=Tuning(),
+        description="Expert settings: batching, scheduling and CPU threads, with measured defaults.",
+    )
 
     def prompt_tasks(self) -> dict[str, str]:
         """TEI's prompt names → instruction tasks: `query` is the query instruction by default."""
         default = {"query": self.query_instruction} if self.query_instruction else {}
         return default | self.prompts
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dials_live_in_tuning(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = [name for name in TUNING_FIELDS if name in data]
+            if moved:
+                raise ValueError(
+                    "; ".join(f"{name} moved to tuning.{name}" for name in moved)
+                    + " (expert settings: nest them under `tuning:` in the model entry)"
+                )
+        return data
 
     @field_validator("name")
     @classmethod
@@ -185,7 +236,7 @@ class ModelSpec(BaseModel):
         return name
 
     @model_validator(mode="after")
-    def _budget_holds_one_input(self) -> "ModelSpec":
+    def _budget_holds_one_input(self) -> ModelSpec:
         if self.max_input_tokens is not None and self.max_input_tokens > self.max_batch_tokens:
             raise ValueError(
                 f"max_batch_tokens ({self.max_batch_tokens}) must be at least "
@@ -194,13 +245,13 @@ class ModelSpec(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _merge_needs_an_adapter(self) -> "ModelSpec":
+    def _merge_needs_an_adapter(self) -> ModelSpec:
         if self.merge_adapter is not None and self.adapter is None:
             raise ValueError("merge_adapter is set, but the model has no adapter")
         return self
 
     @model_validator(mode="after")
-    def _fp8_computes_in_bfloat16(self) -> "ModelSpec":
+    def _fp8_computes_in_bfloat16(self) -> ModelSpec:
         if self.quantization == "fp8" and self.dtype not in ("auto", "bfloat16"):
             raise ValueError(
                 f"quantization: fp8 keeps the layers it does not quantize in bfloat16; "
@@ -218,13 +269,20 @@ def dtype_name(requested: str, device: str) -> str:
 
 # What one loaded base and its Embedder deployment are: models that share a base must agree on
 # these (the rest, such as adapter, max_input_tokens or query_instruction, is each model's own).
+# Every tuning dial is a setting of the deployment, so they all belong here.
 SHARED_FIELDS = (
     "source", "revision", "trust_remote_code", "dtype", "device", "quantization", "fp8_granularity", "compile",
-    "pooling", "normalize",
-    "max_batch_tokens", "micro_batch_tokens", "pack_above_padding", "batch_wait_timeout_s",
-    "busy_batch_wait_timeout_s", "batch_pass_tokens", "batch_share", "cpu_threads", "cpu_lanes",
-    "batches_in_flight",
+    "pooling", "normalize", "max_batch_tokens",
+    *(f"tuning.{name}" for name in TUNING_FIELDS),
 )
+
+
+def _setting(spec: ModelSpec, field: str) -> object:
+    """A SHARED_FIELDS value: `tuning.x` reads spec.tuning.x."""
+    value: object = spec
+    for part in field.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def share_base(models: list[ModelSpec]) -> list[list[ModelSpec]]:
@@ -232,7 +290,7 @@ def share_base(models: list[ModelSpec]) -> list[list[ModelSpec]]:
     and revision share one (one base in memory, their adapters unmerged), except a model with
     `merge_adapter: true`, which gets one of its own. Raises if models on one base disagree on
     a setting of the base's deployment (SHARED_FIELDS)."""
-    groups: dict[tuple, list[ModelSpec]] = {}
+    groups: dict[tuple[str | None, ...], list[ModelSpec]] = {}
     for spec in models:
         key = (spec.name,) if spec.merge_adapter else (spec.source, spec.revision)
         groups.setdefault(key, []).append(spec)
@@ -245,7 +303,7 @@ def check_shareable(models: list[ModelSpec]) -> None:
     """Raise unless these models can be one Embedder deployment over one base."""
     first = models[0]
     for spec in models[1:]:
-        differ = [f for f in SHARED_FIELDS if getattr(spec, f) != getattr(first, f)]
+        differ = [f for f in SHARED_FIELDS if _setting(spec, f) != _setting(first, f)]
         if differ:
             raise ValueError(
                 f"models {first.name!r} and {spec.name!r} share a base ({first.source}), so they share one "

@@ -8,12 +8,14 @@ off, and, for models that chunk long inputs, the windows an over-long input is e
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import InputError
 from .loading import ResolvedSpec, load_tokenizer, resolve_spec
 from .spec import ModelSpec, format_query
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Token ids are read in the served model's own vocabulary. The usual way to get that wrong is
 # a client that tokenized with another one: LangChain's OpenAIEmbeddings does by default.
@@ -37,7 +39,7 @@ Direction = Literal["right", "left"]
 
 
 class InputTokenizer:
-    def __init__(self, tokenizer, resolved: ResolvedSpec):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, resolved: ResolvedSpec):
         self.tokenizer = tokenizer
         self.max_tokens = resolved.max_input_tokens
         self.eos_id = tokenizer.eos_token_id if resolved.append_eos else None
@@ -106,7 +108,7 @@ class InputTokenizer:
 
     def describe_tokens(
         self, texts: list[str], task: str | None = None, add_special_tokens: bool = True
-    ) -> list[list[dict]]:
+    ) -> list[list[dict[str, Any]]]:
         """Each text's tokens as the model sees them (the EOS appended where it pools on one, no
         length rule applied): id, text, whether special, and the UTF-8 byte span in the text
         (with `task`, in the instruction-formatted text); special tokens have no span."""
@@ -117,26 +119,26 @@ class InputTokenizer:
         )
         described = []
         for text, ids, spans, special in zip(
-            texts, encoded["input_ids"], encoded["offset_mapping"], encoded["special_tokens_mask"]
+            texts, encoded["input_ids"], encoded["offset_mapping"], encoded["special_tokens_mask"], strict=True
         ):
             data = text.encode("utf-8")
             byte_at = [0]
             for char in text:
                 byte_at.append(byte_at[-1] + len(char.encode("utf-8")))
             tokens = []
-            for token_id, (start, stop), is_special in zip(ids, spans, special):
+            for token_id, (start, stop), is_special in zip(ids, spans, special, strict=True):
                 if is_special:
                     tokens.append(self._special_token(token_id))
                 else:
                     begin, end = byte_at[start], byte_at[stop]
                     tokens.append({"id": token_id, "text": data[begin:end].decode("utf-8", "replace"),
                                    "special": False, "start": begin, "stop": end})
-            if add_special_tokens and len(with_eos(ids, self.eos_id)) > len(ids):
+            if add_special_tokens and self.eos_id is not None and len(with_eos(ids, self.eos_id)) > len(ids):
                 tokens.append(self._special_token(self.eos_id))
             described.append(tokens)
         return described
 
-    def _special_token(self, token_id: int) -> dict:
+    def _special_token(self, token_id: int) -> dict[str, Any]:
         text = self.tokenizer.convert_ids_to_tokens(token_id)
         return {"id": token_id, "text": text, "special": True, "start": None, "stop": None}
 
@@ -171,7 +173,7 @@ class InputTokenizer:
         )
 
 
-def _special_tokens_around_text(tokenizer, eos_id: int | None) -> tuple[list[int], list[int]]:
+def _special_tokens_around_text(tokenizer: PreTrainedTokenizerBase, eos_id: int | None) -> tuple[list[int], list[int]]:
     """The ids the tokenizer puts before and after a text, plus the EOS we append (if any)."""
     probe = "a"
     with_special = tokenizer(probe, add_special_tokens=True)["input_ids"]

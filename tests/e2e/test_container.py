@@ -95,7 +95,7 @@ def drain_config(path: Path, port: int) -> Path:
             "route_prefix": "/",
             "import_path": "serve_app.deployments.app:build_app",
             "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
-            "args": {"models": [local_config_model() | {"cpu_threads": 1}], "auth": {"enabled": False}},
+            "args": {"models": [local_config_model() | {"tuning": {"cpu_threads": 1}}], "auth": {"enabled": False}},
             "deployments": [
                 {"name": "Ingress", "ray_actor_options": {"num_cpus": 0}},
                 {"name": "Tokenizer", "ray_actor_options": {"num_cpus": 0}},

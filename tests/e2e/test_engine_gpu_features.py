@@ -10,7 +10,7 @@ from serve_app.engine.batching import MicroBatch, PackedPass, plan_packed_passes
 from serve_app.engine.embedder import EmbeddingEngine, choose_pack_above_padding
 from serve_app.engine.packing import supports_packing
 from serve_app.engine.quantization import FP8Unsupported
-from serve_app.engine.spec import ModelSpec
+from serve_app.engine.spec import ModelSpec, Tuning
 from serve_app.engine.tokenization import load_input_tokenizer
 from testkit.app import ROOT, TINY_MAX_TOKENS
 from tests.common import TEXTS, spec_for
@@ -44,7 +44,7 @@ def test_equal_lengths_pack_one_per_row_as_padding_would():
 def test_packed_passes_equal_padded_passes(tiny_family, pooling):
     seqs = random_sequences(40)
     padded = EmbeddingEngine.load(spec_for(tiny_family["base"], pooling=pooling))
-    packed = EmbeddingEngine.load(spec_for(tiny_family["base"], pooling=pooling, pack_above_padding=0))
+    packed = EmbeddingEngine.load(spec_for(tiny_family["base"], pooling=pooling, tuning=Tuning(pack_above_padding=0)))
     assert all(isinstance(p, PackedPass) for p in packed._plan([len(s) for s in seqs]))
     done = packed.embed_counted(seqs)
     assert len(packed._plan([len(s) for s in seqs])) > 1  # several passes, several rows each
@@ -53,14 +53,14 @@ def test_packed_passes_equal_padded_passes(tiny_family, pooling):
 
 
 def test_packed_passes_equal_the_model_card_reference(tiny_family, base_reference):
-    spec = spec_for(tiny_family["base"], pack_above_padding=0)
+    spec = spec_for(tiny_family["base"], tuning=Tuning(pack_above_padding=0))
     tokenizer, engine = load_input_tokenizer(spec), EmbeddingEngine.load(spec)
     vectors = engine.embed(tokenizer.tokenize_texts(TEXTS * 3, truncate=True))
     np.testing.assert_allclose(vectors, base_reference.embed(TEXTS * 3), atol=1e-5)
 
 
 def test_packing_threshold_picks_the_layout_per_batch(tiny_family):
-    engine = EmbeddingEngine.load(spec_for(tiny_family["base"], pack_above_padding=0.2))
+    engine = EmbeddingEngine.load(spec_for(tiny_family["base"], tuning=Tuning(pack_above_padding=0.2)))
     assert all(isinstance(p, MicroBatch) for p in engine._plan([40] * 12))  # no padding to save
     # Sorted padded passes ([20, 5], [5, 5, 5]) waste 27 % here; packed, [20] and [5, 5, 5, 5]
     # fill two rows of 20 exactly.
@@ -75,7 +75,7 @@ def test_minilm_keeps_packed_sequences_apart_and_packs(tiny_family):
     # encoders too, so MiniLM's packed passes give its padded passes' vectors.
     from testkit.reference import minilm_reference
 
-    spec = ModelSpec(name="m", source=MINILM, pack_above_padding=0)
+    spec = ModelSpec(name="m", source=MINILM, tuning=Tuning(pack_above_padding=0))
     packed, padded = EmbeddingEngine.load(spec), EmbeddingEngine.load(ModelSpec(name="m", source=MINILM))
     assert supports_packing(packed.model, "cpu") and supports_packing(padded.model, "cpu")
     ids = load_input_tokenizer(spec).tokenize_texts(TEXTS * 3)
@@ -95,7 +95,7 @@ def test_encoders_that_attend_across_packed_rows_are_not_packed(tiny_family):
     assert not supports_packing(roberta, "cpu")
     assert supports_packing(EmbeddingEngine.load(spec_for(tiny_family["base"])).model, "cpu")
     with pytest.raises(ValueError, match="attends across packed sequences"):
-        choose_pack_above_padding(ModelSpec(name="m", source="r", pack_above_padding=0.1), roberta, "cpu")
+        choose_pack_above_padding(ModelSpec(name="m", source="r", tuning=Tuning(pack_above_padding=0.1)), roberta, "cpu")
     assert choose_pack_above_padding(ModelSpec(name="m", source="r"), roberta, "cpu") == 1.0
 
 

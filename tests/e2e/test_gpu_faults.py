@@ -26,7 +26,7 @@ from serve_app.engine.faults import (
     FaultInjection,
 )
 from serve_app.engine.scheduling import RequestClass
-from serve_app.engine.spec import ModelSpec
+from serve_app.engine.spec import ModelSpec, Tuning
 from serve_app.engine.tokenization import load_input_tokenizer
 from testkit.app import TINY_MAX_TOKENS
 
@@ -38,7 +38,7 @@ FITS_TOKENS = 40  # injected: passes of more padded tokens run out of memory
 
 def spec_for(path, **overrides) -> ModelSpec:
     fields = {"name": "tiny-sfr", "source": str(path), "max_input_tokens": TINY_MAX_TOKENS, "max_batch_tokens": 512,
-              "cpu_threads": 1}
+              "tuning": Tuning(cpu_threads=1)}
     return ModelSpec(**(fields | overrides))
 
 

@@ -141,7 +141,7 @@ def serve_config(port: int, model_dir: Path, embedder: dict, max_batch_tokens: i
     """A `serve run` config: `build_app` with one model, Ingress and Tokenizer on the head."""
     on_head = {"num_cpus": 0.25, "resources": {"head_node": 0.01}}
     model = {"name": MODEL, "source": str(model_dir), "max_input_tokens": 256, "max_batch_tokens": max_batch_tokens,
-             "batch_wait_timeout_s": 0.005, "cpu_threads": 1}  # one core per "GPU"
+             "tuning": {"cpu_threads": 1}}  # one core per "GPU"
     return {
         "proxy_location": "HeadOnly",  # every node has IP 127.0.0.1 here: one proxy, one port
         "http_options": {"host": "127.0.0.1", "port": port},

@@ -204,7 +204,7 @@ def markdown(report: dict, opts) -> list[str]:
         *harness.header("Embedder autoscaling on the token backlog — scenario on this machine", report,
                 "Plot: `autoscaling.png`; every sample and request: `autoscaling.json`. How it works: tests/scenarios/README.md."),
         f"- Cluster: head (controller, proxy, Ingress, Tokenizer) + 2 workers with `fake_gpu` {FAKE_GPU_WORKERS}; "
-        "Embedder `{fake_gpu: 1, num_cpus: 0.1}`, `cpu_threads: 1`, autoscaling 1..3, "
+        "Embedder `{fake_gpu: 1, num_cpus: 0.1}`, `tuning.cpu_threads: 1`, autoscaling 1..3, "
         f"`TokenBacklogPolicy(target_backlog_tokens={opts.target_backlog_tokens})`, upscale/downscale delay "
         f"{opts.upscale_delay_s}/{opts.downscale_delay_s} s, look-back {opts.look_back_period_s} s, metrics every "
         f"{opts.metrics_interval_s} s.",

@@ -5,7 +5,7 @@ midway still leaves complete, correct output.
 tokenizer, writes) and two worker nodes with one CPU and a custom resource `fake_gpu: 1` each,
 standing in for GPU nodes. The job runs deploy/local.yaml's all-MiniLM-L6-v2 with the
 Embedder's `ray_actor_options` set to `{num_cpus: 1, resources: {fake_gpu: 1}}` (and
-`cpu_threads: 1`), so its pool is one engine actor per worker node. Once both workers have
+`tuning.cpu_threads: 1`), so its pool is one engine actor per worker node. Once both workers have
 finished engine batches and `--kill-at` of the documents are committed, worker-b is removed
 without grace (raylet and workers killed). Ray Data re-runs what was lost; the job must finish
 in the same run with every id exactly once and every vector equal to the in-process engine's.
@@ -58,7 +58,7 @@ def start_cluster(temp_dir: str):
 def job_config(path: Path) -> Path:
     config = yaml.safe_load(harness.LOCAL_CONFIG.read_text())
     app = config["applications"][0]
-    app["args"]["models"][0]["cpu_threads"] = 1  # one core per stand-in GPU
+    app["args"]["models"][0].setdefault("tuning", {})["cpu_threads"] = 1  # one core per stand-in GPU
     embedder = next(d for d in app["deployments"] if d["name"] == "Embedder")
     embedder["ray_actor_options"] = {"num_cpus": 1, "resources": {"fake_gpu": 1}}
     path.write_text(yaml.safe_dump(config))

@@ -10,7 +10,7 @@ room for the rollouts' extra replicas). `--clients` closed-loop clients (75 % on
 64 documents, `truncate: true`) and, beside them, a probe client that alternately sends 4 fixed
 queries (tokenized in the Ingress) and 24 fixed documents (by the Tokenizer deployment) and
 compares every vector with sentence-transformers'. At `--redeploy1-at-s` the config is deployed
-again with changed args (Embedder `batch_wait_timeout_s` 0.005 → 0.010, Ingress
+again with changed args (Embedder `tuning.batch_wait_timeout_s` 0.005 → 0.010, Ingress
 `limits.max_inflight_tokens` → 3 000 000: new versions of every deployment); `--settle-s` after
 that is RUNNING, with the Embedder at 2 replicas. The controller's replica states are polled
 every 0.5 s. Exits 1 unless every request got exactly one 200 and every probe matched.
@@ -39,11 +39,11 @@ MIN_COSINE, MAX_ABS_DIFF = 0.99999, 1e-4
 DEPLOYMENTS = ("Ingress", "Tokenizer", "Embedder")
 
 
-def changed(config: dict, model: dict | None = None, limits: dict | None = None, **embedder) -> dict:
-    """The config with the first model's fields, the limits and the Embedder's options updated."""
+def changed(config: dict, tuning: dict | None = None, limits: dict | None = None, **embedder) -> dict:
+    """The config with the first model's tuning, the limits and the Embedder's options updated."""
     config = copy.deepcopy(config)
     app = config["applications"][0]
-    app["args"]["models"][0].update(model or {})
+    app["args"]["models"][0].setdefault("tuning", {}).update(tuning or {})
     app["args"].setdefault("limits", {}).update(limits or {})
     next(d for d in app["deployments"] if d["name"] == "Embedder").update(embedder)
     return config
@@ -108,8 +108,8 @@ async def scenario(opts, port: int, model: str, config: dict, controller, sets: 
 
     async def redeployer():
         await asyncio.sleep(max(0.0, opts.redeploy1_at_s - now()))
-        first = changed(config, model={"batch_wait_timeout_s": 0.010}, limits={"max_inflight_tokens": 3_000_000})
-        await redeploy("#1: args (Embedder batch_wait_timeout_s 0.005 → 0.010, Ingress limits.max_inflight_tokens "
+        first = changed(config, tuning={"batch_wait_timeout_s": 0.010}, limits={"max_inflight_tokens": 3_000_000})
+        await redeploy("#1: args (Embedder tuning.batch_wait_timeout_s 0.005 → 0.010, Ingress limits.max_inflight_tokens "
                        "→ 3 000 000)", first)
         await asyncio.sleep(opts.settle_s)
         await redeploy("#2: options (Embedder num_replicas 1 → 2)", changed(first, num_replicas=2))

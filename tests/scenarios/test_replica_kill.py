@@ -121,7 +121,7 @@ def markdown(rep: dict, opts) -> list[str]:
         *harness.header("Killing an Embedder replica mid-load — scenario on this machine", rep,
                 "Every request and the replica timeline: `replica_kill.json`. How it works: tests/scenarios/README.md."),
         f"- Cluster of tests/scenarios/test_autoscaling.py (workers `fake_gpu` {FAKE_GPU_WORKERS}); Embedder fixed at 2 "
-        f"replicas, `cpu_threads: 1`; model hidden {opts.shape.hidden}, {opts.shape.layers} layers.",
+        f"replicas, `tuning.cpu_threads: 1`; model hidden {opts.shape.hidden}, {opts.shape.layers} layers.",
         f"- Load: {opts.clients} closed-loop clients for {opts.duration_s:g} s, 4 distinct texts of 20-80 words per "
         f"request; one replica `ray.kill`ed (after {opts.kill_after_s:g} s) as soon as it held at least "
         f"{opts.min_victim_work} requests. A request passes with HTTP 200, indexes "

@@ -9,7 +9,7 @@ import pytest
 
 from serve_app.deployments.app import AppArgs, deployment_names
 from serve_app.engine.embedder import EmbeddingEngine
-from serve_app.engine.spec import ModelSpec, share_base
+from serve_app.engine.spec import ModelSpec, Tuning, share_base
 from serve_app.engine.tokenization import load_input_tokenizer
 from testkit.app import TINY_MAX_TOKENS
 from tests.common import TEXTS as ENGINE_TEXTS
@@ -29,7 +29,7 @@ def spec_for(tiny_family, name: str, **overrides) -> ModelSpec:
 def shared(tiny_family):
     """The bare base and its two adapters in one engine: small passes on two lanes, so that a
     call runs as several passes side by side."""
-    specs = [spec_for(tiny_family, name, micro_batch_tokens=64, cpu_lanes=2) for name in MODELS]
+    specs = [spec_for(tiny_family, name, tuning=Tuning(micro_batch_tokens=64, cpu_lanes=2)) for name in MODELS]
     return EmbeddingEngine.load_models(specs, cpu_threads=2)
 
 
@@ -150,6 +150,9 @@ def test_models_on_one_base_share_one_deployment_named_after_the_first():
 def test_models_on_one_base_must_agree_on_its_deployment_settings():
     models = [{"name": "e5", "source": "s"}, {"name": "sfr", "source": "s", "adapter": "a", "max_batch_tokens": 512}]
     with pytest.raises(ValueError, match="set max_batch_tokens differently"):
+        AppArgs.model_validate({"models": models, "auth": {"enabled": False}})
+    models[1] = {"name": "sfr", "source": "s", "adapter": "a", "tuning": {"cpu_lanes": 1}}
+    with pytest.raises(ValueError, match=r"set tuning\.cpu_lanes differently"):
         AppArgs.model_validate({"models": models, "auth": {"enabled": False}})
     models[1]["merge_adapter"] = True  # its own deployment: nothing to agree on
     AppArgs.model_validate({"models": models, "auth": {"enabled": False}})

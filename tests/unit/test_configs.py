@@ -7,6 +7,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.deployments.app import AppArgs, deployment_names
+from serve_app.engine.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,7 +33,7 @@ def test_production_config_serves_sfr_correctly():
     assert sfr.query_instruction == "Given a web search query, retrieve relevant passages that answer the query"
     embedder = next(d for d in app["deployments"] if d["name"] == "Embedder")
     assert embedder["ray_actor_options"]["num_gpus"] == 1
-    assert embedder["autoscaling_config"]["max_replicas"] > embedder["autoscaling_config"]["min_replicas"]
+    assert embedder["autoscaling_config"]["max_replicas"] > embedder["autoscaling_config"].get("min_replicas", 1)
 
 
 def test_unknown_arg_keys_are_errors():
@@ -40,3 +41,9 @@ def test_unknown_arg_keys_are_errors():
         AppArgs.model_validate({"models": [{"name": "m", "source": "s"}], "batch_size": 3})
     with pytest.raises(ValueError):
         AppArgs.model_validate({"models": [{"name": "m", "source": "s"}, {"name": "m", "source": "t"}]})
+
+
+def test_a_tuning_dial_at_a_models_top_level_says_where_it_moved():
+    with pytest.raises(ValueError, match=r"cpu_threads moved to tuning\.cpu_threads"):
+        ModelSpec.model_validate({"name": "m", "source": "s", "cpu_threads": 2})
+    assert ModelSpec.model_validate({"name": "m", "source": "s", "tuning": {"cpu_threads": 2}}).tuning.cpu_threads == 2

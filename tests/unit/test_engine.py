@@ -8,7 +8,7 @@ import pytest
 from serve_app.engine.batching import padding_ratio, plan_micro_batches
 from serve_app.engine.embedder import EmbeddingEngine
 from serve_app.engine.errors import InputError
-from serve_app.engine.spec import ModelSpec, format_query
+from serve_app.engine.spec import ModelSpec, Tuning, format_query
 from serve_app.engine.tokenization import load_input_tokenizer
 from testkit.app import SFR_TASK, TINY_MAX_TOKENS
 from tests.common import TEXTS, spec_for
@@ -142,8 +142,8 @@ def test_short_rows_are_not_padded_to_long_neighbours():
 def test_lanes_give_the_same_vectors_as_one_pass_at_a_time(tiny_family, base):
     tokenizer = base[0]
     ids = tokenizer.tokenize_texts(TEXTS * 5, truncate=True)
-    serial = EmbeddingEngine.load(spec_for(tiny_family["base"], micro_batch_tokens=64, cpu_lanes=1), cpu_threads=2)
-    lanes = EmbeddingEngine.load(spec_for(tiny_family["base"], micro_batch_tokens=64, cpu_lanes=2), cpu_threads=2)
+    serial = EmbeddingEngine.load(spec_for(tiny_family["base"], tuning=Tuning(micro_batch_tokens=64, cpu_lanes=1)), cpu_threads=2)
+    lanes = EmbeddingEngine.load(spec_for(tiny_family["base"], tuning=Tuning(micro_batch_tokens=64, cpu_lanes=2)), cpu_threads=2)
     assert (serial.lanes, lanes.lanes, lanes.threads_per_lane) == (1, 2, 1)
     np.testing.assert_allclose(lanes.embed(ids), serial.embed(ids), atol=1e-5)
     assert lanes.embed_counted(ids).padded_tokens == serial.embed_counted(ids).padded_tokens > 0
@@ -152,7 +152,7 @@ def test_lanes_give_the_same_vectors_as_one_pass_at_a_time(tiny_family, base):
 def test_calls_from_several_threads_share_the_lanes_without_mixing_rows(tiny_family, base):
     tokenizer = base[0]
     groups = [tokenizer.tokenize_texts(TEXTS[i:] + TEXTS[:i], truncate=True) for i in range(4)]
-    engine = EmbeddingEngine.load(spec_for(tiny_family["base"], micro_batch_tokens=32, cpu_lanes=2), cpu_threads=2)
+    engine = EmbeddingEngine.load(spec_for(tiny_family["base"], tuning=Tuning(micro_batch_tokens=32, cpu_lanes=2)), cpu_threads=2)
     alone = [engine.embed(ids) for ids in groups]
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(engine.embed_counted, groups * 3))
@@ -185,7 +185,7 @@ def test_cpu_forward_passes_are_capped_and_configurable(tiny_family, base):
     assert base[1].micro_batch_tokens == 256  # max_batch_tokens, below the CPU cap
     big = EmbeddingEngine.load(spec_for(tiny_family["base"], max_batch_tokens=16384))
     assert big.micro_batch_tokens == CPU_MICRO_BATCH_TOKENS
-    small = EmbeddingEngine.load(spec_for(tiny_family["base"], micro_batch_tokens=8))
+    small = EmbeddingEngine.load(spec_for(tiny_family["base"], tuning=Tuning(micro_batch_tokens=8)))
     tokenizer = base[0]
     ids = tokenizer.tokenize_texts(TEXTS, truncate=True)
     # Many tiny passes give the same vectors as one big one.
@@ -198,7 +198,7 @@ def test_a_vector_does_not_depend_on_its_class_or_on_what_ran_beside_it(tiny_fam
 
     tokenizer = base[0]
     engine = EmbeddingEngine.load(
-        spec_for(tiny_family["base"], micro_batch_tokens=64, batch_pass_tokens=32, cpu_lanes=2), cpu_threads=2
+        spec_for(tiny_family["base"], tuning=Tuning(micro_batch_tokens=64, batch_pass_tokens=32, cpu_lanes=2)), cpu_threads=2
     )
     assert engine.pass_tokens == {RequestClass.INTERACTIVE: 64, RequestClass.BATCH: 32}
     queries = tokenizer.tokenize_texts(TEXTS[:3], task=SFR_TASK)
@@ -214,7 +214,7 @@ def test_a_vector_does_not_depend_on_its_class_or_on_what_ran_beside_it(tiny_fam
 def test_batch_work_takes_small_passes_only_while_queries_are_about(tiny_family):
     from serve_app.engine.scheduling import RequestClass
 
-    engine = EmbeddingEngine.load(spec_for(tiny_family["base"], micro_batch_tokens=64, batch_pass_tokens=32))
+    engine = EmbeddingEngine.load(spec_for(tiny_family["base"], tuning=Tuning(micro_batch_tokens=64, batch_pass_tokens=32)))
     engine.warm_up()
     assert engine._pass_tokens(RequestClass.BATCH) == 64  # indexing alone: full-size passes
     assert engine._pass_tokens(RequestClass.INTERACTIVE) == 64

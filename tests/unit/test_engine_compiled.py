@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 from serve_app.engine.compiled import graph_shapes, pass_shape, repeated_layers
 from serve_app.engine.embedder import DEFAULT_COMPILE, EmbeddingEngine
 from serve_app.engine.scheduling import RequestClass
-from serve_app.engine.spec import ModelSpec
+from serve_app.engine.spec import ModelSpec, Tuning
 from serve_app.engine.tokenization import load_input_tokenizer
 from testkit.app import TINY_MAX_TOKENS
 from tests.common import TEXTS, spec_for
@@ -21,7 +21,7 @@ def graphs_compiled() -> int:
 @pytest.fixture(scope="module")
 def compiled(tiny_family):
     """A compiled engine on the tiny model, warmed up as a replica is before it is ready."""
-    spec = spec_for(tiny_family["base"], compile=True, micro_batch_tokens=256, cpu_lanes=2)
+    spec = spec_for(tiny_family["base"], compile=True, tuning=Tuning(micro_batch_tokens=256, cpu_lanes=2))
     engine = EmbeddingEngine.load(spec, cpu_threads=2)
     before = graphs_compiled()
     engine.warm_up()
