@@ -52,7 +52,7 @@ def ray_session():
     metrics_port = free_port()
     ray.init(
         address="local",
-        _metrics_export_port=metrics_port,  # Prometheus endpoint, checked by the metrics test  # always a fresh instance of our own, never a cluster found on the machine
+        _metrics_export_port=metrics_port,  # Prometheus endpoint, checked by the metrics test
         num_cpus=8,
         include_dashboard=False,
         log_to_driver=False,

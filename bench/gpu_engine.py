@@ -35,9 +35,9 @@ import sys
 import time
 import timeit
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -773,7 +773,7 @@ def main() -> None:
         start, outcome = time.perf_counter(), "ok"
         try:
             fn(run)
-        except Exception as exc:  # noqa: BLE001: one variant's failure must not cost the others' figures
+        except Exception as exc:  # noqa: BLE001  (one variant's failure must not cost the others' figures)
             traceback.print_exc()
             outcome = f"FAILED {exc!r}"[:300]
             res["errors"].append(f"{variant}: {exc!r}")

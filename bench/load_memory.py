@@ -55,7 +55,7 @@ def build_checkpoint(layers: int) -> Path:
         shards.setdefault(shard, {})[name] = parameter
     weight_map, total = {}, 0
     generator = torch.Generator().manual_seed(0)
-    for k, (shard, tensors) in enumerate(shards.items()):
+    for k, tensors in enumerate(shards.values()):
         filename = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         filled = {
             name: (torch.ones(t.shape) if name.endswith("norm.weight") else torch.randn(t.shape, generator=generator) * 0.02)
@@ -74,13 +74,12 @@ def build_checkpoint(layers: int) -> Path:
 
 def load_once(path: str, way: str, device: str) -> dict:
     """In this (fresh) process: load the checkpoint one way, report peak RSS and time."""
+    import psutil
     import torch
 
     from serve_app.engine.embedder import pick_device
     from serve_app.engine.loading import ResolvedSpec, load_model
     from serve_app.engine.spec import ModelSpec
-
-    import psutil
 
     device = pick_device(device)
     before = psutil.Process().memory_info().rss  # torch, transformers and our code imported

@@ -33,12 +33,11 @@ from pathlib import Path
 
 import yaml
 
+from bench.infinity import InfinitySystem
 from testkit import harness, workloads
 from testkit.loadgen import WARMUP_OFFSET, arrivals, latency_stats, run_load, run_load_sync, summarize
 from testkit.procstats import CpuMeter
 from testkit.servers import ServedSystem
-
-from bench.infinity import InfinitySystem
 
 SYSTEMS = ("ours", "ours-fifo", "infinity")
 CACHE_COUNTERS = ("ray_embeddings_cache_hits_total", "ray_embeddings_cache_misses_total",

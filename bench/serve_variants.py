@@ -25,7 +25,8 @@ from pathlib import Path
 import yaml
 
 from testkit import workloads as wls
-from testkit.harness import LOCAL_CONFIG as SHIPPED, WORK, machine, machine_line, stamp, without_direct_ingress, write
+from testkit.harness import LOCAL_CONFIG as SHIPPED
+from testkit.harness import WORK, machine, machine_line, stamp, without_direct_ingress, write
 from testkit.loadgen import WARMUP_OFFSET, format_summary, run_load_sync, summarize
 from testkit.procstats import CpuMeter
 from testkit.servers import ServedSystem

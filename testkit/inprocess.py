@@ -10,7 +10,7 @@ after another in this process and records them like the load generator does, so 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

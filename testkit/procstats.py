@@ -75,7 +75,7 @@ class CpuMeter:
         self.self_role = self_role
         self._start: _Snapshot | None = None
 
-    def start(self) -> "CpuMeter":
+    def start(self) -> CpuMeter:
         self._start = _snapshot()
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import orjson
 from fastapi import Request
@@ -96,7 +97,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_json(request: Request, limit: int):
+async def read_json(request: Request, limit: int) -> Any:
     """The body, decoded as JSON, within `limit` bytes (see read_body)."""
     body = await read_body(request, limit)
     try:

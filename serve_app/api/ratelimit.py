@@ -35,8 +35,10 @@ from typing import Annotated, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.engine.scheduling import RequestClass
+
 from .errors import OpenAIError
-from .request_class import PriorityField, RequestClass
+from .request_class import PriorityField
 
 logger = logging.getLogger(__name__)
 

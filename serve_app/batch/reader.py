@@ -14,7 +14,7 @@ stand-in made of the file and line, so that a rerun recognises that error row as
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import orjson
 import pyarrow as pa
@@ -144,6 +144,6 @@ class CorpusDatasource(FileBasedDatasource):
             texts = (
                 batch.column(self.text_field).to_pylist() if self.text_field in present else [_MISSING] * batch.num_rows
             )
-            for id_value, text_value in zip(ids, texts):
+            for id_value, text_value in zip(ids, texts, strict=True):
                 line += 1
                 yield line, id_value, text_value

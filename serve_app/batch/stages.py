@@ -60,7 +60,7 @@ class Tokenize:
         # Each row's windows: one, unless the model embeds an over-long input in several.
         windows: list[list[list[int]]] = [[] for _ in errors]
         texts = batch["text"].take(valid).to_pylist()
-        for i, result in zip(valid, tokenize_rows(self.tokenizer, texts, self.task)):
+        for i, result in zip(valid, tokenize_rows(self.tokenizer, texts, self.task), strict=True):
             if isinstance(result, InputError):
                 errors[i], messages[i] = result.code, _error_message(result, self.tokenizer.max_tokens)
             else:

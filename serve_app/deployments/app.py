@@ -36,7 +36,9 @@ class AppArgs(BaseModel):
     )
     rate_limits: RateLimits = Field(default=RateLimits(), description="Requests and tokens per minute, per API key.")
     limits: RequestLimits = Field(default=RequestLimits(), description="Per-request limits, checked before any work.")
-    priority: RequestClassPolicy = Field(default=RequestClassPolicy(), description="Request classes (docs/request-classes.md); the config key as users write it.")
+    priority: RequestClassPolicy = Field(
+        default=RequestClassPolicy(), description="Request classes (docs/request-classes.md); the config key as users write it."
+    )
     cache: CacheConfig = Field(default=CacheConfig(), description="The Ingress's LRU cache of vectors.")
     tei: TeiConfig = Field(default=TeiConfig(), description="TEI's routes (docs/tei.md).")
     gpu_nodes_on_demand: bool = Field(
@@ -56,7 +58,7 @@ class AppArgs(BaseModel):
         return models
 
     @model_validator(mode="after")
-    def _tei_model_is_served(self) -> "AppArgs":
+    def _tei_model_is_served(self) -> AppArgs:
         names = [m.name for m in self.models]
         if self.tei.model is not None and self.tei.model not in names:
             raise ValueError(f"tei.model {self.tei.model!r} is not one of the models: {names}")

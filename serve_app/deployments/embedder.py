@@ -24,7 +24,6 @@ from serve_app.engine.parts import count_tokens, flatten, per_part
 from serve_app.engine.scheduling import RequestClass
 from serve_app.engine.spec import MAX_BATCHES_IN_FLIGHT, ModelSpec
 
-
 logger = logging.getLogger(__name__)
 
 # Serve calls check_health every HEALTH_CHECK_PERIOD_S and replaces a replica after 3 failures in a
@@ -173,7 +172,7 @@ class Embedder:
         padding = 1.0 - done.real_tokens / done.padded_tokens if done.padded_tokens else 0.0
         self.metrics.padding_ratio.observe(padding, self.metrics_tags)
         results: list[np.ndarray | RowsOutOfMemory | None] = [None] * len(items)
-        for k, vectors in zip(live, per_part(done.vectors, parts, done.unfit_rows)):
+        for k, vectors in zip(live, per_part(done.vectors, parts, done.unfit_rows), strict=True):
             results[k] = vectors
         return results
 
@@ -219,7 +218,7 @@ class Embedder:
 
     def _batch_wait_s(self, busy: bool) -> float:
         """The batchers' wait, from the config: longer while the class keeps the replica busy."""
-        return self.spec.busy_batch_wait_timeout_s if busy else self.spec.batch_wait_timeout_s
+        return self.spec.tuning.busy_batch_wait_timeout_s if busy else self.spec.tuning.batch_wait_timeout_s
 
     def describe(self, model: str) -> ModelInfo:
         """What the Ingress needs to know of one of this deployment's models."""

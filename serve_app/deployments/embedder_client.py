@@ -160,14 +160,14 @@ class EmbedderClient:
                 groups.append((group, parts))
                 calls.append(self._call(deployment, flatten(parts), models, request_class, callers))
         results: list[np.ndarray | OpenAIError | None] = [None] * len(items)
-        for (group, parts), vectors in zip(groups, await gather_or_503(calls)):
+        for (group, parts), vectors in zip(groups, await gather_or_503(calls), strict=True):
             if vectors is None:  # every caller of this call went away
                 continue
             # Rows that did not fit in device memory fail their own parts only (returned, not
             # raised, so that the other parts of the call still get their vectors).
             split = (per_part(vectors.vectors, parts, vectors.rows) if isinstance(vectors, RowsOutOfMemory)
                      else split_rows(vectors, parts))
-            for p, part in zip(group, split):
+            for p, part in zip(group, split, strict=True):
                 results[p] = out_of_device_memory() if isinstance(part, RowsOutOfMemory) else part
         return results
 

@@ -4,15 +4,22 @@ Ingress (coalescing), the Embedder (batching) and the batch job."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
+
 import numpy as np
 
 from serve_app.engine.errors import RowsOutOfMemory
 
+T = TypeVar("T")
 
-def cut_to_budget(items: list, max_tokens: int, size=len) -> list[list]:
+
+def cut_to_budget(items: Sequence[T], max_tokens: int, size: Callable[[T], int] = len) -> list[list[T]]:  # type: ignore[assignment]
     """Consecutive groups of items of at most `max_tokens` tokens each (a larger item alone), in
     order; `size` counts an item's tokens (default: a token-id sequence's length)."""
-    parts, current, tokens = [], [], 0
+    parts: list[list[T]] = []
+    current: list[T] = []
+    tokens = 0
     for item in items:
         if current and tokens + size(item) > max_tokens:
             parts.append(current)
@@ -35,10 +42,13 @@ def split_rows(vectors: np.ndarray, parts: list[list[list[int]]]) -> list[np.nda
     return np.split(vectors, np.cumsum([len(part) for part in parts])[:-1])
 
 
-def per_part(vectors: np.ndarray, parts: list[list[list[int]]], unfit_rows) -> list:
+def per_part(vectors: np.ndarray, parts: list[list[list[int]]], unfit_rows: Iterable[int]
+             ) -> list[np.ndarray | RowsOutOfMemory]:
     """Each part's vectors, or RowsOutOfMemory (holding the part's vectors, NaN in those rows)
     for a part with rows that did not fit: one part's failure leaves the call's others whole."""
-    split, start = split_rows(vectors, parts), 0
+    split: list[np.ndarray | RowsOutOfMemory] = list(split_rows(vectors, parts))
+    start = 0
+    unfit_rows = list(unfit_rows)
     for k, part in enumerate(parts):
         rows = [row - start for row in unfit_rows if start <= row < start + len(part)]
         if rows:

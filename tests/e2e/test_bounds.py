@@ -274,7 +274,8 @@ def test_a_cancelled_request_gives_back_everything_it_held(base_url, api_keys, b
     # Cancelled at a third and at two thirds of its time, a request whose queued parts are
     # dropped computes about one request's work in all (plus the batches running at each
     # cancel); one whose parts all run anyway computes nearly two.
-    assert computed < 1.5 * whole, f"cancelled requests' parts still computed: {computed:.0f} batches, {whole:.0f} for a whole request"
+    assert computed < 1.5 * whole, (
+        f"cancelled requests' parts still computed: {computed:.0f} batches, {whole:.0f} for a whole request")
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

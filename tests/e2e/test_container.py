@@ -63,7 +63,9 @@ def test_dockerfile_manifests_and_pyproject_agree_on_ray_and_python():
     assert service["rayVersion"] == ray_version
     cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())["docker"]
     images = [cluster["image"]] + [
-        c["image"] for pod in [service["headGroupSpec"], *service["workerGroupSpecs"]] for c in pod["template"]["spec"]["containers"]
+        c["image"]
+        for pod in [service["headGroupSpec"], *service["workerGroupSpecs"]]
+        for c in pod["template"]["spec"]["containers"]
     ]
     for image in images:
         tag = IMAGE_TAG.search(image.split(":")[-1])

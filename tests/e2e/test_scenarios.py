@@ -16,8 +16,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.scenarios.common import fault_when_busy
 from testkit.app import TINY_MAX_TOKENS
+from tests.scenarios.common import fault_when_busy
 
 APP = "replica-kill"
 PREFIX = "/replica-kill"
@@ -106,7 +106,8 @@ def test_killing_an_embedder_replica_mid_load_loses_nothing(kill_app, base_refer
             while time.perf_counter() - t0 < LOAD_S:
                 texts = rng.sample(pool, 24)
                 start = time.perf_counter() - t0
-                response = await client.post("/v1/embeddings", json={"model": "tiny-sfr", "input": texts, "encoding_format": "base64"})
+                response = await client.post(
+                    "/v1/embeddings", json={"model": "tiny-sfr", "input": texts, "encoding_format": "base64"})
                 records.append((cid, k, start, time.perf_counter() - t0, texts, response))
                 k += 1
 
@@ -125,7 +126,7 @@ def test_killing_an_embedder_replica_mid_load_loses_nothing(kill_app, base_refer
     assert killed["held"], "the victim never held a request: the kill would prove nothing"
     spanning = [r for r in records if r[2] <= killed["t"] < r[3]]
     assert spanning, "no request was in flight when the replica was killed"
-    for cid, k, start, end, texts, response in records:
+    for cid, k, _start, _end, texts, response in records:
         assert response.status_code == 200, (cid, k, response.status_code, response.text[:300])
         data = response.json()["data"]
         assert [d["index"] for d in data] == list(range(len(texts)))  # none lost, none duplicated, in order

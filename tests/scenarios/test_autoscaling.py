@@ -30,8 +30,7 @@ import pytest
 from testkit import harness
 from testkit.loadgen import arrivals, latency_stats, run_load
 from testkit.workloads import Request
-from tests.scenarios.common import (FAKE_GPU_WORKERS, MODEL, ModelShape, checked, model_and_cluster, serve_config,
-                                    text_pool)
+from tests.scenarios.common import FAKE_GPU_WORKERS, MODEL, ModelShape, checked, model_and_cluster, serve_config, text_pool
 
 
 @dataclass
@@ -202,7 +201,8 @@ def plot(path: Path, samples: list[dict], opts) -> None:
 def markdown(report: dict, opts) -> list[str]:
     return [
         *harness.header("Embedder autoscaling on the token backlog — scenario on this machine", report,
-                "Plot: `autoscaling.png`; every sample and request: `autoscaling.json`. How it works: tests/scenarios/README.md."),
+                "Plot: `autoscaling.png`; every sample and request: `autoscaling.json`. "
+                "How it works: tests/scenarios/README.md."),
         f"- Cluster: head (controller, proxy, Ingress, Tokenizer) + 2 workers with `fake_gpu` {FAKE_GPU_WORKERS}; "
         "Embedder `{fake_gpu: 1, num_cpus: 0.1}`, `tuning.cpu_threads: 1`, autoscaling 1..3, "
         f"`TokenBacklogPolicy(target_backlog_tokens={opts.target_backlog_tokens})`, upscale/downscale delay "

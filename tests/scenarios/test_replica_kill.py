@@ -29,8 +29,18 @@ import pytest
 from testkit import harness
 from testkit.loadgen import latency_stats, run_load
 from testkit.workloads import Request
-from tests.scenarios.common import (FAKE_GPU_WORKERS, MODEL, ModelShape, changes, checked, fault_when_busy,
-                                    model_and_cluster, serve_config, serve_log_lines, text_pool)
+from tests.scenarios.common import (
+    FAKE_GPU_WORKERS,
+    MODEL,
+    ModelShape,
+    changes,
+    checked,
+    fault_when_busy,
+    model_and_cluster,
+    serve_config,
+    serve_log_lines,
+    text_pool,
+)
 
 MAX_ABS_DIFF = 1e-4
 

@@ -6,7 +6,7 @@ import pytest
 
 from serve_app.engine.scheduling import PassScheduler, RequestClass
 
-I, B = RequestClass.INTERACTIVE, RequestClass.BATCH
+I, B = RequestClass.INTERACTIVE, RequestClass.BATCH  # noqa: E741  (I and B read as the two classes)
 
 
 class Recorder:
