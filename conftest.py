@@ -18,14 +18,26 @@ from testkit.app import (  # noqa: E402
     free_port,
     local_config_model,
     tiny_sfr_model,
+    tiny_sfr_vocab_model,
 )
 from testkit.reference import SFRReference  # noqa: E402
-from testkit.tiny_models import build_family  # noqa: E402
+from testkit.tiny_models import build_family, build_sfr_vocab_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory):
     return build_family(tmp_path_factory.mktemp("tiny-sfr"))
+
+
+@pytest.fixture(scope="session")
+def sfr_vocab_model(tmp_path_factory):
+    """A tiny Mistral over SFR's real vocabulary, with SFR-shaped tokenizer files."""
+    return build_sfr_vocab_model(tmp_path_factory.mktemp("tiny-sfr-vocab"))
+
+
+@pytest.fixture(scope="session")
+def sfr_vocab_reference(sfr_vocab_model):
+    return SFRReference(sfr_vocab_model, TINY_MAX_TOKENS)
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +96,7 @@ def api_keys(tmp_path_factory) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="session")
-def base_url(ray_session, tiny_family, api_keys):
+def base_url(ray_session, tiny_family, sfr_vocab_model, api_keys):
     """The test app, served once per session: tiny SFR-like models plus deploy/local.yaml's model."""
     from ray import serve
 
@@ -121,6 +133,7 @@ def base_url(ray_session, tiny_family, api_keys):
                 "max_batch_tokens": 512,
                 "tuning": {"cpu_threads": 2},
             },
+            tiny_sfr_vocab_model(sfr_vocab_model),
         ],
         "limits": {"max_request_bytes": MAX_REQUEST_BYTES, "max_tokens_per_request": MAX_REQUEST_TOKENS},
         "cache": {"max_bytes": 256 * 1024},  # small, so the suite's traffic also evicts

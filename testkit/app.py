@@ -39,3 +39,16 @@ def tiny_sfr_model(tiny_family) -> dict:
         # Two CPU lanes, so two batches in flight that share them, as deploy/local.yaml runs.
         "tuning": {"cpu_threads": 2},
     }
+
+
+def tiny_sfr_vocab_model(directory) -> dict:
+    """The served `tiny-sfr-vocab` entry: a tiny Mistral over SFR's real vocabulary and tokenizer files
+    (tiny_models.build_sfr_vocab_model), so that the EOS rules meet Mistral's real BPE."""
+    return {
+        "name": "tiny-sfr-vocab",
+        "source": str(directory),
+        "query_instruction": SFR_TASK,
+        "max_input_tokens": TINY_MAX_TOKENS,
+        "max_batch_tokens": 512,
+        "tuning": {"cpu_threads": 1},
+    }

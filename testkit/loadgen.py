@@ -17,7 +17,8 @@ Function API (reused by the other benchmarks):
     result = run_load_sync(..., arrivals=arrivals(lambda t: 4.0, 60), ...)  # 4 requests/s, open loop
     print(summarize(result))
 
-`source` is any callable `index -> Request` (see testkit/workloads.py) or `index -> list[str]`.
+`source` is any callable `index -> Request` (see testkit/workloads.py) or `index -> list[str]`; an item's
+`body` (a dict, if it has one) adds fields to its request's body alone.
 
 CLI (targets 127.0.0.1 by default; bounded by --requests and --duration):
 
@@ -89,13 +90,14 @@ class LoadResult:
     label: str = ""
 
 
-def _as_request(item: Any, index: int) -> tuple[Sequence[str], str]:
+def _as_request(item: Any, index: int) -> tuple[Sequence[str], str, dict]:
+    """The texts, the tag and the request's own body fields (an item's `body`, e.g. input_type)."""
     texts = getattr(item, "texts", None)
     if texts is not None:
-        return list(texts), getattr(item, "tag", "")
+        return list(texts), getattr(item, "tag", ""), getattr(item, "body", None) or {}
     if isinstance(item, str):
-        return [item], ""
-    return list(item), ""
+        return [item], "", {}
+    return list(item), "", {}
 
 
 def embeddings_url(base_url: str) -> str:
@@ -147,8 +149,8 @@ async def run_load(
                mininterval=0.5, dynamic_ncols=True) if progress and tqdm is not None else None
 
     async def send(client: httpx.AsyncClient, cid: int, index: int, due: float) -> None:
-        texts, tag = _as_request(source(index), index)
-        body = _dumps({"model": model, "input": texts, **body_extra})
+        texts, tag, own = _as_request(source(index), index)
+        body = _dumps({"model": model, "input": texts, **body_extra, **own})
         sent = time.perf_counter()
         status, error, usage = 0, None, None
         try:

@@ -1,6 +1,7 @@
-"""Builds a tiny SFR-like model family on disk: tokenizer, base model, two LoRA adapters, merged models.
+"""Builds tiny SFR-like models on disk: a family over a toy vocabulary (tokenizer, base model, two
+LoRA adapters, merged models), and one model over SFR's real vocabulary (sfr_tokenizer.py).
 
-The tokenizer mimics SFR-Embedding-Mistral's files: `tokenizer_config.json` claims
+Both tokenizers mimic SFR-Embedding-Mistral's files: `tokenizer_config.json` claims
 `add_eos_token: true`, but the `tokenizer.json` post-processor adds only `<s>`, so with
 transformers 5 `tokenizer(text)` yields no EOS — the trap the service must not fall into.
 """
@@ -11,7 +12,9 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .sfr_tokenizer import bos_only_post_processor, build_sfr_tokenizer, write_sfr_tokenizer_config
 
 CORPUS = [
     "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: ",
@@ -33,23 +36,10 @@ def build_tokenizer(directory: Path) -> None:
     )
     tok.train_from_iterator(CORPUS * 20, trainer)
     # Like SFR's tokenizer.json: only <s> is added, whatever tokenizer_config.json says.
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
+    tok.post_processor = bos_only_post_processor()
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
-    config = {
-        "add_bos_token": True,
-        "add_eos_token": True,
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "pad_token": "</s>",
-        "padding_side": "right",
-        "model_max_length": 1000000000000000019884624838656,
-        "tokenizer_class": "LlamaTokenizer",
-    }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    write_sfr_tokenizer_config(directory)
 
 
 def write_sentence_transformers_files(directory: Path) -> None:
@@ -70,13 +60,36 @@ def build_family(root: Path) -> dict[str, Path]:
     linear layer, like SFR's) and root/adapter2 (r=4 on some, as another tenant might train),
     and each one merged into the base: root/merged and root/merged2."""
     from peft import LoraConfig
-    from transformers import AutoTokenizer, MistralConfig, MistralModel
+    from transformers import AutoTokenizer
 
     base = root / "base"
     build_tokenizer(base)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    save_tiny_mistral(base, vocab_size=len(AutoTokenizer.from_pretrained(base)))
+    family = {"base": base}
+    adapters = {
+        "": LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,  # random A and B: vectors change
+                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        "2": LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj", "up_proj"]),
+    }
+    for seed, (suffix, lora) in enumerate(adapters.items(), start=1):
+        family[f"adapter{suffix}"], family[f"merged{suffix}"] = build_adapter(root, base, lora, suffix, seed)
+    return family
+
+
+def build_sfr_vocab_model(directory: Path) -> Path:
+    """A tiny Mistral over SFR's real 32,000-token vocabulary and SFR-shaped tokenizer files."""
+    build_sfr_tokenizer(directory)
+    save_tiny_mistral(directory, vocab_size=32000)
+    return directory
+
+
+def save_tiny_mistral(directory: Path, vocab_size: int) -> None:
+    """A randomly initialised (seeded) Mistral of SFR's shape but tiny, with SFR's
+    sentence-transformers files, saved into `directory` beside its tokenizer."""
+    from transformers import MistralConfig, MistralModel
+
     config = MistralConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -88,18 +101,8 @@ def build_family(root: Path) -> dict[str, Path]:
         eos_token_id=2,
     )
     torch.manual_seed(0)
-    model = MistralModel(config).eval()
-    model.save_pretrained(base)
-    write_sentence_transformers_files(base)
-    family = {"base": base}
-    adapters = {
-        "": LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,  # random A and B: vectors change
-                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-        "2": LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj", "up_proj"]),
-    }
-    for seed, (suffix, lora) in enumerate(adapters.items(), start=1):
-        family[f"adapter{suffix}"], family[f"merged{suffix}"] = build_adapter(root, base, lora, suffix, seed)
-    return family
+    MistralModel(config).eval().save_pretrained(directory)
+    write_sentence_transformers_files(directory)
 
 
 def build_adapter(root: Path, base: Path, lora, suffix: str, seed: int) -> tuple[Path, Path]:

@@ -25,6 +25,7 @@ from .loading import ResolvedSpec, load_model, load_tokenizer, resolve_spec
 from .packing import pack_inputs_and_spans, pool_packed, supports_packing
 from .quantization import check_fp8_supported, quantize_fp8
 from .scheduling import PassScheduler, RequestClass
+from .simulated_gpu import SimulatedGpu
 from .spec import ModelSpec, check_shareable, dtype_name, merges_adapter
 
 logger = logging.getLogger(__name__)
@@ -194,6 +195,9 @@ class EmbeddingEngine:
         specs = list(specs)
         check_shareable(specs)
         spec = specs[0]  # the settings all of them share
+        simulated = SimulatedGpu.from_environment()
+        if simulated is not None:
+            return cls._load_simulated(specs, simulated)
         device = pick_device(spec.device)
         if spec.quantization == "fp8":
             check_fp8_supported(spec.name, device)  # before minutes of loading weights
@@ -207,17 +211,28 @@ class EmbeddingEngine:
             model = load_adapters(model, specs, names).to(device)
         if spec.quantization == "fp8":
             quantize_fp8(model, spec.fp8_granularity)
-        on_gpu = device.startswith("cuda")
         tuning = spec.tuning
-        micro = tuning.micro_batch_tokens or (
-            spec.max_batch_tokens if on_gpu else min(spec.max_batch_tokens, CPU_MICRO_BATCH_TOKENS)
-        )
-        batch_pass = tuning.batch_pass_tokens or min(micro, GPU_BATCH_PASS_TOKENS if on_gpu else CPU_BATCH_PASS_TOKENS)
+        micro, batch_pass = pass_sizes(spec, on_gpu=device.startswith("cuda"))
         engine = cls(
             model, device, resolved[spec.name].pooling, spec.normalize, micro, cpu_threads, tuning.cpu_lanes,
             batch_pass, tuning.batch_share, choose_pack_above_padding(spec, model, device),
             names if unmerged else None, choose_compile(spec, device), resolved[spec.name].max_input_tokens,
         )
+        engine.resolved_models = resolved
+        engine.resolved = resolved[spec.name]
+        return engine
+
+    @classmethod
+    def _load_simulated(cls, specs: Sequence[ModelSpec], gpu: SimulatedGpu) -> EmbeddingEngine:
+        """A benchmark's engine over a simulated GPU (simulated_gpu.py): the models' tokenizer
+        rules and the GPU's pass sizes, one lane, padded passes; no weights are loaded, and every
+        model (adapters too) gets the simulated vectors."""
+        spec = specs[0]
+        resolved = {s.name: resolve_spec(s, load_tokenizer(spec)) for s in specs}
+        micro, batch_pass = pass_sizes(spec, on_gpu=True)
+        engine = cls(gpu.model(), "cpu", "last_token", True, micro, cpu_threads=1, cpu_lanes=1,
+                     batch_pass_tokens=batch_pass, batch_share=spec.tuning.batch_share,
+                     max_width=resolved[spec.name].max_input_tokens)
         engine.resolved_models = resolved
         engine.resolved = resolved[spec.name]
         return engine
@@ -487,6 +502,14 @@ def _pass_adapters(batch: MicroBatch | PackedPass, adapters: list[str]) -> list[
         starts = itertools.accumulate((len(row) for row in batch.rows[:-1]), initial=0)
         return [adapters[start] for start in starts]
     return adapters
+
+
+def pass_sizes(spec: ModelSpec, on_gpu: bool) -> tuple[int, int]:
+    """Padded tokens of an interactive pass and of a batch pass while queries are about."""
+    micro = spec.tuning.micro_batch_tokens or (
+        spec.max_batch_tokens if on_gpu else min(spec.max_batch_tokens, CPU_MICRO_BATCH_TOKENS)
+    )
+    return micro, spec.tuning.batch_pass_tokens or min(micro, GPU_BATCH_PASS_TOKENS if on_gpu else CPU_BATCH_PASS_TOKENS)
 
 
 def choose_pack_above_padding(spec: ModelSpec, model: torch.nn.Module, device: str) -> float:

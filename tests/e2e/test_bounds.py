@@ -25,6 +25,7 @@ from testkit.app import (
     TINY_MAX_TOKENS,
     local_config_model,
     tiny_sfr_model,
+    tiny_sfr_vocab_model,
 )
 
 WORDS = "the quick brown fox jumps over lazy dog cat sleeps in warm sun search vectors".split()
@@ -284,7 +285,7 @@ def test_a_cancelled_request_gives_back_everything_it_held(base_url, api_keys, b
 @example(text="a \n b\t\u3000c \u0301 \x0b")
 def test_the_word_bound_never_exceeds_the_real_token_count(served_tokenizers, text):
     """Refusals before tokenizing rest on token_bounds' lower bound: it must hold for every
-    tokenizer served (WordPiece: MiniLM; sentencepiece-style: the tiny SFR family)."""
+    tokenizer served (WordPiece: MiniLM; sentencepiece-style: the tiny SFR family and SFR's real vocabulary)."""
     limits = RequestLimits(max_tokens_per_request=10**9)
     for tokenizer in served_tokenizers:
         specials = len(tokenizer.prefix) + len(tokenizer.suffix)
@@ -294,8 +295,9 @@ def test_the_word_bound_never_exceeds_the_real_token_count(served_tokenizers, te
 
 
 @pytest.fixture(scope="module")
-def served_tokenizers(tiny_family):
+def served_tokenizers(tiny_family, sfr_vocab_model):
     from serve_app.engine.spec import ModelSpec
     from serve_app.engine.tokenization import load_input_tokenizer
 
-    return [load_input_tokenizer(ModelSpec.model_validate(m)) for m in (local_config_model(), tiny_sfr_model(tiny_family))]
+    served = (local_config_model(), tiny_sfr_model(tiny_family), tiny_sfr_vocab_model(sfr_vocab_model))
+    return [load_input_tokenizer(ModelSpec.model_validate(m)) for m in served]

@@ -46,7 +46,7 @@ def test_health_and_models(http):
     assert http.get("/health/live").json()["status"] == "alive"
     models = http.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny-sfr", "tiny-sfr-lora", "tiny-sfr-lora-b", "all-MiniLM-L6-v2",
-                                                 "tiny-sfr-chunk"]
+                                                 "tiny-sfr-chunk", "tiny-sfr-vocab"]
     assert http.get("/v1/models/tiny-sfr").json()["id"] == "tiny-sfr"
     assert http.get("/v1/models/nope").status_code == 404
 
@@ -153,7 +153,8 @@ def test_models_on_one_base_share_an_embedder_and_each_get_their_own_vectors(
     from ray import serve
 
     deployments = serve.status().applications["embeddings"].deployments
-    assert sorted(d for d in deployments if d.startswith("Embedder")) == ["Embedder-all-MiniLM-L6-v2", "Embedder-tiny-sfr"]
+    assert sorted(d for d in deployments if d.startswith("Embedder")) == [
+        "Embedder-all-MiniLM-L6-v2", "Embedder-tiny-sfr", "Embedder-tiny-sfr-vocab"]
     references = {"tiny-sfr": base_reference, "tiny-sfr-lora": merged_reference, "tiny-sfr-lora-b": merged2_reference}
     batch = texts(3, seed=21)  # the same texts for all three: a mixed-up adapter or cache entry shows
 
