@@ -34,8 +34,9 @@ from types import SimpleNamespace
 
 import yaml
 
-from . import workloads as wls
-from .harness import (
+from serve_app.engine.spec import ModelSpec
+from testkit import workloads as wls
+from testkit.harness import (
     LOCAL_CONFIG,
     REPO,
     RESULTS,
@@ -49,9 +50,9 @@ from .harness import (
     without_direct_ingress,
     write,
 )
-from .loadgen import WARMUP_OFFSET, arrivals, run_load_sync, summarize
-from .procstats import CpuMeter
-from .servers import ServedSystem
+from testkit.loadgen import WARMUP_OFFSET, arrivals, run_load_sync, summarize
+from testkit.procstats import CpuMeter
+from testkit.servers import ServedSystem
 
 MODEL = "SFR-Embedding-Mistral"
 PRODUCTION_CONFIG = REPO / "deploy" / "config.yaml"
@@ -131,7 +132,7 @@ def service_config(model_dir: Path, keys_file: Path, stats_dir: Path, gpu: str, 
         "models": [model],
         "auth": {"keys_file": str(keys_file)},
         # Not production's per-key rate limits: the load generator is one key at many times their rate.
-        **{k: production[k] for k in ("limits", "priority", "cache")},
+        **{k: production[k] for k in ("limits", "priority", "cache") if k in production},
     }
     app["runtime_env"]["env_vars"]["EMBEDDINGS_SIMULATED_GPU"] = f"{gpu},stats_dir={stats_dir}"
     return config if direct_ingress else without_direct_ingress(config)
@@ -249,7 +250,7 @@ def warm_up(served: ServedSystem, source, key: str, duration_s: float) -> None:
 
 def measure_path(path: str, direct: bool, setup: SimpleNamespace, opts) -> dict:
     served, clock, config = start_service(WORK / "capacity" / path, setup, direct)
-    max_batch_tokens = config["applications"][0]["args"]["models"][0]["max_batch_tokens"]
+    max_batch_tokens = ModelSpec.model_validate(config["applications"][0]["args"]["models"][0]).max_batch_tokens
     results = {}
     try:
         for name, source in setup.sources.items():

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import psutil
 
+from testkit.harness import RESULTS, WORK, log, machine, machine_line, md_table, stamp, write
+from testkit.procstats import descendants, role_of
+
 from .capacity import MODEL, ROLES, cpu_per_request, prepare, run_phase, start_service, warm_up
-from .harness import RESULTS, WORK, log, machine, machine_line, md_table, stamp, write
-from .procstats import descendants, role_of
 
 TOP = 15
 # "function (path/to/file.py:line)" as py-spy's raw format names a frame.

@@ -12,7 +12,7 @@ def test_the_service_keeps_productions_model_settings_and_keys_over_the_simulate
     direct = capacity.service_config(tmp_path / "m", tmp_path / "keys", tmp_path / "stats", "fp8", direct_ingress=True)
     app = proxy["applications"][0]
     (model,) = app["args"]["models"]
-    assert model["name"] == capacity.MODEL and model["source"] == str(tmp_path / "m") and model["max_batch_tokens"] == 16384
+    assert model["name"] == capacity.MODEL and model["source"] == str(tmp_path / "m")
     assert app["args"]["auth"] == {"keys_file": str(tmp_path / "keys")}
     assert app["runtime_env"]["env_vars"]["EMBEDDINGS_SIMULATED_GPU"] == f"fp8,stats_dir={tmp_path / 'stats'}"
     assert "controller_options" not in proxy and "controller_options" in direct
