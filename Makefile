@@ -11,7 +11,7 @@ PIP := $(PY) -m pip --quiet
 LOCK := constraints.txt
 # The CPU build of torch, pinned on every pip line that could resolve torch, so that pip never
 # pulls a multi-GB CUDA build. Where the CPU wheel is not on local disk, point TORCH_INDEX at
-# PyTorch's CPU wheel index (see README, Quick start).
+# PyTorch's CPU wheel index (see README, "Two commands").
 TORCH := torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=

@@ -34,7 +34,7 @@ class SFRReference:
 
 
 def reference_windows(reference: SFRReference, text: str, max_tokens: int) -> list[list[int]]:
-    """long_input: chunk as the README states it: consecutive windows of the text's tokens, each with
+    """long_input: chunk as docs/models.md#long-inputs states it: consecutive windows of the text's tokens, each with
     the BOS and the EOS of a lone input."""
     body = reference.tokenizer(text, add_special_tokens=False)["input_ids"]
     room = max_tokens - 2

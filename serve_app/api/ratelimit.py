@@ -63,7 +63,7 @@ class KeyLimits(BaseModel):
     requests_per_minute: PerMinute | Literal["unlimited"] | None = None
     tokens_per_minute: PerMinute | Literal["unlimited"] | None = None
     # The request class of this key's requests that do not send `priority` (e.g. an indexing
-    # key: batch); None: decided per request (README "Request classes").
+    # key: batch); None: decided per request (docs/request-classes.md).
     priority: PriorityField | None = None
 
 

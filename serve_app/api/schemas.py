@@ -66,7 +66,7 @@ class EmbeddingRequest(BaseModel):
     input_type: Literal["query", "document"] | None = None
     instruction: Annotated[StrictStr, Field(min_length=1)] | None = None
     truncate: StrictBool = False
-    # Extension: the request class (README "Request classes"); absent, the service decides.
+    # Extension: the request class (docs/request-classes.md); absent, the service decides.
     priority: PriorityField | None = None
 
     @field_validator("input", mode="before")

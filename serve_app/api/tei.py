@@ -1,6 +1,6 @@
 """Hugging Face text-embeddings-inference's API: its request and response shapes and its errors.
 
-A second schema over the pipeline of /v1/embeddings (README "TEI's API"): the Ingress turns a TEI
+A second schema over the pipeline of /v1/embeddings (docs/tei.md): the Ingress turns a TEI
 request into the same work, runs it through the same limits, classes, cache and Embedders, and
 answers as TEI does. Status codes follow TEI's router (router/src/http/server.rs, `impl From<&ErrorType>
 for StatusCode`): 422 `Validation` for a bad or too long input and for too many inputs (TEI
@@ -54,7 +54,7 @@ class EmbedRequest(_Body):
     truncate: StrictBool | None = None
     truncation_direction: Literal["right", "left", "Right", "Left"] = "right"
     dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
-    # Extension, as on /v1/embeddings: the request class (README "Request classes").
+    # Extension, as on /v1/embeddings: the request class (docs/request-classes.md).
     priority: PriorityField | None = None
 
     @field_validator("inputs", mode="before")

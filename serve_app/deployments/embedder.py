@@ -204,8 +204,7 @@ class Embedder:
 
     def _adapt_batch_wait(self, request_class: RequestClass, busy_s: float) -> None:
         # A class whose batches keep the replica busy waits longer so its batches grow: a pass
-        # has a fixed cost. On a saturated 2-core server, 1.32x on one-query requests vs a fixed
-        # 5 ms wait (`python -m bench.serve_variants --variants shipped,fixed-wait-5ms`). Per
+        # has a fixed cost (docs/decisions.md#adaptive-batch-wait). Per
         # class, so a trickle of queries beside an indexing load keeps the short wait, as does a
         # lone request on an idle replica. `busy_s`: forward time per batch slot.
         now = time.perf_counter()

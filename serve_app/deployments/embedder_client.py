@@ -34,7 +34,7 @@ COALESCE_WAIT_S = 0.002
 # Embedder calls whose arguments and result fit in this many bytes go over Serve's gRPC
 # transport (handle option _by_reference=False) instead of a Ray actor call: per call it costs
 # less CPU in both processes, and a stream of one-query requests is mostly per-call cost
-# (`python -m bench.serve_variants --variants shipped,by-reference`). Larger calls, and the
+# (docs/decisions.md#grpc-small-calls). Larger calls, and the
 # Tokenizer's (whole texts), stay actor calls even where RAY_SERVE_USE_GRPC_BY_DEFAULT=1 makes
 # gRPC the default: Serve's gRPC channel refuses messages over 4 MiB, and Ray's object store
 # moves big arrays without copying. EMBEDDINGS_BY_VALUE_MAX_BYTES=0 in the application's

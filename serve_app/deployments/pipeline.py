@@ -35,7 +35,7 @@ from serve_app.engine.tokenization import token_ids_rejected
 # Serve formats this logger's lines (JSON with `logging_config.encoding: JSON`) and stamps
 # each with the request id it took from, or created for, the X-Request-ID header.
 logger = logging.getLogger("ray.serve")
-# Tells a client which class its request ran in (README "Request classes").
+# Tells a client which class its request ran in (docs/request-classes.md).
 REQUEST_CLASS_HEADER = "X-Request-Class"
 
 

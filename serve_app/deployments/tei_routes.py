@@ -1,5 +1,5 @@
 """TEI's /embed (and POST /), /tokenize and /info: one model, TEI's shapes (serve_app/api/tei.py;
-README "TEI's API"), over the same pipeline as /v1/embeddings."""
+docs/tei.md), over the same pipeline as /v1/embeddings."""
 
 from __future__ import annotations
 

@@ -33,36 +33,32 @@ logger = logging.getLogger(__name__)
 # On CPU, a batch's forward passes run side by side in lanes (threads), each pass on its own
 # cores, rather than one pass at a time on every core: no OpenMP barrier waits for a core that
 # the HTTP side took, and one pass's Python overhead overlaps the others' matrix products.
-# all-MiniLM-L6-v2 on 2 cores, two one-thread lanes vs one two-thread pass at a time: 1.15x on
-# 64-document requests, 1.5x on 16-query groups, in-process on an idle machine (`python -m
-# bench.cpu_engine`, bench/results/cpu_engine.md).
+# Measured: docs/decisions.md#cpu-lanes.
 # Within a lane of several threads, passes below this many padded tokens run on one thread:
-# with one core busy, 8 queries take 2.5x longer on 2 threads than on 1 (`python -m
-# bench.cpu_engine threads`, bench/results/cpu_threads.md).
+# with a core busy elsewhere, a small pass on 2 threads waits at OpenMP barriers
+# (docs/decisions.md#single-thread-small-passes).
 SINGLE_THREAD_BELOW_TOKENS = 1024
 # On CPU, a batch runs as forward passes of at most this many padded tokens; with one-thread
-# lanes, 512-1024 beat 2048 and larger (activations stay in cache; same benchmark).
+# lanes, smaller passes keep activations in cache (docs/decisions.md#cpu-pass-size).
 CPU_MICRO_BATCH_TOKENS = 1024
 # On CPU, batch-class passes of this many padded tokens while queries are about: a query waits for
-# at most the running ones (bench/results/mixed_traffic_pass_size/).
+# at most the running ones (docs/decisions.md#batch-pass-tokens).
 CPU_BATCH_PASS_TOKENS = 512
 # On a GPU, batch-class passes stay this small (interactive ones take the whole max_batch_tokens),
-# so that a query waits for little more than one such pass: see README "Request classes".
+# so that a query waits for little more than one such pass: see docs/request-classes.md.
 GPU_BATCH_PASS_TOKENS = 4096
 # Batch work runs at the batch pass size while an interactive call came this recently.
 INTERACTIVE_RECENT_S = 10.0
-# Per device, the padding share above which a batch runs as packed passes (1.0: never). Both
-# stay at padded passes, the only layout measured so far, until `python -m bench.cpu_engine`
-# (CPU) and `bench/gpu_engine.py` (GPU) have run on quiet machines: they print which wins.
+# Per device, the padding share above which a batch runs as packed passes (1.0: never): packing
+# lost on CPU (docs/decisions.md#packing); the GPU is unmeasured (docs/performance.md#pending-a-gpu).
 DEFAULT_PACK_ABOVE_PADDING = {"cpu": 1.0, "cuda": 1.0}
 # With several adapters over one base, a padded pass takes rows of any adapters (PEFT applies
 # each row's own), rather than one pass per adapter; packed passes always keep one adapter per
-# row, since PEFT picks adapters per row. Measured by `python -m bench.cpu_engine adapters` (CPU) and
-# bench/gpu_engine.py's LoRA rows (GPU).
+# row, since PEFT picks adapters per row.
+# Measured: docs/decisions.md#adapters-mixed-passes (CPU; the GPU is pending).
 MIX_ADAPTERS_IN_PASSES = True
 # Per device, whether `compile: auto` compiles the forward (compiled.py). Both stay eager until
-# measured on a quiet machine: `python -m bench.cpu_engine compile` (CPU) and bench/gpu_engine.py
-# (GPU, pending its run: bench/results/GPU_PENDING.md) compare eager and compiled in one run.
+# measured (`python -m bench.cpu_engine compile`, bench/gpu_engine.py: docs/performance.md#pending-a-gpu).
 DEFAULT_COMPILE = {"cpu": False, "cuda": False}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -287,9 +283,9 @@ class EmbeddingEngine:
 
     def _pass_tokens(self, request_class: RequestClass) -> int:
         """The pass size of a call: batch work takes the smaller batch pass size only while
-        queries are about (an interactive call within INTERACTIVE_RECENT_S): on 2 cores, 512- vs
-        1024-token passes cut query p99 beside an indexing load from ~340 to ~235 ms but cost
-        bulk ~11 % (bench/results/mixed_traffic_pass_size/), a price indexing alone need not pay."""
+        queries are about (an interactive call within INTERACTIVE_RECENT_S): small batch passes cut
+        query latency beside an indexing load at a cost in bulk throughput
+        (docs/decisions.md#batch-pass-tokens), a price indexing alone need not pay."""
         now = time.monotonic()
         if request_class is RequestClass.INTERACTIVE:
             self._last_interactive_call = now

@@ -5,8 +5,7 @@ freed blocks in its heap for reuse and, once a large block has been freed, raise
 threshold so that later blocks of that size come from the heap too; with ever-different shapes
 the heap fragments and the replica's RSS climbs for as long as it serves. `malloc_trim(0)` hands
 the free pages back; rate-limited, so a stream of small batches does not pay for one per call.
-`python -m bench.soak_scenario` shows the effect (bench/results/soak.md, flat; before this,
-bench/results/soak_before_trim_bulk_10min.md: the Embedder grew +39 MB/min).
+`python -m tests.scenarios.test_soak` shows the effect (docs/decisions.md#malloc-trim).
 """
 
 from __future__ import annotations

@@ -129,8 +129,8 @@ def load_model(resolved: ResolvedSpec, device: str, dtype: torch.dtype, merge_ad
 
     spec = resolved.spec
     # device_map: each weight goes from the checkpoint straight to the device, never through a
-    # full copy of the model in host RAM, so a 7B replica does not need ~15 GB of it to start
-    # (bench/results/load_memory.md).
+    # full copy of the model in host RAM, so a 7B replica does not need a model's worth of it to
+    # start (docs/decisions.md#load-device-map).
     model = AutoModel.from_pretrained(
         resolved.path, revision=spec.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code,
         device_map=device,

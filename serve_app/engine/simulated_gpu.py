@@ -12,7 +12,7 @@ take, `pass_ms + padded tokens / tokens_per_s`, one pass at a time (a GPU's sing
 holding the GIL, as a real replica waits for its device; and it returns each row's deterministic
 unit vector, chosen by a hash of the row's real token ids.
 
-The presets stand until a GPU run calibrates them (bench/results/GPU_PENDING.md). bf16: SFR
+The presets stand until a GPU run calibrates them (docs/performance.md#pending-a-gpu). bf16: SFR
 costs ~14.1 GFLOP per token; at the ~790 TFLOP/s a bf16 matmul reached on an H200 that bounds it
 near 56k tokens/s; and every pass streams the 14.2 GB of bf16 weights from HBM (~4.8 TB/s), ~3 ms,
 the floor of a small pass. FP8: half the weight bytes (1.5 ms), and 1.5x bf16's rate, not the

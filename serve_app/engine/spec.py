@@ -17,8 +17,8 @@ class Tuning(BaseModel):
     """Expert settings of an Embedder deployment (`tuning:` in a model entry): how its batches
     are cut into forward passes, scheduled and waited for. They change speed, never the vectors;
     models that share a base set them alike. Every default is the value measured best (or the
-    only one measured) by the benchmark its description names: change one only to re-measure,
-    with that benchmark, on your hardware and traffic. A dial at the top level of a model entry
+    only one measured) by the benchmark its description names or points to (docs/decisions.md):
+    change one only to re-measure, with that benchmark, on your hardware and traffic. A dial at the top level of a model entry
     is an error that says where it moved."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -28,7 +28,7 @@ class Tuning(BaseModel):
         gt=0,
         description="Padded tokens of one forward pass (a batch runs as several, sorted by length). "
         "Default per device: max_batch_tokens on a GPU; on CPU at most 1024, where smaller passes "
-        "stay in cache (measured: `python -m bench.cpu_engine`). Lower it on a GPU whose memory "
+        "stay in cache (measured: docs/decisions.md#cpu-pass-size). Lower it on a GPU whose memory "
         "cannot hold the activations of max_batch_tokens at once.",
     )
     batch_pass_tokens: int | None = Field(
@@ -37,8 +37,9 @@ class Tuning(BaseModel):
         description="Padded tokens of one forward pass of batch-class work (indexing) while "
         "interactive requests are about (one in the last 10 s; otherwise batch work takes the "
         "interactive pass size). A query that arrives while such a pass runs waits for it, so "
-        "these stay small. Default per device: at most 512 on CPU (measured: bench/results/"
-        "mixed_traffic_pass_size/), at most 4096 on a GPU (bench/results/GPU_PENDING.md). Lower "
+        "these stay small. Default per device: at most 512 on CPU (measured: "
+        "docs/decisions.md#batch-pass-tokens), at most 4096 on a GPU (unmeasured: "
+        "docs/performance.md#pending-a-gpu). Lower "
         "it if queries wait too long beside indexing; raise it if indexing throughput matters more.",
     )
     batch_share: float = Field(
@@ -53,15 +54,15 @@ class Tuning(BaseModel):
         default=0.005,
         ge=0,
         description="How long a replica waits for a batch to fill. Longer waits make bigger, "
-        "cheaper batches at the cost of latency when traffic is light (measured: `python -m "
-        "bench.serve_variants`, bench/results/serve_variants_search_batch_wait.md).",
+        "cheaper batches at the cost of latency when traffic is light (measured: "
+        "docs/decisions.md#adaptive-batch-wait).",
     )
     busy_batch_wait_timeout_s: float = Field(
         default=0.02,
         ge=0,
         description="The wait used instead while forward passes kept the replica busy more than "
         "half of the last second: bigger batches cost less per text, and an idle replica keeps "
-        "the short wait (measured: bench/results/serve_variants_search_adaptive_wait.md). Lower it "
+        "the short wait (measured: docs/decisions.md#adaptive-batch-wait). Lower it "
         "if latency under load matters more than throughput.",
     )
     cpu_threads: int | None = Field(
@@ -76,7 +77,7 @@ class Tuning(BaseModel):
         gt=0,
         description="On CPU, how many forward passes run side by side, each on "
         "cpu_threads/cpu_lanes threads. Default: cpu_threads (one thread per pass: measured "
-        "best, `python -m bench.cpu_engine`, bench/results/serve_variants_bulk_lanes.md). "
+        "best, docs/decisions.md#cpu-lanes). "
         "Ignored on a GPU, which runs one pass at a time.",
     )
     batches_in_flight: int | None = Field(
@@ -85,7 +86,7 @@ class Tuning(BaseModel):
         le=MAX_BATCHES_IN_FLIGHT,
         description="Batches an Embedder replica runs at once. Default per device: one per CPU "
         "lane (the lanes take the next batch's passes while a batch finishes; measured: "
-        "bench/results/serve_variants_search_in_flight.md), one on a GPU (its memory holds one "
+        "docs/decisions.md#batches-in-flight), one on a GPU (its memory holds one "
         "batch's activations). Raise it on a GPU only if its memory holds several batches' activations.",
     )
     pack_above_padding: float | None = Field(
@@ -94,9 +95,9 @@ class Tuning(BaseModel):
         le=1,
         description="Run a batch as packed passes (no padding: sequences share rows, position ids "
         "restart per sequence) when its sorted padded passes would waste more than this share "
-        "of their tokens; 0: always pack, 1: never. Default per device: 1 (padded passes, the only "
-        "layout measured so far on both CPU and GPU; `python -m bench.cpu_engine packing` and "
-        "bench/gpu_engine.py print which wins). Only for models whose attention masks follow "
+        "of their tokens; 0: always pack, 1: never. Default per device: 1 (padded passes: packing "
+        "lost on CPU, docs/decisions.md#packing; the GPU is unmeasured, "
+        "docs/performance.md#pending-a-gpu). Only for models whose attention masks follow "
         "packed position ids (decoders such as Mistral).",
     )
 
@@ -174,7 +175,7 @@ class ModelSpec(BaseModel):
     max_batch_tokens: int = Field(
         default=16384,
         gt=0,
-        description="Token budget of one Embedder batch (what @serve.batch collects; chunks of "
+        description="Token budget of one Embedder batch (what @serve.batch collects; parts of "
         "larger requests are cut to fit it).",
     )
     cache: bool = Field(

@@ -3,7 +3,7 @@
 
 Every vector is checked against the independent references in testkit/reference.py. Neither
 LangChain nor LlamaIndex sends `input_type`, so their queries are embedded as documents unless
-the request is told otherwise; the tests pin that down, since the README tells users so.
+the request is told otherwise; the tests pin that down, since docs/clients.md tells users so.
 Nothing here may reach past loopback: tiktoken would download its BPE file, LlamaIndex its NLTK
 data; the `loopback_only` guard makes any such attempt fail the test.
 """
@@ -97,7 +97,7 @@ def test_langchain_documents_and_query(v1, api_keys, reference, model):
 def test_langchain_query_instruction_and_async(v1, api_keys, base_reference):
     from langchain_openai import OpenAIEmbeddings
 
-    # The README's subclass: queries get the model's instruction wherever LangChain embeds them.
+    # docs/clients.md's subclass: queries get the model's instruction wherever LangChain embeds them.
     class QueryInstructionEmbeddings(OpenAIEmbeddings):
         def embed_query(self, text, **kwargs):
             return super().embed_query(text, extra_body={"input_type": "query"}, **kwargs)
@@ -155,7 +155,7 @@ def test_llamaindex_async_and_query_instruction(v1, api_keys, base_reference):
 
 
 def test_llamaindex_openai_embedding_refuses_our_model_names(v1):
-    """Why the README points LlamaIndex users at OpenAILikeEmbedding."""
+    """Why docs/clients.md points LlamaIndex users at OpenAILikeEmbedding."""
     from llama_index.embeddings.openai import OpenAIEmbedding
 
     with pytest.raises(ValueError):

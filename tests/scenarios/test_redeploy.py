@@ -204,7 +204,7 @@ def markdown(rep: dict, opts) -> list[str]:
              f"{s['requests']} / {s['ok']} / {s['failed']} {s['failures'] or ''}"],
             ["probes sent / failed; min cosine, max abs diff",
              f"{p['sent']} / {p['failed']}; {p['min_cosine']}, {p['max_abs_diff']}"],
-            ["Ingress chunk retries / controller force-kills logged",
+            ["Ingress part retries / controller force-kills logged",
              f"{rep['ingress_retries_logged']} / {rep['force_kills_logged']}"],
             ["throughput over the whole run",
              f"{s['requests_per_s'] or 0:.1f} req/s, {s['texts_per_s'] or 0:.1f} texts/s"]]),

@@ -98,7 +98,7 @@ def analyse(run: dict, logs_dir: str) -> dict:
     t_kill, back = kill.get("t_kill_s"), kill.get("t_two_running_again_s")
     spanning = [r for r in records if t_kill is not None and r.start_s <= t_kill < r.start_s + r.latency_s]
     failed = [vars(r) for r in records if not r.ok]
-    # "Embedder replica lost": a chunk the Ingress re-sent to the other replica
+    # "Embedder replica lost": a part the Ingress's Embedder client re-sent to the other replica
     retries = serve_log_lines(logs_dir, "*Ingress*", "Embedder replica lost")
     summary = {  # in the order of the results table; times in seconds since the load started
         "requests_answered": len(records), "requests_ok_and_correct": sum(r.ok for r in records),
