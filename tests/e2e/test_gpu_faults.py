@@ -29,6 +29,7 @@ from serve_app.engine.scheduling import RequestClass
 from serve_app.engine.spec import ModelSpec, Tuning
 from serve_app.engine.tokenization import load_input_tokenizer
 from testkit.app import TINY_MAX_TOKENS
+from tests.common import spec_for
 
 SHORT = ["how do cats sleep", "x", "embeddings turn text into vectors", "the lazy dog", "search", "warm sun"]
 # Tokenizes to more than FITS_TOKENS tokens, within TINY_MAX_TOKENS.
@@ -36,15 +37,13 @@ LONG = "the quick brown fox jumps over the lazy dog while the cat sleeps in the 
 FITS_TOKENS = 40  # injected: passes of more padded tokens run out of memory
 
 
-def spec_for(path, **overrides) -> ModelSpec:
-    fields = {"name": "tiny-sfr", "source": str(path), "max_input_tokens": TINY_MAX_TOKENS, "max_batch_tokens": 512,
-              "tuning": Tuning(cpu_threads=1)}
-    return ModelSpec(**(fields | overrides))
+def fault_spec(path) -> ModelSpec:
+    return spec_for(path, name="tiny-sfr", max_batch_tokens=512, tuning=Tuning(cpu_threads=1))
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_family):
-    spec = spec_for(tiny_family["base"])
+    spec = fault_spec(tiny_family["base"])
     return load_input_tokenizer(spec), EmbeddingEngine.load(spec)
 
 
@@ -169,7 +168,7 @@ def fault_app(ray_session, tiny_family, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setattr(app_module, "Embedder", app_module.Embedder.options(
         num_replicas=2, health_check_period_s=1, ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": env}},
     ))
-    serve.run(app_module.build_app({"models": [spec_for(tiny_family["base"]).model_dump(exclude_none=True)],
+    serve.run(app_module.build_app({"models": [fault_spec(tiny_family["base"]).model_dump(exclude_none=True)],
                                     "auth": {"enabled": False},
                                     "cache": {"max_bytes": 0}}),  # every request reaches an Embedder
               name=APP, route_prefix=ROUTE)
