@@ -26,10 +26,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
-
 from testkit.harness import RESULTS, WORK, log, machine, machine_line, md_table, stamp, write
-from testkit.procstats import descendants, role_of
+from testkit.procstats import roles_under
 
 from .capacity import MODEL, ROLES, cpu_per_request, prepare, run_phase, start_service, warm_up
 
@@ -47,13 +45,8 @@ def py_spy() -> str:
 
 def serve_processes(root: int) -> dict[str, int]:
     """The pid of each role's process (one replica each, as bench.capacity deploys)."""
-    pids = {}
-    for pid in descendants(root):
-        try:
-            proc = psutil.Process(pid)
-            role = role_of(" ".join(proc.cmdline())[:300], proc.name())
-        except psutil.Error:
-            continue
+    pids: dict[str, int] = {}
+    for role, pid in roles_under(root):
         role = "Embedder" if role.startswith("Embedder") else role
         if role in ROLES:
             pids.setdefault(role, pid)

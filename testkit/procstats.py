@@ -67,6 +67,18 @@ def descendants(pid: int) -> set[int]:
         return set()
 
 
+def roles_under(root: int) -> list[tuple[str, int]]:
+    """(role, pid) of `root` and each live process below it, as role_of names them."""
+    found = []
+    for pid in descendants(root):
+        try:
+            process = psutil.Process(pid)
+            found.append((role_of(" ".join(process.cmdline())[:300], process.name()), pid))
+        except psutil.Error:
+            continue
+    return found
+
+
 class CpuMeter:
     """CPU cores used per role between start() and stop(); `roots` are our server processes."""
 

@@ -28,12 +28,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
 from testkit import harness
 from testkit.loadgen import run_load, summarize
-from testkit.procstats import CpuMeter, descendants, role_of
+from testkit.procstats import CpuMeter, roles_under
 from testkit.servers import ServedSystem
 from testkit.workloads import Workload
 
@@ -54,15 +53,7 @@ def memory_kb(pid: int) -> dict[str, int] | None:
 def processes(root: int) -> dict[str, int]:
     """{"role|pid": pid} of the service's processes (and this driver)."""
     out = {f"load generator (driver)|{os.getpid()}": os.getpid()}
-    for pid in descendants(root):
-        try:
-            p = psutil.Process(pid)
-            role = role_of(" ".join(p.cmdline()), p.name())
-        except psutil.Error:
-            continue
-        if role in SERVICE_ROLES:
-            out[f"{role}|{pid}"] = pid
-    return out
+    return out | {f"{role}|{pid}": pid for role, pid in roles_under(root) if role in SERVICE_ROLES}
 
 
 def _fit(t: np.ndarray, mb: np.ndarray) -> tuple[float, float, float]:
