@@ -57,10 +57,18 @@ def merged2_reference(tiny_family):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One Ray instance for the whole test session (2 cores: logical CPUs, fractional replicas)."""
+    """One Ray instance for the whole test session (2 cores: logical CPUs, fractional replicas),
+    with deploy/config.yaml's front: HAProxy on the session's port, forwarding to the Ingress
+    replica, which serves HTTP itself on a port of its own range."""
     import ray
     from ray import serve
 
+    from testkit.harness import PRODUCTION_CONFIG, read_config
+
+    front = read_config(PRODUCTION_CONFIG)["controller_options"]["runtime_env"]["env_vars"]
+    first = free_port()  # not 30000-30999, which a `make serve` beside the suite holds
+    ingress_ports = {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first),
+                     "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + 50)}
     metrics_port = free_port()
     ray.init(
         address="local",
@@ -73,10 +81,12 @@ def ray_session():
             # Far below the shipped 1 MiB, so the suite's bigger requests take the Ingress's
             # actor-call path to the Embedder and its small ones the gRPC path: both are checked.
             "EMBEDDINGS_BY_VALUE_MAX_BYTES": "16384",
+            **front,  # the replicas' switches; the controller's below (it starts HAProxy)
         }},
     )
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                controller_options={"runtime_env": {"env_vars": {**front, **ingress_ports}}})
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}", metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
     serve.shutdown()
     ray.shutdown()

@@ -1,14 +1,16 @@
 """How many CPU cores a GPU's front end needs: SFR-shaped traffic against a simulated GPU.
 
-    python -m bench.capacity            # both paths, every workload, an offered-load sweep (~20 min)
-    python -m bench.capacity --quick    # a smoke run (< 3 min): proxy path, short phases, one offered load;
+    python -m bench.capacity            # every path, every workload, an offered-load sweep (~30 min)
+    python -m bench.capacity --quick    # a smoke run (< 3 min): production path, short phases, one offered load;
                                         # writes to bench/.work/capacity/, never to bench/results
 
 The service runs as deployed, with the production config's model settings (deploy/config.yaml's
 SFR entry: 16384-token passes, 4096-token batch passes, request classes, cache, API keys on), on
 this machine's CPUs, its Embedder over the simulated GPU (serve_app/engine/simulated_gpu.py: an
 H200's time per pass at the bf16 rate, 4096-dim vectors) and SFR's real tokenizer
-(testkit/sfr_tokenizer.py). Per workload and path (Serve's proxy; direct ingress):
+(testkit/sfr_tokenizer.py). Per workload and path (`haproxy`: deploy/config.yaml's front, HAProxy
+forwarding to Ingress replicas that serve HTTP themselves; `proxy`: Serve's Python proxy, the
+front before it; `direct`: clients on the Ingress replica's own port, no proxy at all):
 
 * CPU seconds per request by process role (proxy, Ingress, Tokenizer, Embedder host side), from
   a closed-loop run: each role's CPU time over the run divided by the requests served;
@@ -47,6 +49,8 @@ from testkit.harness import (
     md_table,
     pyplot,
     stamp,
+    with_direct_ingress_only,
+    with_production_front,
     without_direct_ingress,
     write,
 )
@@ -55,12 +59,13 @@ from testkit.procstats import CpuMeter
 from testkit.servers import ServedSystem
 
 MODEL = "SFR-Embedding-Mistral"
+MINILM = "all-MiniLM-L6-v2"
 PRODUCTION_CONFIG = REPO / "deploy" / "config.yaml"
 TARGET_UTILISATION = 0.9
 NODE_CORES = 16
 DOC_TOKENS = 512  # the bulk documents' length in SFR tokens
 PHASE_INDICES = 50_000  # requests a phase may send
-FRONT_ROLES = ("Serve proxy", "Ingress", "Tokenizer")
+FRONT_ROLES = ("Serve proxy", "HAProxy", "Ingress", "Tokenizer")
 ROLES = FRONT_ROLES + ("Embedder",)
 # Where the FP8 factor comes from (serve_app/engine/simulated_gpu.py states the presets).
 RATE_SOURCES = (
@@ -119,23 +124,30 @@ def workloads(doc_words: int) -> dict:
     }
 
 
-def service_config(model_dir: Path, keys_file: Path, stats_dir: Path, gpu: str, direct_ingress: bool) -> dict:
-    """deploy/local.yaml's deployments (one replica each: this machine's cores) with
-    deploy/config.yaml's model settings and API keys, the Embedder over the simulated GPU."""
+# How clients reach the Ingress: Serve's Python proxy; HAProxy in front of direct-ingress replicas
+# (deploy/config.yaml's front); the Ingress replica's own port, no proxy at all.
+PATHS = {"proxy": without_direct_ingress, "haproxy": with_production_front, "direct": with_direct_ingress_only}
+
+
+def service_config(setup: SimpleNamespace, stats_dir: Path, gpu: str, path: str) -> dict:
+    """deploy/local.yaml's deployments (one replica each: this machine's cores) with API keys on and,
+    for SFR, deploy/config.yaml's model settings, the Embedder over the simulated GPU; for MiniLM,
+    local.yaml's model on this machine's CPUs."""
     production = yaml.safe_load(PRODUCTION_CONFIG.read_text())["applications"][0]["args"]
     config = yaml.safe_load(LOCAL_CONFIG.read_text())
     app = config["applications"][0]
+    # Not production's per-key rate limits: the load generator is one key at many times their rate.
+    common = {"auth": {"keys_file": str(setup.keys_file)},
+              **{k: production[k] for k in ("limits", "priority", "cache") if k in production}}
+    if setup.model_dir is None:
+        app["args"] = {"models": app["args"]["models"], **common}
+        return PATHS[path](config)
     model = copy.deepcopy(production["models"][0])
-    model.update(source=str(model_dir), device="auto")
+    model.update(source=str(setup.model_dir), device="auto")
     model.pop("revision", None)
-    app["args"] = {
-        "models": [model],
-        "auth": {"keys_file": str(keys_file)},
-        # Not production's per-key rate limits: the load generator is one key at many times their rate.
-        **{k: production[k] for k in ("limits", "priority", "cache") if k in production},
-    }
+    app["args"] = {"models": [model], **common}
     app["runtime_env"]["env_vars"]["EMBEDDINGS_SIMULATED_GPU"] = f"{gpu},stats_dir={stats_dir}"
-    return config if direct_ingress else without_direct_ingress(config)
+    return PATHS[path](config)
 
 
 class GpuClock:
@@ -159,7 +171,7 @@ class GpuClock:
 
 
 def run_phase(served: ServedSystem, clock: GpuClock, source, concurrency: int, duration_s: float, key: str,
-              phase: int, rate: float | None = None) -> dict:
+              phase: int, rate: float | None = None, model: str = MODEL) -> dict:
     """One load phase: closed loop (`rate` None) or open loop at `rate` requests/s. Each `phase`
     sends requests of its own (indices from phase * PHASE_INDICES), so none is a cache hit."""
     common = dict(concurrency=concurrency if rate is None else max(64, concurrency * 4),
@@ -167,12 +179,12 @@ def run_phase(served: ServedSystem, clock: GpuClock, source, concurrency: int, d
                   headers={"Authorization": f"Bearer {key}"})
     schedule = arrivals(lambda t: rate, duration_s) if rate else None
     meter, before = CpuMeter([served.pid]).start(), clock.read()
-    result = run_load_sync(served.base_url, MODEL, source, max_requests=PHASE_INDICES, max_duration_s=duration_s,
+    result = run_load_sync(served.base_url, model, source, max_requests=PHASE_INDICES, max_duration_s=duration_s,
                            arrivals=schedule, index_offset=phase * PHASE_INDICES, **common)
     summary = summarize(result)
     gpu = GpuClock.delta(before, clock.read())
     summary["cpu"] = meter.stop()
-    summary["gpu"] = gpu | {"utilisation": gpu["busy_s"] / summary["cpu"]["wall_s"]}
+    summary["gpu"] = gpu | {"utilisation": gpu["busy_s"] / summary["cpu"]["wall_s"]}  # 0 without one
     summary["offered_per_s"] = rate
     return summary
 
@@ -210,28 +222,34 @@ def sizing(phase: dict, max_batch_tokens: int) -> dict:
     return out
 
 
-def prepare(work: Path) -> SimpleNamespace:
-    """What every run serves and sends: an SFR-shaped model directory (SFR's real tokenizer; its tiny
-    weights stay unused under the simulated GPU), one API key, and the workloads."""
+def prepare(work: Path, model: str = "sfr") -> SimpleNamespace:
+    """What every run serves and sends: one API key, the workloads and, for SFR, an SFR-shaped model
+    directory (SFR's real tokenizer; its tiny weights stay unused under the simulated GPU)."""
     from transformers import AutoTokenizer
 
     from serve_app.api.auth import generate_key, hash_key
     from testkit.tiny_models import build_sfr_vocab_model
 
-    model_dir = build_sfr_vocab_model(work / "sfr-vocab")
     key = generate_key()
+    work.mkdir(parents=True, exist_ok=True)
     keys_file = work / "api_keys"
     keys_file.write_text(f"bench:{hash_key(key)}\n")
+    if model == "minilm":  # the issue's own yardstick: local.yaml's model, texts of testkit.workloads
+        sources = {"search": Queries(wls.search(), 32), "bulk": Queries(wls.bulk(), 8)}
+        return SimpleNamespace(model="minilm", model_name=MINILM, model_dir=None, key=key, keys_file=keys_file,
+                               sources=sources)
+    model_dir = build_sfr_vocab_model(work / "sfr-vocab")
     sources = workloads(words_per_document(AutoTokenizer.from_pretrained(model_dir), DOC_TOKENS))
-    return SimpleNamespace(model_dir=model_dir, key=key, keys_file=keys_file, sources=sources)
+    return SimpleNamespace(model="sfr", model_name=MODEL, model_dir=model_dir, key=key, keys_file=keys_file,
+                           sources=sources)
 
 
-def start_service(run_dir: Path, setup: SimpleNamespace, direct: bool) -> tuple[ServedSystem, GpuClock, dict]:
-    """The service on this path (proxy or direct ingress), started; its GPU clock and config."""
+def start_service(run_dir: Path, setup: SimpleNamespace, path: str) -> tuple[ServedSystem, GpuClock, dict]:
+    """The service on this path (one of PATHS), started; its GPU clock and config."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     stats_dir = run_dir / "gpu-stats"
-    config = service_config(setup.model_dir, setup.keys_file, stats_dir, "bf16", direct)
+    config = service_config(setup, stats_dir, "bf16", path)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     served = ServedSystem(run_dir / "config.yaml")
     try:
@@ -242,37 +260,82 @@ def start_service(run_dir: Path, setup: SimpleNamespace, direct: bool) -> tuple[
     return served, GpuClock(stats_dir), config
 
 
-def warm_up(served: ServedSystem, source, key: str, duration_s: float) -> None:
-    run_load_sync(served.base_url, MODEL, source, concurrency=source.concurrency, max_requests=source.concurrency * 2,
+def warm_up(served: ServedSystem, source, key: str, duration_s: float, model: str = MODEL) -> None:
+    run_load_sync(served.base_url, model, source, concurrency=source.concurrency, max_requests=source.concurrency * 2,
                   max_duration_s=duration_s, index_offset=WARMUP_OFFSET, extra_body={"truncate": True},
                   progress=False, headers={"Authorization": f"Bearer {key}"})
 
 
-def measure_path(path: str, direct: bool, setup: SimpleNamespace, opts) -> dict:
-    served, clock, config = start_service(WORK / "capacity" / path, setup, direct)
+def idle_cores(served: ServedSystem, seconds: float) -> dict:
+    """Each role's CPU use with no request in flight (metrics, health checks, HAProxy's manager):
+    a cost per second, not per request, which a slow request rate spreads over few requests."""
+    meter = CpuMeter([served.pid]).start()
+    time.sleep(seconds)
+    return cpu_per_request({"ok": 1, "cpu": meter.stop() | {"wall_s": 1.0}})
+
+
+def net_front_ms(phase: dict, idle: dict) -> float:
+    """The front's CPU per request beyond what its processes use while idle."""
+    wall, ok = phase["cpu"]["wall_s"], max(1, phase["ok"])
+    return sum(max(0.0, v - idle.get(role, 0.0) * wall / ok) for role, v in cpu_per_request(phase).items()
+               if role in FRONT_ROLES) * 1000
+
+
+def measure_path(path: str, setup: SimpleNamespace, opts) -> dict:
+    served, clock, config = start_service(WORK / "capacity" / setup.model / path, setup, path)
     max_batch_tokens = ModelSpec.model_validate(config["applications"][0]["args"]["models"][0]).max_batch_tokens
     results = {}
     try:
+        idle = idle_cores(served, min(10.0, opts.duration))
         for name, source in setup.sources.items():
-            warm_up(served, source, setup.key, min(5.0, opts.duration))
-            closed = run_phase(served, clock, source, source.concurrency, opts.duration, setup.key, phase=0)
+            warm_up(served, source, setup.key, min(5.0, opts.duration), setup.model_name)
+            closed = run_phase(served, clock, source, source.concurrency, opts.duration, setup.key, phase=0,
+                               model=setup.model_name)
             sustained = closed["requests_per_s"] or 0.0
             log(f"{path} {name}: {sustained:.1f} req/s closed loop, GPU {closed['gpu']['utilisation']:.1%}")
             sweep = [run_phase(served, clock, source, source.concurrency, opts.duration, setup.key, phase=k,
-                               rate=f * sustained)
-                     for k, f in enumerate(opts.offered, start=1) if sustained > 0]
-            results[name] = {"closed": closed, "sweep": sweep, "sizing": sizing(closed, max_batch_tokens)}
+                               rate=f * sustained, model=setup.model_name)
+                     for k, f in enumerate(opts.offered, start=1) if sustained > 0 and setup.model_dir]
+            results[name] = {"closed": closed, "sweep": sweep, "sizing": sizing(closed, max_batch_tokens),
+                             "idle_cores": idle, "net_front_cpu_ms": net_front_ms(closed, idle)}
     finally:
         served.stop()
     return results
 
 
+MINILM_INTRO = """The same service and load generator with deploy/local.yaml's model (all-MiniLM-L6-v2, 384-dim
+vectors, WordPiece) computed on this machine's CPUs instead of a simulated GPU, API keys on: the
+front's CPU per request by role, closed loop. No GPU figures: the Embedder here is the CPU model."""
+
+
+def front_summary(res: dict) -> list[str]:
+    """Front CPU per request per path and workload, and its ratio to the proxy path's (same run)."""
+    paths = res["paths"]
+    rows = []
+    for name in next(iter(paths.values()), {}):
+        base = paths.get("proxy", {}).get(name, {}).get("sizing", {}).get("front_cpu_ms")
+        for path, results in paths.items():
+            r = results[name]
+            front, net = r["sizing"]["front_cpu_ms"], r.get("net_front_cpu_ms")
+            rows.append([name, path, f"{front:.2f}", "–" if net is None else f"{net:.2f}",
+                         f"{r['closed']['requests_per_s']:.1f}", f"{front / base:.2f}x" if base else "–"])
+    return (["## Front CPU per request (proxies + Ingress + Tokenizer), closed loop", "",
+             "*Net of idle*: less what the same processes use with no request in flight (measured before "
+             "the load), which a low request rate spreads over few requests.", ""]
+            + md_table(["workload", "path", "front CPU ms/request", "net of idle", "req/s", "vs the proxy path"],
+                       rows))
+
+
 def render(res: dict) -> list[str]:
-    lines = ["# Capacity: CPU cores per GPU for SFR traffic (simulated GPU)", "",
-             f"`{res['command']}`, {res['generated']}; {machine_line(res['machine'])}; {res['wall_s']:.0f} s.", "",
-             "\n\n".join(__doc__.split("\n\n")[2:]), "", f"GPU rates: {RATE_SOURCES}", ""]
+    minilm = res.get("model") == "minilm"
+    title = ("# Front-end CPU per request, all-MiniLM-L6-v2 (CPU)" if minilm
+             else "# Capacity: CPU cores per GPU for SFR traffic (simulated GPU)")
+    intro = [MINILM_INTRO] if minilm else ["\n\n".join(__doc__.split("\n\n")[2:]), "", f"GPU rates: {RATE_SOURCES}"]
+    lines = [title, "", f"`{res['command']}`, {res['generated']}; {machine_line(res['machine'])}; "
+             f"{res['wall_s']:.0f} s.", "", *intro, ""]
     if res["quick"]:
         lines += ["**Quick run: a smoke test of the benchmark, not figures to size a deployment by.**", ""]
+    lines += front_summary(res)
     for path, results in res["paths"].items():
         lines += [f"## {path}: CPU per request (ms) by role, closed loop", ""]
         rows = []
@@ -281,7 +344,7 @@ def render(res: dict) -> list[str]:
             rows.append([name, c["ok"], f"{c['requests_per_s']:.1f}", f"{c['gpu']['utilisation']:.1%}",
                          *(f"{s['cpu_ms_per_request'][role]:.2f}" for role in ROLES), f"{s['front_cpu_ms']:.2f}",
                          f"{c['latency']['p50_s'] * 1000:.0f} / {c['latency']['p99_s'] * 1000:.0f}"])
-        lines += md_table(["workload", "requests", "req/s", "GPU busy", *ROLES, "front (proxy+Ingress+Tokenizer)",
+        lines += md_table(["workload", "requests", "req/s", "GPU busy", *ROLES, "front (proxies+Ingress+Tokenizer)",
                            "p50 / p99 ms"], rows)
         sweep_rows = [[name, f"{p['offered_per_s']:.1f}", f"{p['requests_per_s'] or 0:.1f}", f"{p['gpu']['utilisation']:.1%}",
                        f"{(p['latency']['p50_s'] or 0) * 1000:.0f} / {(p['latency']['p99_s'] or 0) * 1000:.0f}", p["failed"]]
@@ -290,10 +353,12 @@ def render(res: dict) -> list[str]:
             lines += [f"### {path}: simulated-GPU utilisation vs offered load (open loop)", ""]
             lines += md_table(["workload", "offered req/s", "served req/s", "GPU busy", "p50 / p99 ms", "failed"],
                               sweep_rows)
+    if minilm:
+        return lines
     lines += [f"## Cores per GPU for >= {TARGET_UTILISATION:.0%} simulated-GPU utilisation", "",
-              "Cores: proxy (on the proxy path), Ingress, Tokenizer and the Embedder's host side, per request, "
-              f"times the requests/s that keep the GPU {TARGET_UTILISATION:.0%} busy. Node: what {NODE_CORES} cores "
-              "carry, in GPUs' worth of traffic.", ""]
+              "Cores: the proxy (Serve's, or HAProxy and its manager), Ingress, Tokenizer and the Embedder's host "
+              f"side, per request, times the requests/s that keep the GPU {TARGET_UTILISATION:.0%} busy. "
+              f"Node: what {NODE_CORES} cores carry, in GPUs' worth of traffic.", ""]
     rows = []
     for path, results in res["paths"].items():
         for name, r in results.items():
@@ -341,24 +406,29 @@ def plot(res: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run (< 3 min), results under bench/.work/capacity")
+    p.add_argument("--model", choices=("sfr", "minilm"), default="sfr",
+                   help="sfr: SFR's tokenizer and vectors over the simulated GPU; minilm: local.yaml's model on "
+                        "the CPUs, front CPU only (bench/results/capacity_minilm)")
     p.add_argument("--duration", type=float, default=None, help="seconds per load phase (default 20; quick 4)")
-    p.add_argument("--paths", default=None, help="comma-separated: proxy,direct (default both; quick: proxy)")
+    p.add_argument("--paths", default=None, help=f"comma-separated, of {','.join(PATHS)} (default all; quick: haproxy)")
     args = p.parse_args(argv)
     args.duration = args.duration or (4.0 if args.quick else 20.0)
     args.offered = (0.5,) if args.quick else (0.25, 0.5, 0.75, 1.0, 1.5)
-    paths = (args.paths or ("proxy" if args.quick else "proxy,direct")).split(",")
+    paths = (args.paths or ("haproxy" if args.quick else ",".join(PATHS))).split(",")
     wall0 = time.monotonic()
     facts = machine()
 
     work = WORK / "capacity"
-    setup = prepare(work)
-    res = {"quick": args.quick, "paths": {}}
+    setup = prepare(work, args.model)
+    res = {"quick": args.quick, "model": args.model, "paths": {}}
     for path in paths:
-        res["paths"][path] = measure_path(path, path == "direct", setup, args)
+        res["paths"][path] = measure_path(path, setup, args)
     res |= stamp("bench.capacity", argv, facts, wall0)
-    out = (work / "capacity") if args.quick else RESULTS / "capacity"
+    name = "capacity" if args.model == "sfr" else f"capacity_{args.model}"
+    out = (work / name) if args.quick else RESULTS / name
     write(out, res, render(res))
-    plot(res, out.with_suffix(".png"))
+    if args.model == "sfr":
+        plot(res, out.with_suffix(".png"))
     return 0
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from testkit import workloads as wls
-from testkit.harness import REPO, RESULTS, WORK, log, machine, md_table, ms
+from testkit.harness import REPO, RESULTS, WORK, log, machine, md_table, ms, with_production_front, without_direct_ingress
 from testkit.inprocess import EngineRunner, SentenceTransformerRunner, run_groups
 from testkit.loadgen import WARMUP_OFFSET, embeddings_url, format_summary, run_load_sync, summarize, vectors
 from testkit.procstats import CpuMeter, wait_for_quiet
@@ -39,16 +39,22 @@ from testkit.servers import ServedSystem
 from .infinity import InfinitySystem
 
 WORKLOAD_NAMES = ("search", "bulk", "mixed")
+# Our service by how clients reach its Ingress: the config as given (local.yaml: the replica's own
+# port), deploy/config.yaml's front (HAProxy), Serve's Python proxy.
+SERVED = {"served": lambda config: config, "served-haproxy": with_production_front, "served-proxy": without_direct_ingress}
 REQUEST_CAPS = {"search": 6000, "bulk": 400, "mixed": 2000}  # durations bind first on this machine
 DISTURBED_CORES = 0.3  # a phase during which other processes used more than this is re-measured once
 LABELS = {
     "served": "served: Ray Serve, deploy/local.yaml", "infinity": "Infinity {version}",
+    "served-haproxy": "served: deploy/local.yaml behind HAProxy (deploy/config.yaml's front)",
+    "served-proxy": "served: deploy/local.yaml through Serve's Python proxy",
     "engine": "in-process engine ({threads} threads)",
     "engine-served-threads": "in-process engine ({served_threads} threads, as the served Embedder)",
     "engine-batched": "in-process engine, batched ({threads} threads)",
     "sentence-transformers": "sentence-transformers encode ({threads} threads)",
 }
-COLORS = {"served": "#1f77b4", "infinity": "#ff7f0e", "engine": "#2ca02c", "engine-served-threads": "#98df8a",
+COLORS = {"served": "#1f77b4", "served-haproxy": "#17becf", "served-proxy": "#aec7e8",
+          "infinity": "#ff7f0e", "engine": "#2ca02c", "engine-served-threads": "#98df8a",
           "engine-batched": "#006400", "sentence-transformers": "#9467bd"}
 
 
@@ -206,6 +212,8 @@ def compute_ratios(systems: dict) -> dict:
     for name in WORKLOAD_NAMES:
         get = lambda s: systems.get(s, {}).get("workloads", {}).get(name, {}).get("texts_per_s")  # noqa: E731
         pairs = {"served/in-process engine": ("served", "engine"), "served/Infinity": ("served", "infinity"),
+                 "served (HAProxy)/Infinity": ("served-haproxy", "infinity"),
+                 "served (Serve's proxy)/Infinity": ("served-proxy", "infinity"),
                  "served/in-process engine at the Embedder's threads": ("served", "engine-served-threads"),
                  "served/in-process engine batched": ("served", "engine-batched"),
                  "served/sentence-transformers": ("served", "sentence-transformers"),
@@ -217,7 +225,7 @@ def compute_ratios(systems: dict) -> dict:
 def check_targets(ratios: dict) -> list[dict]:
     out = []
     for wl, key, goal in (("bulk", "served/Infinity", 1.0), ("bulk", "served/in-process engine", 0.9),
-                          ("search", "served/Infinity", 0.75)):
+                          ("search", "served/Infinity", 0.75), ("search", "served (HAProxy)/Infinity", 1.2)):
         value = ratios.get(wl, {}).get(key)
         out.append({"workload": wl, "ratio": key, "target": goal, "value": value,
                     "met": None if value is None else value >= goal})
@@ -250,7 +258,7 @@ def _num(v, fmt="{:.1f}"):
 
 def write_markdown(path: Path, res: dict) -> None:
     m, systems, s = res["machine"], res["systems"], res["settings"]
-    http = [k for k in ("served", "infinity") if systems.get(k, {}).get("workloads")]
+    http = [k for k in (*SERVED, "infinity") if systems.get(k, {}).get("workloads")]
     lines = [
         "# CPU serving benchmark: our service vs Infinity vs in-process", "",
         f"Run {res['started_utc']} UTC, {res['total_s']:.0f} s in all ({'quick' if res['quick'] else 'full'} run), "
@@ -291,7 +299,7 @@ def write_markdown(path: Path, res: dict) -> None:
     cols = [c for c in next(iter(res["ratios"].values())) if any(r.get(c) is not None for r in res["ratios"].values())]
     lines += ["## Ratios (texts/s)", "", *md_table(["workload", *cols], [
         [name, *(_num(r.get(c), "{:.2f}×") for c in cols)] for name, r in res["ratios"].items()]),
-        "Targets (issue #3):", ""]
+        "Targets (issue #3; the HAProxy one: issue #21):", ""]
     lines += [f"- {t['workload']}: {t['ratio']} ≥ {t['target']:.2f}× → {_num(t['value'], '{:.2f}×')} "
               f"({ {True: 'met', False: '**not met**', None: 'not measured'}[t['met']] })" for t in res["targets"]]
     roles = list(dict.fromkeys(r for k in http for w in systems[k]["workloads"].values()
@@ -367,7 +375,7 @@ def write_plots(out_dir: Path, res: dict) -> list[str]:
     fig.tight_layout()
     save(fig, "cpu_serving_latency.png")
 
-    rows = [(k, w, s["cpu"]) for k in ("served", "infinity")
+    rows = [(k, w, s["cpu"]) for k in (*SERVED, "infinity")
             for w, s in systems.get(k, {}).get("workloads", {}).items()]
     if rows:
         roles = list(dict.fromkeys(r for _, _, c in rows for r in c["cores_by_role"])) + ["foreign"]
@@ -393,8 +401,8 @@ def write_plots(out_dir: Path, res: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a few seconds per workload (smoke run)")
-    p.add_argument("--systems", default="served,infinity,inprocess",
-                   help="comma-separated subset of served, infinity, inprocess")
+    p.add_argument("--systems", default=",".join([*SERVED, "infinity", "inprocess"]),
+                   help=f"comma-separated subset of {', '.join(SERVED)}, infinity, inprocess")
     p.add_argument("--workloads", default=",".join(WORKLOAD_NAMES))
     p.add_argument("--config", default="deploy/local.yaml", help="Serve config of our service")
     p.add_argument("--out", default=None, help="default: bench/results (full) or bench/.work/quick (--quick)")
@@ -477,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         finally:
             log(f"stopping {key} ...")
-            system.stop(grace_s=60 if key == "served" else 30)
+            system.stop(grace_s=60 if key in SERVED else 30)
 
     try:
         if "infinity" in systems_wanted:
@@ -487,9 +495,13 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001
                 inf_install = {"error": f"{type(exc).__name__}: {exc}"}
                 log(f"Infinity install failed: {exc}")
-        if "served" in systems_wanted:
-            served = ServedSystem(config)
-            http_system("served", served, LABELS["served"], {}, extra_served)
+        for key, front in SERVED.items():
+            if key in systems_wanted:
+                variant = WORK / "cpu_serving" / f"{key}.yaml"
+                variant.parent.mkdir(parents=True, exist_ok=True)
+                variant.write_text(yaml.safe_dump(front(yaml.safe_load(config.read_text())), sort_keys=False))
+                http_system(key, ServedSystem(variant), LABELS[key], {"config": str(variant.relative_to(REPO))},
+                            extra_served)
         if "infinity" in systems_wanted:
             label = LABELS["infinity"].format(version=(inf_install.get("versions") or {}).get("infinity-emb", "0.0.78"))
             if "error" in inf_install:

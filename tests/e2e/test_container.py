@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from testkit.app import ROOT, free_port, local_config_model
+from testkit.harness import with_production_front
 
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 LOCK = ROOT / "constraints.txt"
@@ -87,8 +89,9 @@ def test_dockerfile_installs_from_the_lock_and_stops_cleanly():
 # --- SIGTERM under load ----------------------------------------------------------------------
 
 
-def drain_config(path: Path, port: int) -> Path:
-    """A small config like deploy/local.yaml's, behind Serve's proxy on a port of its own."""
+def drain_config(path: Path, port: int, front: str = "proxy") -> Path:
+    """A small config like deploy/local.yaml's, on a port of its own behind Serve's proxy or (front
+    "haproxy") behind deploy/config.yaml's front, HAProxy before direct-ingress replicas."""
     config = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -105,6 +108,8 @@ def drain_config(path: Path, port: int) -> Path:
             ],
         }],
     }  # fmt: skip
+    if front == "haproxy":
+        config = with_production_front(config)
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -156,13 +161,14 @@ def wait_until_serving(url: str, process: subprocess.Popen, timeout: float) -> N
     raise AssertionError(f"not serving within {timeout} s")
 
 
-def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path):
+@pytest.mark.parametrize("front", ["proxy", "haproxy"])
+def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path, front):
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1/embeddings"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # its own Ray, not the session's
     log = (tmp_path / "serve_main.log").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "serve_app.serve_main", str(drain_config(tmp_path / "config.yaml", port))],
+        [sys.executable, "-m", "serve_app.serve_main", str(drain_config(tmp_path / "config.yaml", port, front))],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     load = Load(url, clients=4)

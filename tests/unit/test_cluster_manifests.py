@@ -5,10 +5,11 @@ by Ray's own config preparation and validation, which `ray up` runs before it ta
 the AWS bootstrap after that (instance types, IAM, subnets) needs boto3 and credentials and is
 not run here. deploy/rayservice.yaml (KubeRay) must embed deploy/config.yaml unchanged.
 
-Both must give the Serve app the nodes it asks for: the head takes every CPU-only replica at
-full scale and never a GPU replica; each GPU node takes whole Embedders and nothing else (a
-node that holds a CPU replica never goes idle, so it never scales down); enough GPU nodes for
-the Embedder's max_replicas, and no more always-on ones than its min_replicas.
+Both must give the Serve app the nodes it asks for: the head and the CPU-only front workers at
+their maximum take every CPU-only replica at full scale, and never a GPU replica; front workers
+start at zero; each GPU node takes whole Embedders and nothing else (a node that holds a CPU
+replica never goes idle, so it never scales down); enough GPU nodes for the Embedder's
+max_replicas, and no more always-on ones than its min_replicas.
 
 Run as a script, it copies deploy/config.yaml into deploy/rayservice.yaml's serveConfigV2:
     python tests/unit/test_cluster_manifests.py
@@ -74,12 +75,14 @@ def cpu_deployments() -> list[dict]:
     return [d for d in serve_deployments() if actor(d)[1] == 0]
 
 
-def check_node_sizes(head_cpus, head_gpus, gpu_cpus, gpu_gpus, min_nodes, max_nodes, where):
-    """The sizing rules of the module docstring, for either manifest."""
+def check_node_sizes(head_cpus, head_gpus, front_cpus, gpu_cpus, gpu_gpus, min_nodes, max_nodes, where):
+    """The sizing rules of the module docstring, for either manifest; `front_cpus`: the CPUs of
+    every CPU-only worker at its group's maximum."""
     assert head_gpus == 0, f"{where}: the head advertises GPUs, so an Embedder could land there"
     cpu_need = sum(replicas(d)[1] * actor(d)[0] for d in cpu_deployments())
-    assert head_cpus >= cpu_need, (
-        f"{where}: the head has {head_cpus} CPUs; Ingress/Tokenizer replicas at max_replicas need {cpu_need}"
+    assert head_cpus + front_cpus >= cpu_need, (
+        f"{where}: the head and front workers have {head_cpus} + {front_cpus} CPUs; Ingress/Tokenizer "
+        f"replicas at max_replicas need {cpu_need}"
     )
     nodes_for_max = nodes_for_min = 0
     for d in gpu_deployments():
@@ -140,9 +143,12 @@ def test_cluster_nodes_fit_the_serve_app():
     head = types[config["head_node_type"]]
     (gpu_name,) = [n for n, t in types.items() if n != config["head_node_type"] and t["resources"].get("GPU", 0) > 0]
     gpu = types[gpu_name]
+    fronts = [t for n, t in types.items() if n not in (config["head_node_type"], gpu_name)]
     assert head["max_workers"] == 0
+    assert all(t["resources"].get("GPU", 0) == 0 and t["min_workers"] == 0 for t in fronts)
     check_node_sizes(
         head["resources"]["CPU"], head["resources"].get("GPU", 0),
+        sum(t["resources"]["CPU"] * t["max_workers"] for t in fronts),
         gpu["resources"]["CPU"], gpu["resources"]["GPU"],
         gpu["min_workers"], min(gpu["max_workers"], config["max_workers"]),
         f"cluster.yaml ({gpu_name})",
@@ -171,14 +177,17 @@ def covers(directory: str, path: str) -> bool:
     return path.startswith(directory.rstrip("/") + "/")
 
 
-def test_the_head_gets_the_api_keys_file():
+def test_every_node_that_runs_an_ingress_gets_the_api_keys_file():
     path = keys_file()
     if path is None:
         return  # no keys file configured: nothing to ship
     assert any(covers(remote, path) for remote in load(CLUSTER)["file_mounts"]), f"cluster.yaml: no file_mount holds {path}"
-    head = load(RAYSERVICE)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
-    mounts = [m["mountPath"] for c in head["containers"] for m in c.get("volumeMounts", [])]
-    assert any(covers(m, path) for m in mounts), f"deploy/rayservice.yaml: no head volume holds {path}"
+    cluster = load(RAYSERVICE)["spec"]["rayClusterConfig"]
+    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]
+                                                    if not k8s_gpus(g["template"]["spec"]["containers"][0])]
+    for name, group in groups:  # the head and the CPU-only groups, where Ingress replicas run
+        mounts = [m["mountPath"] for c in group["template"]["spec"]["containers"] for m in c.get("volumeMounts", [])]
+        assert any(covers(m, path) for m in mounts), f"deploy/rayservice.yaml: no volume of {name} holds {path}"
 
 
 # --- deploy/rayservice.yaml --------------------------------------------------------------------
@@ -227,15 +236,20 @@ def test_rayservice_pods_fit_the_serve_app():
     head = cluster["headGroupSpec"]
     (head_container,) = head["template"]["spec"]["containers"]
     assert k8s_gpus(head_container) == 0
-    (group,) = cluster["workerGroupSpecs"]
+    groups = cluster["workerGroupSpecs"]
+    (group,) = [g for g in groups if k8s_gpus(g["template"]["spec"]["containers"][0])]
+    fronts = [g for g in groups if g is not group]
     (worker,) = group["template"]["spec"]["containers"]
     resources = worker["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "1"
-    for container in (head_container, worker):
+    for container in (head_container, worker, *(c for g in fronts for c in g["template"]["spec"]["containers"])):
         assert container["resources"]["requests"] == container["resources"]["limits"]
-    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    for g in (group, *fronts):
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+    assert all(g["minReplicas"] == 0 and int(g["rayStartParams"].get("num-gpus", 0)) == 0 for g in fronts)
     check_node_sizes(
         int(head["rayStartParams"]["num-cpus"]), int(head["rayStartParams"]["num-gpus"]),
+        sum(int(g["rayStartParams"]["num-cpus"]) * g["maxReplicas"] for g in fronts),
         int(group["rayStartParams"]["num-cpus"]), k8s_gpus(worker),
         group["minReplicas"], group["maxReplicas"],
         f"deploy/rayservice.yaml ({group['groupName']})",
