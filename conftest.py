@@ -63,12 +63,12 @@ def ray_session():
     import ray
     from ray import serve
 
-    from testkit.harness import PRODUCTION_CONFIG, read_config
+    from testkit.harness import PRODUCTION_CONFIG, haproxy_ports, read_config
 
     front = read_config(PRODUCTION_CONFIG)["controller_options"]["runtime_env"]["env_vars"]
     first = free_port()  # not 30000-30999, which a `make serve` beside the suite holds
     ingress_ports = {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first),
-                     "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + 50)}
+                     "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + 50), **haproxy_ports()}
     metrics_port = free_port()
     ray.init(
         address="local",

@@ -15,9 +15,9 @@ Serve has no public call for step 1 (its own proxy draining only fails the healt
 the proxies' HTTP servers are asked to exit as uvicorn does on its own SIGTERM: listener closed,
 in-flight requests finished, idle keep-alive connections closed. Configs with direct ingress
 alone (deploy/local.yaml), whose Ingress replica listens itself, drain that listener the same
-way. Behind HAProxy (deploy/config.yaml), each node's HAProxy is the door: its manager fails the
-health check, HAProxy closes its HTTP frontend (`shutdown frontend`, on its admin socket) and
-finishes the requests it forwarded, while the Ingress replicas keep serving them.
+way. Behind HAProxy (deploy/config.yaml), each node's HAProxy is the door: it gets its soft stop
+(SIGUSR1: listeners closed, the requests it forwarded answered, then it exits), while the Ingress
+replicas keep serving those requests.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -83,8 +82,8 @@ def start(config: ServeDeploySchema) -> None:
 def _proxy_stop_accepting(proxy) -> bool:
     """Close the proxy's listener; True if it is an HAProxy manager (then HAProxy is the door)."""
     if hasattr(proxy, "_haproxy"):
-        proxy._haproxy.cfg.pass_health_checks = False  # the next reload, if any, keeps failing them
-        _haproxy_command(proxy, "shutdown frontend http_frontend")
+        proxy._haproxy.cfg.pass_health_checks = False  # a reload, if one comes, fails health checks
+        proxy._haproxy._proc.send_signal(signal.SIGUSR1)  # HAProxy's soft stop (see _haproxy_stopped)
         return True
     proxy.http_proxy.update_draining(True)  # health checks fail: load balancers move on
     _, server = proxy._start_http_server_task.result()
@@ -94,26 +93,21 @@ def _proxy_stop_accepting(proxy) -> bool:
 
 def _proxy_stopped(proxy) -> bool:
     if hasattr(proxy, "_haproxy"):
-        if proxy._haproxy.has_alive_old_procs():  # workers of earlier reloads may still hold requests
-            return False
-        stats = proxy._haproxy._parse_haproxy_csv_stats(_haproxy_command(proxy, "show stat"))
-        return all(server.current_sessions == 0 and server.queued == 0
-                   for servers in stats.values() for name, server in servers.items()
-                   if name not in ("FRONTEND", "BACKEND"))
+        return _haproxy_stopped(proxy._haproxy)
     task = proxy._running_http_server_task
     return task is None or task.done()
 
 
-def _haproxy_command(manager, command: str) -> str:
-    """One command on the HAProxy admin socket of this node (the manager's process runs here)."""
-    with socket.socket(socket.AF_UNIX) as conn:
-        conn.settimeout(5)
-        conn.connect(manager._haproxy.cfg.socket_path)
-        conn.sendall(f"{command}\n".encode())
-        chunks = []
-        while chunk := conn.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode(errors="replace")
+def _haproxy_stopped(haproxy) -> bool:
+    """HAProxy's soft stop (SIGUSR1) closes its listeners at once and exits once the requests it
+    holds are answered; workers of earlier reloads may still hold requests of their own."""
+    if haproxy.has_alive_old_procs():
+        return False
+    try:
+        with open(f"/proc/{haproxy._proc.pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # exited, not yet reaped
+    except FileNotFoundError:
+        return True
 
 
 def _replica_stop_accepting(replica) -> bool:

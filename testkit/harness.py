@@ -99,6 +99,14 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def haproxy_ports() -> dict[str, str]:
+    """Free ports for HAProxy's own listeners (stats, Prometheus), which default to fixed ones
+    (8404, 9101): two HAProxy-fronted Serve instances on one machine would collide there."""
+    stats = free_port()
+    metrics = next(p for p in iter(free_port, None) if p != stats)
+    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(stats), "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics)}
+
+
 def free_port() -> int:
     for _ in range(50):
         with socket.socket() as s:
@@ -161,6 +169,8 @@ def set_client_port(schema, port: int) -> None:
     opts = schema.controller_options
     env = (opts.runtime_env or {}).get("env_vars", {}) if opts else {}
     schema.http_options.host = "127.0.0.1"
+    if env.get(HA_PROXY) == "1":
+        env.update(haproxy_ports())
     if env.get(DIRECT_INGRESS) != "1" or env.get(HA_PROXY) == "1":
         schema.http_options.port = port
         return

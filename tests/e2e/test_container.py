@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from testkit.app import ROOT, free_port, local_config_model
-from testkit.harness import with_production_front
+from testkit.harness import haproxy_ports, with_production_front
 
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 LOCK = ROOT / "constraints.txt"
@@ -110,6 +110,7 @@ def drain_config(path: Path, port: int, front: str = "proxy") -> Path:
     }  # fmt: skip
     if front == "haproxy":
         config = with_production_front(config)
+        config["controller_options"]["runtime_env"]["env_vars"].update(haproxy_ports())  # not the session's
     path.write_text(yaml.safe_dump(config))
     return path
 
