@@ -66,10 +66,13 @@ def ray_session():
     from testkit.harness import PRODUCTION_CONFIG, haproxy_ports, read_config
 
     front = read_config(PRODUCTION_CONFIG)["controller_options"]["runtime_env"]["env_vars"]
-    first = free_port()  # not 30000-30999, which a `make serve` beside the suite holds
+    port = free_port()
+    metrics_port = next(p for p in iter(free_port, None) if p != port)
+    # The Ingress's port range: not 30000-30999, which a `make serve` beside the suite holds.
+    first = next(p for p in iter(free_port, None) if not {port, metrics_port} & set(range(p, p + 50)))
     ingress_ports = {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first),
-                     "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + 50), **haproxy_ports()}
-    metrics_port = free_port()
+                     "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + 50),
+                     **haproxy_ports(port, metrics_port, *range(first, first + 50))}
     ray.init(
         address="local",
         _metrics_export_port=metrics_port,  # Prometheus endpoint, checked by the metrics test
@@ -84,7 +87,6 @@ def ray_session():
             **front,  # the replicas' switches; the controller's below (it starts HAProxy)
         }},
     )
-    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 controller_options={"runtime_env": {"env_vars": {**front, **ingress_ports}}})
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}", metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")

@@ -99,11 +99,12 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def haproxy_ports() -> dict[str, str]:
+def haproxy_ports(*taken: int) -> dict[str, str]:
     """Free ports for HAProxy's own listeners (stats, Prometheus), which default to fixed ones
-    (8404, 9101): two HAProxy-fronted Serve instances on one machine would collide there."""
-    stats = free_port()
-    metrics = next(p for p in iter(free_port, None) if p != stats)
+    (8404, 9101): two HAProxy-fronted Serve instances on one machine would collide there.
+    `taken`: ports chosen but not bound yet (the clients' port), which free_port could return."""
+    stats = next(p for p in iter(free_port, None) if p not in taken)
+    metrics = next(p for p in iter(free_port, None) if p not in (stats, *taken))
     return {"RAY_SERVE_HAPROXY_STATS_PORT": str(stats), "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics)}
 
 
@@ -170,7 +171,7 @@ def set_client_port(schema, port: int) -> None:
     env = (opts.runtime_env or {}).get("env_vars", {}) if opts else {}
     schema.http_options.host = "127.0.0.1"
     if env.get(HA_PROXY) == "1":
-        env.update(haproxy_ports())
+        env.update(haproxy_ports(port))
     if env.get(DIRECT_INGRESS) != "1" or env.get(HA_PROXY) == "1":
         schema.http_options.port = port
         return

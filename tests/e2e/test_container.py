@@ -110,7 +110,7 @@ def drain_config(path: Path, port: int, front: str = "proxy") -> Path:
     }  # fmt: skip
     if front == "haproxy":
         config = with_production_front(config)
-        config["controller_options"]["runtime_env"]["env_vars"].update(haproxy_ports())  # not the session's
+        config["controller_options"]["runtime_env"]["env_vars"].update(haproxy_ports(port))  # not the session's
     path.write_text(yaml.safe_dump(config))
     return path
 
