@@ -8,8 +8,9 @@ drains instead:
    which it can retry elsewhere) and reports unhealthy to load balancers, while the requests
    it already holds run to the end: the whole app (Ingress, Tokenizer, Embedder) still serves;
 2. once the proxies have finished them, or after the config's largest
-   `graceful_shutdown_timeout_s`, Serve shuts down (its replicas now idle) and the process
-   exits 0.
+   `graceful_shutdown_timeout_s`, Serve shuts down (its replicas now idle; direct-ingress ones
+   skip the window Serve keeps them reachable for load balancers, as nothing routes to them
+   any more) and the process exits 0.
 
 Serve has no public call for step 1 (its own proxy draining only fails the health check), so
 the proxies' HTTP servers are asked to exit as uvicorn does on its own SIGTERM: listener closed,
@@ -84,11 +85,20 @@ def _proxy_stop_accepting(proxy) -> bool:
     if hasattr(proxy, "_haproxy"):
         proxy._haproxy.cfg.pass_health_checks = False  # a reload, if one comes, fails health checks
         proxy._haproxy._proc.send_signal(signal.SIGUSR1)  # HAProxy's soft stop (see _haproxy_stopped)
+        _stop_node_metrics_polling(proxy)
         return True
     proxy.http_proxy.update_draining(True)  # health checks fail: load balancers move on
     _, server = proxy._start_http_server_task.result()
     server.should_exit = True  # uvicorn: close the listener, finish what is in flight
     return False
+
+
+def _stop_node_metrics_polling(manager) -> None:
+    """The manager polls HAProxy's admin socket for node gauges; once HAProxy exits on its soft
+    stop every poll logs a traceback until Serve shuts down. Per-request metrics keep flowing."""
+    task = getattr(getattr(manager, "_metrics_collector", None), "_node_metrics_task", None)
+    if task is not None:
+        task.get_loop().call_soon_threadsafe(task.cancel)  # the task lives on the actor's event loop
 
 
 def _proxy_stopped(proxy) -> bool:
@@ -123,13 +133,25 @@ def _replica_stopped(replica) -> bool:
     return task is None or task.done()
 
 
+def _no_deregistration_window(_replica) -> None:
+    """A stopping direct-ingress replica stays reachable for a window (30 s) in which load balancers
+    drop it. Once the doors are drained nothing routes to it any more, so the window would only
+    hold Serve's shutdown past its own timeout; Ray reads the window from this module global."""
+    import ray.serve._private.replica as replica_module
+
+    replica_module.RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S = 0.0
+
+
+def serve_actor_names() -> list[str]:
+    return [e["name"] for e in ray.util.list_named_actors(all_namespaces=True) if e["namespace"] == SERVE_NAMESPACE]
+
+
 def front_doors() -> list[tuple[ray.actor.ActorHandle, object]]:
     """Each actor that takes clients' HTTP (proxies or HAProxy managers; Ingress replicas with
     direct ingress alone), with the function that tells whether it has finished its last request.
     Behind HAProxy the Ingress replicas keep listening: HAProxy forwards what it holds to them."""
     doors, haproxy = [], False
-    names = [e["name"] for e in ray.util.list_named_actors(all_namespaces=True) if e["namespace"] == SERVE_NAMESPACE]
-    for name in sorted(names, key=lambda n: not n.startswith(SERVE_PROXY_NAME)):  # proxies first
+    for name in sorted(serve_actor_names(), key=lambda n: not n.startswith(SERVE_PROXY_NAME)):  # proxies first
         try:
             actor = ray.get_actor(name, namespace=SERVE_NAMESPACE)
             if name.startswith(SERVE_PROXY_NAME):
@@ -157,6 +179,12 @@ def drain(grace: float) -> None:
         time.sleep(POLL_S)
     if doors:
         logger.warning("%d listener(s) still busy after %.0f s; shutting down anyway", len(doors), grace)
+    for name in serve_actor_names():
+        if name.startswith(REPLICA_ID_FULL_ID_STR_PREFIX):
+            try:
+                ray.get(ray.get_actor(name, namespace=SERVE_NAMESPACE).__ray_call__.remote(_no_deregistration_window), timeout=10)
+            except Exception:  # noqa: BLE001 - that replica then waits out the window, as Serve would
+                logger.warning("could not end %s's deregistration window", name, exc_info=True)
 
 
 def main(argv: list[str] | None = None) -> int:
