@@ -179,6 +179,10 @@ def drain(grace: float) -> None:
         time.sleep(POLL_S)
     if doors:
         logger.warning("%d listener(s) still busy after %.0f s; shutting down anyway", len(doors), grace)
+
+
+def end_deregistration_windows() -> None:
+    """After the drain: replicas stop at once rather than stay reachable for load balancers."""
     for name in serve_actor_names():
         if name.startswith(REPLICA_ID_FULL_ID_STR_PREFIX):
             try:
@@ -209,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     logger.info("stop requested")
     drain(grace)
+    end_deregistration_windows()
     serve.shutdown()
     ray.shutdown()
     logger.info("stopped")
