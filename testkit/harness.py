@@ -55,7 +55,7 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     versions = {}
-    for pkg in ("ray", "torch", "transformers", "sentence-transformers", "httpx"):
+    for pkg in ("ray", "torch", "transformers", "sentence-transformers", "httpx", "aiohttp"):
         try:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
