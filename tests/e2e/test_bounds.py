@@ -301,3 +301,66 @@ def served_tokenizers(tiny_family, sfr_vocab_model):
 
     served = (local_config_model(), tiny_sfr_model(tiny_family), tiny_sfr_vocab_model(sfr_vocab_model))
     return [load_input_tokenizer(ModelSpec.model_validate(m)) for m in served]
+
+
+# ---- a flood of small requests at a saturated Ingress --------------------------------------------
+
+QUEUE_APP, QUEUE_ROUTE = "queue-bound", "/queue-bound"
+PASS_S = 2.0  # each pass of the slow Embedder: far longer than a refusal takes
+IN_FLIGHT, QUEUED = 2, 2  # the small Ingress's max_ongoing_requests and max_queued_requests
+
+
+@pytest.fixture(scope="module")
+def slow_app(ray_session, tiny_family):
+    """tiny-sfr behind an Ingress that holds IN_FLIGHT requests and queues QUEUED more (as the
+    shipped Ingress holds 256 and queues INGRESS_MAX_QUEUED_REQUESTS), before an Embedder over a
+    simulated GPU whose every pass takes PASS_S: a replica saturated for as long as the test needs."""
+    from ray import serve
+
+    from serve_app.deployments import app as app_module
+    from serve_app.engine.simulated_gpu import ENV
+    from tests.common import spec_for
+
+    slow_gpu = {ENV: f"pass_ms={PASS_S * 1000:.0f},dimensions=64"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(app_module, "Ingress",
+                      app_module.Ingress.options(max_ongoing_requests=IN_FLIGHT, max_queued_requests=QUEUED))
+        patch.setattr(app_module, "Embedder", app_module.Embedder.options(
+            ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": slow_gpu}}))
+        spec = spec_for(tiny_family["base"], name="tiny-sfr")
+        serve.run(app_module.build_app({"models": [spec.model_dump(exclude_none=True)], "auth": {"enabled": False},
+                                        "cache": {"max_bytes": 0}}),
+                  name=QUEUE_APP, route_prefix=QUEUE_ROUTE)
+    yield ray_session.url + QUEUE_ROUTE
+    serve.delete(QUEUE_APP)
+
+
+async def _timed_posts(url: str, bodies: list[dict]) -> list[tuple[float, httpx.Response]]:
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=len(bodies))) as client:
+        t0 = time.monotonic()
+
+        async def post(body: dict) -> tuple[float, httpx.Response]:
+            response = await client.post("/v1/embeddings", json=body)
+            return time.monotonic() - t0, response
+
+        return list(await asyncio.gather(*(post(body) for body in bodies)))
+
+
+def test_a_flood_beyond_the_ingress_queue_is_refused_at_once_and_what_it_holds_is_served(slow_app):
+    """Through deploy/config.yaml's front (HAProxy before the direct-ingress replica): requests
+    beyond the Ingress's in-flight and queue bounds get Serve's 503 with Retry-After at once,
+    not a wait behind the saturated replica; those it took are all served; and afterwards the
+    replica serves as before."""
+    bodies = [{"model": "tiny-sfr", "input": f"query number {i}"} for i in range(4 * (IN_FLIGHT + QUEUED))]
+    answers = asyncio.run(_timed_posts(slow_app, bodies))
+    served = [(t, r) for t, r in answers if r.status_code == 200]
+    refused = [(t, r) for t, r in answers if r.status_code == 503]
+    assert len(served) + len(refused) == len(bodies), [(r.status_code, r.text) for _, r in answers]
+    # Serve may refuse a little early (it counts the queue across an await), never admit more.
+    assert 1 <= len(served) <= IN_FLIGHT + QUEUED and refused
+    assert all(r.headers["retry-after"] == "1" for _, r in refused)
+    # Every refusal came back before any request was served: none waited for a pass.
+    assert max(t for t, _ in refused) < min(t for t, _ in served)
+    assert all(len(r.json()["data"][0]["embedding"]) == 64 for _, r in served)
+    # The flood has passed: a request is served, not refused.
+    assert httpx.post(slow_app + "/v1/embeddings", json=bodies[0], timeout=120).status_code == 200
