@@ -1,18 +1,20 @@
-"""Where the front's CPU goes under search load: py-spy over the Serve processes.
+"""Where the front's CPU goes under load: py-spy over the Serve processes.
 
     python -m bench.front_profile                  # production path (HAProxy), 30 s of search load
     python -m bench.front_profile --path proxy --duration 20 --out bench/.work/front_profile
+    python -m bench.front_profile --model minilm --workload bulk --out bench/.work/front_profile_bulk
 
-The service and the load are bench.capacity's (SFR's tokenizer, the simulated GPU, API keys on,
-one query per request). While the load runs, `py-spy record --nonblocking` samples each Serve
-process (proxy, Ingress, Tokenizer, Embedder) at 100 Hz, active threads only (idle ones are not
-sampled), without pausing them. Per process: the share of its samples in each function's own
-code (self), and in each function or its callees (inclusive), grouped by package, so that the
-largest costs show first. Time in native code counts to the Python frame that called it: self
-time in `Worker.main_loop` is Ray's C++ core worker (task execution, its gRPC and object store),
-in `Thread.run` or an event loop's run function the loop's polling and the C extensions it calls.
-(py-spy's --native would split it, but it must pause the processes per sample and then counts
-threads idle in epoll as busy.) Writes <out>.{md,json} (default bench/results/front_profile).
+The service and the load are bench.capacity's (SFR's tokenizer, or MiniLM's with --model minilm; the
+simulated GPU; API keys on; a workload of bench.capacity's, by default one query per request). While
+the load runs, `py-spy record --nonblocking` samples each Serve process (proxy, Ingress, Tokenizer,
+Embedder) at 100 Hz, active threads only (idle ones are not sampled), without pausing them. Per
+process: the share of its samples in each function's own code (self), and in each function or its
+callees (inclusive), grouped by package, so that the largest costs show first. Time in native code
+counts to the Python frame that called it: self time in `Worker.main_loop` is Ray's C++ core worker
+(task execution, its gRPC and object store), in `Thread.run` or an event loop's run function the
+loop's polling and the C extensions it calls. (py-spy's --native would split it, but it must pause
+the processes per sample and then counts threads idle in epoll as busy.) Writes <out>.{md,json}
+(default bench/results/front_profile).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 from testkit.harness import RESULTS, WORK, log, machine, machine_line, md_table, stamp, write
 from testkit.procstats import roles_under
 
-from .capacity import MODEL, PATHS, ROLES, cpu_per_request, prepare, run_phase, start_service, warm_up
+from .capacity import PATHS, ROLES, cpu_per_request, prepare, run_phase, start_service, warm_up
 
 TOP = 15
 # "function (path/to/file.py:line)" as py-spy's raw format names a frame.
@@ -112,7 +114,7 @@ def record(pids: dict[str, int], duration_s: float, out_dir: Path) -> dict[str, 
 
 
 def render(res: dict) -> list[str]:
-    lines = ["# Where the front's CPU goes: py-spy under search load", "",
+    lines = [f"# Where the front's CPU goes: py-spy under {res.get('workload', 'search')} load", "",
              f"`{res['command']}`, {res['generated']}; {machine_line(res['machine'])}.", "",
              "\n\n".join(__doc__.split("\n\n")[2:]), "",
              f"Load: {res['load']['ok']} requests in {res['load']['wall_s']:.0f} s "
@@ -132,19 +134,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--path", choices=PATHS, default="haproxy", help="how clients reach the Ingress (bench.capacity's PATHS)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of sampled load")
     p.add_argument("--out", default=None, help="path prefix (default bench/results/front_profile)")
+    p.add_argument("--model", choices=("sfr", "minilm"), default="sfr", help="whose tokenizer and vector size")
+    p.add_argument("--workload", default="search", help="one of bench.capacity's workloads (search, bulk, ...)")
     args = p.parse_args(argv)
     wall0, facts = time.monotonic(), machine()
     work = WORK / "front_profile"
-    setup = prepare(work)
-    source = setup.sources["search"]
+    setup = prepare(work, args.model, simulated=True)
+    source = setup.sources[args.workload]
     path = args.path
     served, clock, _ = start_service(work / path, setup, path)
     try:
-        warm_up(served, source, setup.key, 5.0)
+        warm_up(served, source, setup.key, 5.0, setup.model_name)
         pids = serve_processes(served.pid)
         log(f"sampling {pids} for {args.duration:.0f} s")
         recorders = record(pids, args.duration, work / "raw")
-        phase = run_phase(served, clock, source, source.concurrency, args.duration, setup.key, phase=0)
+        phase = run_phase(served, clock, source, source.concurrency, args.duration, setup.key, phase=0,
+                          model=setup.model_name)
         for role, proc in recorders.items():
             if proc.wait(timeout=args.duration + 60) != 0:
                 log(f"py-spy on {role} failed: {raw_file(work / 'raw', role).with_suffix('.log').read_text()[-500:]}")
@@ -153,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     raw = [(role, raw_file(work / "raw", role)) for role in recorders]
     profiles = {role: summarize_raw(path.read_text()) for role, path in raw if path.exists()}
     cpu_ms = {role: seconds * 1000 for role, seconds in cpu_per_request(phase).items()}
-    res = {"path": path, "model": MODEL, "profiles": profiles, "cpu_ms_per_request": cpu_ms,
+    res = {"path": path, "model": setup.model_name, "workload": args.workload, "profiles": profiles,
+           "cpu_ms_per_request": cpu_ms,
            "load": {k: phase[k] for k in ("ok", "failed", "requests_per_s", "wall_s", "latency")}}
     res |= stamp("bench.front_profile", argv, facts, wall0)
     write(Path(args.out) if args.out else RESULTS / "front_profile", res, render(res))

@@ -49,6 +49,13 @@ def _tuning(**fields):
     return change
 
 
+def _two_embedders(config: dict) -> None:
+    """Two one-thread Embedder replicas instead of one with two one-thread lanes."""
+    _tuning(cpu_threads=1)(config)
+    embedder = next(d for d in _app(config)["deployments"] if d["name"] == "Embedder")
+    embedder.update(num_replicas=2, ray_actor_options={"num_cpus": 0.5})
+
+
 def _replica_env(**env: str):
     return lambda config: _app(config).setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env)
 
@@ -66,6 +73,12 @@ VARIANTS = {
                  _tuning(cpu_lanes=1, micro_batch_tokens=2048)),
     "one-batch-in-flight": ("the Embedder runs one batch at a time (shipped: one per CPU lane, two here)",
                            _tuning(batches_in_flight=1)),
+    "four-batches-in-flight": ("the Embedder runs up to four batches per class at once (shipped: one per CPU lane, two here)",
+                               _tuning(batches_in_flight=4)),
+    "passes-512": ("the Embedder's CPU passes of at most 512 padded tokens (shipped: 1024), so a batch spreads over the lanes",
+                   _tuning(micro_batch_tokens=512)),
+    "two-embedders": ("two Embedder replicas of one thread each (shipped: one replica, two one-thread lanes)",
+                      _two_embedders),
     "fixed-wait-5ms": ("the Embedder waits 5 ms for a batch even when busy (no adaptive wait)",
                        _tuning(busy_batch_wait_timeout_s=0.005)),
     "batch-wait-10ms": ("the Embedder waits 10 ms for a batch, busy or idle",
