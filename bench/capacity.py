@@ -128,9 +128,20 @@ def workloads(doc_words: int) -> dict:
     }
 
 
+def _bulk_at_the_tokenizer(config: dict) -> dict:
+    """HAProxy's path with every bulk text request tokenized at the Tokenizer deployment, as
+    before the Ingress tokenized them on a thread of its own (serve_app/deployments/tokenizer_client.py)."""
+    config = with_production_front(config)
+    config["applications"][0]["runtime_env"]["env_vars"]["EMBEDDINGS_THREAD_TOKENIZE_MAX_CHARS"] = "0"
+    return config
+
+
 # How clients reach the Ingress: Serve's Python proxy; HAProxy in front of direct-ingress replicas
-# (deploy/config.yaml's front); the Ingress replica's own port, no proxy at all.
-PATHS = {"proxy": without_direct_ingress, "haproxy": with_production_front, "direct": with_direct_ingress_only}
+# (deploy/config.yaml's front); the Ingress replica's own port, no proxy at all; and HAProxy's
+# with bulk requests tokenized the old way (on request only: an A/B, not a path to size by).
+PATHS = {"proxy": without_direct_ingress, "haproxy": with_production_front, "direct": with_direct_ingress_only,
+         "haproxy-tokenizer": _bulk_at_the_tokenizer}
+DEFAULT_PATHS = ("proxy", "haproxy", "direct")
 
 
 def service_config(setup: SimpleNamespace, stats_dir: Path, gpu: str, path: str) -> dict:
@@ -321,6 +332,8 @@ def measure_path(path: str, setup: SimpleNamespace, opts) -> dict:
     try:
         idle = idle_cores(served, min(10.0, opts.duration))
         for name, source in setup.sources.items():
+            if opts.workloads and name not in opts.workloads:
+                continue
             warm_up(served, source, setup.key, min(5.0, opts.duration), setup.model_name)
             closed = run_phase(served, clock, source, source.concurrency, opts.duration, setup.key, phase=0,
                                model=setup.model_name)
@@ -470,11 +483,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="minilm only: the CPU model, or MiniLM's vectors over a fast simulated GPU (the front "
                         "without the model competing for the cores)")
     p.add_argument("--duration", type=float, default=None, help="seconds per load phase (default 20; quick 4)")
-    p.add_argument("--paths", default=None, help=f"comma-separated, of {','.join(PATHS)} (default all; quick: haproxy)")
+    p.add_argument("--workloads", default=None, help="comma-separated subset of the model's workloads (default all)")
+    p.add_argument("--out", default=None, help="results path prefix (default bench/results/capacity[_<model>...]; "
+                                               "an A/B of some paths or workloads belongs elsewhere)")
+    p.add_argument("--paths", default=None,
+                   help=f"comma-separated, of {','.join(PATHS)} (default {','.join(DEFAULT_PATHS)}; quick: haproxy)")
     args = p.parse_args(argv)
     args.duration = args.duration or (4.0 if args.quick else 20.0)
     args.offered = (0.5,) if args.quick else (0.25, 0.5, 0.75, 1.0, 1.5)
-    paths = (args.paths or ("haproxy" if args.quick else ",".join(PATHS))).split(",")
+    args.workloads = args.workloads.split(",") if args.workloads else None
+    paths = (args.paths or ("haproxy" if args.quick else ",".join(DEFAULT_PATHS))).split(",")
     wall0 = time.monotonic()
     facts = machine()
 
@@ -488,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         res["paths"][path] = measure_path(path, setup, args)
     res |= stamp("bench.capacity", argv, facts, wall0)
     name = "capacity" if args.model == "sfr" else f"capacity_{args.model}" + ("_simulated" if simulated else "")
-    out = (work / name) if args.quick else RESULTS / name
+    out = Path(args.out) if args.out else (work / name) if args.quick else RESULTS / name
     write(out, res, render(res))
     if args.model == "sfr":
         plot(res, out.with_suffix(".png"))

@@ -27,7 +27,7 @@ from serve_app.api.request_class import INTERACTIVE, RequestClass, RequestClassP
 from serve_app.api.schemas import Inputs
 from serve_app.deployments.embedder_client import EmbedderClient
 from serve_app.deployments.metrics import IngressMetrics
-from serve_app.deployments.tokenizer_client import TokenizerClient, tokenize_in_ingress
+from serve_app.deployments.tokenizer_client import TokenizeAt, TokenizerClient, where_to_tokenize
 from serve_app.engine.long_inputs import combine_windows, split_windows
 from serve_app.engine.spec import ModelSpec, format_query
 from serve_app.engine.tokenization import token_ids_rejected
@@ -103,7 +103,7 @@ class Pipeline:
         held = self._admit(ctx, asks_interactive)
         charged = 0  # tokens taken from the key's rate limit: given back if the request is not served
         try:
-            await self._tokenize(ctx, tokenize_in_ingress(ctx.inputs, asks_interactive))
+            await self._tokenize(ctx, where_to_tokenize(ctx.inputs, asks_interactive))
             check_tokens(ctx.n_tokens, self.limits)
             self.rate.check_tokens(ctx.key, ctx.n_tokens)
             charged = ctx.n_tokens
@@ -142,9 +142,8 @@ class Pipeline:
         self.metrics.inflight_tokens.set(self.inflight.current)
         return held
 
-    async def _tokenize(self, ctx: RequestContext, in_ingress: bool) -> None:
-        ids = await self.tokenizers.tokenize(ctx.spec.name, ctx.inputs, ctx.task, ctx.truncate, ctx.direction,
-                                             in_ingress)
+    async def _tokenize(self, ctx: RequestContext, where: TokenizeAt) -> None:
+        ids = await self.tokenizers.tokenize(ctx.spec.name, ctx.inputs, ctx.task, ctx.truncate, ctx.direction, where)
         # long_input: chunk: over-long inputs travel as their windows (batched and cached as
         # inputs of their own) and are combined into one vector each afterwards.
         if ctx.spec.long_input == "chunk":

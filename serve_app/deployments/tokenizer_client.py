@@ -1,9 +1,13 @@
-"""The Ingress's side of tokenizing: small requests here, in the Ingress, with the model's own
-tokenizer files; large ones in slices at the Tokenizer deployment."""
+"""The Ingress's side of tokenizing, with the model's own tokenizer files: small requests on the
+Ingress's event loop, bulk ones on a thread of the Ingress, the largest in slices at the
+Tokenizer deployment."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -26,15 +30,37 @@ LOCAL_CHECK_MAX_IDS = 16384
 # Interactive requests (a few inputs, e.g. one 4096-token document) are tokenized here up to
 # this many times those sizes: a few milliseconds, against a queue behind batch requests.
 INTERACTIVE_TOKENIZE_FACTOR = 8
+# Text requests up to this size (a 64-document bulk request of 512-token documents is ~150k)
+# are tokenized on a thread of the Ingress, which the Rust tokenizer runs without the GIL, so the
+# event loop goes on: a call to the Tokenizer deployment costs about half as much CPU again as
+# the tokenizing itself (docs/decisions.md#bulk-tokenizing). Larger ones spread over the
+# Tokenizer replicas in slices, and are refused as soon as their count passes the limit.
+# EMBEDDINGS_THREAD_TOKENIZE_MAX_CHARS=0 in the application's env_vars sends every text request
+# over LOCAL_TOKENIZE_MAX_CHARS to the Tokenizer deployment, as before (bench.capacity compares).
+THREAD_TOKENIZE_MAX_CHARS = int(os.environ.get("EMBEDDINGS_THREAD_TOKENIZE_MAX_CHARS", "262144"))
+# Per Ingress replica, as its one CPU: more bulk traffic than it keeps up with waits here, which
+# counts as the Ingress's ongoing requests and scales it out.
+TOKENIZE_THREADS = 1
 
 
-def tokenize_in_ingress(inputs: Inputs, asks_interactive: bool) -> bool:
-    """Tokenize in the ingress itself, rather than queue at the Tokenizer deployment behind
-    large batch requests: small requests, and interactive ones of a few long inputs."""
+class TokenizeAt(enum.Enum):
+    EVENT_LOOP = "event loop"
+    INGRESS_THREAD = "Ingress thread"
+    TOKENIZER = "Tokenizer deployment"
+
+
+def where_to_tokenize(inputs: Inputs, asks_interactive: bool) -> TokenizeAt:
+    """Small requests, and interactive ones of a few long inputs, on the Ingress's event loop
+    (rather than queue behind large batch requests); bulk text requests on its threads; the
+    largest at the Tokenizer deployment."""
     factor = INTERACTIVE_TOKENIZE_FACTOR if asks_interactive else 1
     if inputs.texts is not None:
-        return sum(len(text) for text in inputs.texts) <= LOCAL_TOKENIZE_MAX_CHARS * factor
-    return sum(len(ids) for ids in inputs.token_ids) <= LOCAL_CHECK_MAX_IDS * factor
+        chars = sum(len(text) for text in inputs.texts)
+        if chars <= LOCAL_TOKENIZE_MAX_CHARS * factor:
+            return TokenizeAt.EVENT_LOOP
+        return TokenizeAt.INGRESS_THREAD if chars <= THREAD_TOKENIZE_MAX_CHARS else TokenizeAt.TOKENIZER
+    ids = sum(len(ids) for ids in inputs.token_ids)
+    return TokenizeAt.EVENT_LOOP if ids <= LOCAL_CHECK_MAX_IDS * factor else TokenizeAt.TOKENIZER
 
 
 async def _numbered(k: int, response: DeploymentResponse) -> tuple[int, object]:
@@ -47,9 +73,10 @@ class TokenizerClient:
         # Tokenizer files only (no weights).
         self.local: dict[str, InputTokenizer] = {name: load_input_tokenizer(spec) for name, spec in specs.items()}
         self.limits = limits
+        self.threads = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
 
     async def tokenize(self, name: str, inputs: Inputs, task: str | None, truncate: bool, direction: str,
-                       in_ingress: bool) -> list[list[int]]:
+                       where: TokenizeAt) -> list[list[int]]:
         """Token ids of texts (instruction, special tokens, truncation) or checked token-id
         inputs, in input order; a client's bad input is a 400."""
         handle = self.remote[name]
@@ -57,11 +84,13 @@ class TokenizerClient:
             items, call, extra = inputs.texts, handle.tokenize, (task, truncate)
         else:
             items, call, extra = inputs.token_ids, handle.check_token_ids, (truncate,)
-        if in_ingress:
+        if where is not TokenizeAt.TOKENIZER:
             local = self.local[name]
             run = local.tokenize_texts if inputs.texts is not None else local.check_token_ids
             try:
-                return run(items, *extra, 0, direction)
+                if where is TokenizeAt.EVENT_LOOP:
+                    return run(items, *extra, 0, direction)
+                return await asyncio.get_running_loop().run_in_executor(self.threads, run, items, *extra, 0, direction)
             except InputError as exc:
                 raise invalid(exc.message, exc.param, exc.code) from None
         # A few slices at a time, counting as they come back: a request over the token limit is

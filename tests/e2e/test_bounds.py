@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from serve_app.api.limits import RequestLimits, token_bounds
 from serve_app.api.schemas import Inputs
+from serve_app.deployments.tokenizer_client import THREAD_TOKENIZE_MAX_CHARS
 from testkit.app import (
     MAX_REQUEST_TOKENS,
     METERED_TOKENS_PER_MINUTE,
@@ -85,7 +86,10 @@ def test_truncated_input_beside_a_short_one(http, base_reference):
 
 
 def test_2048_text_inputs_and_one_more(http, base_reference):
-    batch = [f"{WORDS[i % len(WORDS)]} number {i}" for i in range(2048)]
+    """Long enough in all to be tokenized in slices at the Tokenizer deployment."""
+    filler = " ".join(WORDS * 2)
+    batch = [f"{WORDS[i % len(WORDS)]} number {i}: {filler}" for i in range(2048)]
+    assert sum(map(len, batch)) > THREAD_TOKENIZE_MAX_CHARS
     response = http.post("/v1/embeddings", json={"model": "tiny-sfr", "input": batch})
     assert response.status_code == 200 and len(response.json()["data"]) == 2048
     for i in (0, 1023, 2047):

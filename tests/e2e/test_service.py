@@ -218,8 +218,11 @@ BAD_REQUESTS = [
     ({"model": "tiny-sfr", "input": ["x"] * 2049}, 400, "too_many_inputs"),
     ({"model": "tiny-sfr-lora", "input": [[7] * 500] * 263}, 400, "too_many_tokens"),
     ({"model": "tiny-sfr", "input": "the quick brown fox " * 40}, 400, "context_length_exceeded"),
-    # Large enough to be tokenized by the Tokenizer deployment rather than in the ingress:
+    # Large enough to be tokenized on an Ingress thread rather than its event loop (over 8192
+    # characters), and by the Tokenizer deployment (over 262144):
     ({"model": "tiny-sfr", "input": ["a sentence with some words"] * 400 + ["the quick brown fox " * 40]},
+     400, "context_length_exceeded"),
+    ({"model": "tiny-sfr", "input": ["a sentence with some words " * 10] * 1000 + ["the quick brown fox " * 40]},
      400, "context_length_exceeded"),
     ({"model": "tiny-sfr", "input": [[5] * 60] * 300 + [[99999]]}, 400, "invalid_token_id"),
     ({"model": "tiny-sfr", "input": "x", "encoding_format": "int8"}, 400, None),

@@ -8,7 +8,7 @@ deploy/local.yaml (through Serve's proxy: under direct ingress the Ingress canno
 in place) deployed as `serve run` does on a fresh Ray instance of `--num-cpus` logical CPUs (4:
 room for the rollouts' extra replicas). `--clients` closed-loop clients (75 % one query, 25 %
 64 documents, `truncate: true`) and, beside them, a probe client that alternately sends 4 fixed
-queries (tokenized in the Ingress) and 24 fixed documents (by the Tokenizer deployment) and
+queries (tokenized on the Ingress's event loop) and 24 fixed documents (on an Ingress thread) and
 compares every vector with sentence-transformers'. At `--redeploy1-at-s` the config is deployed
 again with changed args (Embedder `tuning.batch_wait_timeout_s` 0.005 → 0.010, Ingress
 `limits.max_inflight_tokens` → 3 000 000: new versions of every deployment); `--settle-s` after
@@ -52,7 +52,7 @@ def changed(config: dict, tuning: dict | None = None, limits: dict | None = None
 def probe_sets() -> dict[str, list[str]]:
     rng = random.Random("redeploy-probe:7")
     return {"queries": [make_query(rng, 5, 15) for _ in range(4)],
-            "docs": [make_document(rng, 150, 300) for _ in range(24)]}  # > 8192 characters: the Tokenizer path
+            "docs": [make_document(rng, 150, 300) for _ in range(24)]}  # > 8192 characters: an Ingress thread
 
 
 def references(sets: dict[str, list[str]]) -> dict[str, np.ndarray]:

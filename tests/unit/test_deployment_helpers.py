@@ -9,7 +9,9 @@ from serve_app.deployments.tokenizer_client import (
     INTERACTIVE_TOKENIZE_FACTOR,
     LOCAL_CHECK_MAX_IDS,
     LOCAL_TOKENIZE_MAX_CHARS,
-    tokenize_in_ingress,
+    THREAD_TOKENIZE_MAX_CHARS,
+    TokenizeAt,
+    where_to_tokenize,
 )
 from serve_app.engine.parts import cut_to_budget, flatten
 
@@ -22,18 +24,25 @@ def test_requests_are_cut_into_parts_that_fit_the_batch_budget():
     assert cut_to_budget([], 6) == []
 
 
-def test_small_requests_and_interactive_ones_of_a_few_long_inputs_are_tokenized_in_the_ingress():
+def test_where_a_request_is_tokenized_goes_by_its_size_and_class():
+    """Small requests, and interactive ones of a few long inputs, on the Ingress's event loop;
+    bulk text requests on its threads; the largest, and large token-id ones, at the Tokenizer."""
+
     def texts(chars: int) -> Inputs:
         return Inputs(texts=["x" * (chars - 1), "y"])
 
     def ids(n: int) -> Inputs:
         return Inputs(token_ids=[[1] * (n - 1), [2]])
 
-    for inputs, limit in ((texts, LOCAL_TOKENIZE_MAX_CHARS), (ids, LOCAL_CHECK_MAX_IDS)):
-        assert tokenize_in_ingress(inputs(limit), asks_interactive=False)
-        assert not tokenize_in_ingress(inputs(limit + 1), asks_interactive=False)
-        assert tokenize_in_ingress(inputs(limit * INTERACTIVE_TOKENIZE_FACTOR), asks_interactive=True)
-        assert not tokenize_in_ingress(inputs(limit * INTERACTIVE_TOKENIZE_FACTOR + 1), asks_interactive=True)
+    loop, thread, tokenizer = TokenizeAt.EVENT_LOOP, TokenizeAt.INGRESS_THREAD, TokenizeAt.TOKENIZER
+    for inputs, limit, beyond in ((texts, LOCAL_TOKENIZE_MAX_CHARS, thread), (ids, LOCAL_CHECK_MAX_IDS, tokenizer)):
+        assert where_to_tokenize(inputs(limit), asks_interactive=False) is loop
+        assert where_to_tokenize(inputs(limit + 1), asks_interactive=False) is beyond
+        assert where_to_tokenize(inputs(limit * INTERACTIVE_TOKENIZE_FACTOR), asks_interactive=True) is loop
+        assert where_to_tokenize(inputs(limit * INTERACTIVE_TOKENIZE_FACTOR + 1), asks_interactive=True) is beyond
+    for asks_interactive in (False, True):
+        assert where_to_tokenize(texts(THREAD_TOKENIZE_MAX_CHARS), asks_interactive) is thread
+        assert where_to_tokenize(texts(THREAD_TOKENIZE_MAX_CHARS + 1), asks_interactive) is tokenizer
 
 
 def test_serves_request_count_advice_for_token_budgets_is_dropped_and_nothing_else(caplog):
