@@ -147,7 +147,7 @@ DEFAULT_PATHS = ("proxy", "haproxy", "direct")
 def service_config(setup: SimpleNamespace, stats_dir: Path, gpu: str, path: str) -> dict:
     """deploy/local.yaml's deployments (one replica each: this machine's cores) with API keys on and,
     for SFR, deploy/config.yaml's model settings, the Embedder over the simulated GPU; for MiniLM,
-    local.yaml's model on this machine's CPUs."""
+    local.yaml's model on this machine's CPUs or (setup.simulated) its vectors over MINILM_GPU."""
     production = yaml.safe_load(PRODUCTION_CONFIG.read_text())["applications"][0]["args"]
     config = yaml.safe_load(LOCAL_CONFIG.read_text())
     app = config["applications"][0]

@@ -25,15 +25,24 @@ def test_the_service_keeps_productions_model_settings_and_keys_over_the_simulate
     assert switches(configs["haproxy"]) == {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
     env = configs["haproxy"]["applications"][0]["runtime_env"]["env_vars"]
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    # The A/B path: HAProxy's, with bulk text tokenized at the Tokenizer deployment.
+    old_split = configs["haproxy-tokenizer"]["applications"][0]["runtime_env"]["env_vars"]
+    assert old_split == env | {"EMBEDDINGS_THREAD_TOKENIZE_MAX_CHARS": "0"}
+    assert switches(configs["haproxy-tokenizer"]) == switches(configs["haproxy"])
 
 
-def test_the_minilm_yardstick_serves_local_models_on_the_cpus_with_keys_on(tmp_path):
-    setup = SimpleNamespace(model_dir=None, keys_file=tmp_path / "keys")
-    app = capacity.service_config(setup, tmp_path / "stats", "bf16", "haproxy")["applications"][0]
-    (model,) = app["args"]["models"]
-    assert model["name"] == capacity.MINILM and model["source"].startswith("package:")
-    assert app["args"]["auth"] == {"keys_file": str(tmp_path / "keys")}
-    assert "EMBEDDINGS_SIMULATED_GPU" not in app["runtime_env"]["env_vars"]
+def test_the_minilm_yardstick_serves_local_models_on_the_cpus_or_its_vectors_over_the_simulated_gpu(tmp_path):
+    apps = {}
+    for simulated in (False, True):
+        setup = SimpleNamespace(model_dir=None, keys_file=tmp_path / "keys", simulated=simulated)
+        apps[simulated] = capacity.service_config(setup, tmp_path / "stats", "bf16", "haproxy")["applications"][0]
+    for app in apps.values():
+        (model,) = app["args"]["models"]
+        assert model["name"] == capacity.MINILM and model["source"].startswith("package:")
+        assert app["args"]["auth"] == {"keys_file": str(tmp_path / "keys")}
+    assert "EMBEDDINGS_SIMULATED_GPU" not in apps[False]["runtime_env"]["env_vars"]
+    gpu = apps[True]["runtime_env"]["env_vars"]["EMBEDDINGS_SIMULATED_GPU"]
+    assert gpu == f"{capacity.MINILM_GPU},stats_dir={tmp_path / 'stats'}" and "dimensions=384" in gpu
 
 
 def test_queries_are_sent_as_queries_and_documents_as_documents():
