@@ -239,9 +239,10 @@ def sizing(phase: dict, max_batch_tokens: int) -> dict:
     return out
 
 
-def prepare(work: Path, model: str = "sfr", simulated: bool = True) -> SimpleNamespace:
+def prepare(work: Path, model: str, *, simulated: bool) -> SimpleNamespace:
     """What every run serves and sends: one API key, the workloads and, for SFR, an SFR-shaped model
-    directory (SFR's real tokenizer; its tiny weights stay unused under the simulated GPU)."""
+    directory (SFR's real tokenizer; its tiny weights stay unused under the simulated GPU). SFR
+    always runs over the simulated GPU; MiniLM over it with `simulated`, else on the CPUs."""
     from transformers import AutoTokenizer
 
     from serve_app.api.auth import generate_key, hash_key
@@ -499,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as in the service's replicas
     work = WORK / "capacity"
     simulated = args.model == "sfr" or args.embedder == "simulated"
-    setup = prepare(work, args.model, simulated)
+    setup = prepare(work, args.model, simulated=simulated)
     res = {"quick": args.quick, "model": args.model, "embedder": "simulated" if simulated else "cpu",
            "tokenizing": tokenizing_alone(setup), "paths": {}}
     for path in paths:
