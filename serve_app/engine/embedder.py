@@ -131,6 +131,7 @@ class EmbeddingEngine:
         compile: bool = False,
         max_width: int | None = None,
         cuda_graphs: bool | None = None,
+        spread_small_batches: bool = False,
     ):
         self.model = model.eval()
         # Causal decoders run their padded passes without an attention mask (attention.py).
@@ -152,6 +153,7 @@ class EmbeddingEngine:
         # A GPU runs one pass at a time (the host only queues work); CPU cores split into lanes.
         self.lanes = 1 if device != "cpu" else max(1, min(cpu_lanes or self.cpu_threads, self.cpu_threads))
         self.threads_per_lane = self.cpu_threads // self.lanes
+        self.spread_small_batches = spread_small_batches and self.lanes > 1
         self.device = device
         self.pooling = pooling
         self.normalize = normalize
@@ -213,6 +215,7 @@ class EmbeddingEngine:
             model, device, resolved[spec.name].pooling, spec.normalize, micro, cpu_threads, tuning.cpu_lanes,
             batch_pass, tuning.batch_share, choose_pack_above_padding(spec, model, device),
             names if unmerged else None, choose_compile(spec, device), resolved[spec.name].max_input_tokens,
+            spread_small_batches=tuning.spread_small_batches,
         )
         engine.resolved_models = resolved
         engine.resolved = resolved[spec.name]
@@ -254,10 +257,13 @@ class EmbeddingEngine:
         """
         lengths = [len(ids) for ids in sequences]
         adapters = self._row_adapter_names(models, len(sequences))
-        plan = self._plan(lengths, self._pass_tokens(request_class), adapters)
-        # Biggest first, so that the lanes finish together. A batch under one pass's budget
-        # stays one pass on one lane: split across lanes, small batches cost more CPU per
-        # text, and on served search such a split did not win consistently in A/B rounds.
+        pass_tokens = self._pass_tokens(request_class)
+        plan = self._plan(lengths, pass_tokens, adapters)
+        if self.spread_small_batches and self.lanes <= len(lengths):
+            spread = spread_pass_tokens(lengths, plan, self.lanes)
+            if spread < pass_tokens:
+                plan = self._plan(lengths, spread, adapters)
+        # Biggest first, so that the lanes finish together.
         plan.sort(key=lambda batch: batch.padded_tokens, reverse=True)
         running = [
             self._scheduler.submit(request_class, partial(self._run_pass, batch, [sequences[i] for i in batch.indices],
@@ -498,6 +504,15 @@ def _pass_adapters(batch: MicroBatch | PackedPass, adapters: list[str]) -> list[
         starts = itertools.accumulate((len(row) for row in batch.rows[:-1]), initial=0)
         return [adapters[start] for start in starts]
     return adapters
+
+
+def spread_pass_tokens(lengths: list[int], plan: Sequence[MicroBatch | PackedPass], lanes: int) -> int:
+    """A pass size that cuts a batch into about one pass per lane (never narrower than its
+    longest sequence), so that the lanes finish it together instead of one idling while the
+    other runs a bigger pass. Only a batch that fits one round of the lanes gets a smaller
+    pass size from it: a bigger one keeps `plan`'s."""
+    padded = sum(p.padded_tokens for p in plan)
+    return max(max(lengths), -(-padded // lanes))
 
 
 def pass_sizes(spec: ModelSpec, on_gpu: bool) -> tuple[int, int]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from serve_app.engine.batching import padding_ratio, plan_micro_batches
-from serve_app.engine.embedder import EmbeddingEngine
+from serve_app.engine.embedder import EmbeddingEngine, spread_pass_tokens
 from serve_app.engine.errors import InputError
 from serve_app.engine.spec import ModelSpec, Tuning, format_query
 from serve_app.engine.tokenization import load_input_tokenizer
@@ -147,6 +147,26 @@ def test_lanes_give_the_same_vectors_as_one_pass_at_a_time(tiny_family, base):
     assert (serial.lanes, lanes.lanes, lanes.threads_per_lane) == (1, 2, 1)
     np.testing.assert_allclose(lanes.embed(ids), serial.embed(ids), atol=1e-5)
     assert lanes.embed_counted(ids).padded_tokens == serial.embed_counted(ids).padded_tokens > 0
+
+
+def test_a_small_batch_spreads_evenly_over_the_lanes_with_the_same_vectors(tiny_family, base):
+    lengths = [12] * 20 + [10] * 4  # one 288-token pass at 1024: one lane would idle
+    plan = plan_micro_batches(lengths, 1024)
+    spread = spread_pass_tokens(lengths, plan, lanes=2)
+    assert len(plan) == 1 and spread == 144
+    assert [b.padded_tokens for b in plan_micro_batches(lengths, spread)] == [144, 144]
+    assert spread_pass_tokens([50, 3], plan_micro_batches([50, 3], 1024), lanes=2) == 50  # never narrower than a sequence
+
+    tokenizer = base[0]
+    ids = tokenizer.tokenize_texts(TEXTS * 3, truncate=True)
+    whole = EmbeddingEngine.load(spec_for(tiny_family["base"], tuning=Tuning(cpu_lanes=2)), cpu_threads=2)
+    spreading = EmbeddingEngine.load(
+        spec_for(tiny_family["base"], tuning=Tuning(cpu_lanes=2, spread_small_batches=True)), cpu_threads=2)
+    assert spreading.spread_small_batches and not whole.spread_small_batches
+    np.testing.assert_allclose(spreading.embed(ids), whole.embed(ids), atol=1e-5)
+    # A batch bigger than one pass per lane keeps its passes.
+    big = tokenizer.tokenize_texts(TEXTS * 200, truncate=True)
+    assert spreading.embed_counted(big).padded_tokens == whole.embed_counted(big).padded_tokens
 
 
 def test_calls_from_several_threads_share_the_lanes_without_mixing_rows(tiny_family, base):
