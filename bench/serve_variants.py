@@ -77,9 +77,9 @@ VARIANTS = {
                                _tuning(batches_in_flight=4)),
     "passes-512": ("the Embedder's CPU passes of at most 512 padded tokens (shipped: 1024), so a batch spreads over the lanes",
                    _tuning(micro_batch_tokens=512)),
-    "spread-small-batches": ("a batch smaller than one pass per lane is cut into one pass per lane of equal "
-                             "size (shipped: passes of up to 1024 padded tokens)",
-                             _tuning(spread_small_batches=True)),
+    "whole-small-batches": ("a batch smaller than one pass per lane runs in passes of up to 1024 padded tokens "
+                            "(shipped: cut into one pass per lane of equal size)",
+                            _tuning(spread_small_batches=False)),
     "two-embedders": ("two Embedder replicas of one thread each (shipped: one replica, two one-thread lanes)",
                       _two_embedders),
     "fixed-wait-5ms": ("the Embedder waits 5 ms for a batch even when busy (no adaptive wait)",

@@ -131,7 +131,7 @@ class EmbeddingEngine:
         compile: bool = False,
         max_width: int | None = None,
         cuda_graphs: bool | None = None,
-        spread_small_batches: bool = False,
+        spread_small_batches: bool = True,
     ):
         self.model = model.eval()
         # Causal decoders run their padded passes without an attention mask (attention.py).
@@ -259,6 +259,8 @@ class EmbeddingEngine:
         adapters = self._row_adapter_names(models, len(sequences))
         pass_tokens = self._pass_tokens(request_class)
         plan = self._plan(lengths, pass_tokens, adapters)
+        # A small batch (a group of queries) in one or two uneven passes leaves a lane idle
+        # while the other finishes; a closed loop of clients tends to send one such batch at a time.
         if self.spread_small_batches and self.lanes <= len(lengths):
             spread = spread_pass_tokens(lengths, plan, self.lanes)
             if spread < pass_tokens:

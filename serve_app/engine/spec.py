@@ -81,10 +81,11 @@ class Tuning(BaseModel):
         "Ignored on a GPU, which runs one pass at a time.",
     )
     spread_small_batches: bool = Field(
-        default=False,
+        default=True,
         description="On CPU with several lanes, cut a batch smaller than one pass per lane into "
         "about one pass per lane of equal size (smaller passes, a little more CPU per text), "
-        "so that the lanes finish it together. Ignored on a GPU.",
+        "so that the lanes finish it together (measured: docs/decisions.md#spread-small-batches). "
+        "Ignored on a GPU.",
     )
     batches_in_flight: int | None = Field(
         default=None,

@@ -159,9 +159,9 @@ def test_a_small_batch_spreads_evenly_over_the_lanes_with_the_same_vectors(tiny_
 
     tokenizer = base[0]
     ids = tokenizer.tokenize_texts(TEXTS * 3, truncate=True)
-    whole = EmbeddingEngine.load(spec_for(tiny_family["base"], tuning=Tuning(cpu_lanes=2)), cpu_threads=2)
-    spreading = EmbeddingEngine.load(
-        spec_for(tiny_family["base"], tuning=Tuning(cpu_lanes=2, spread_small_batches=True)), cpu_threads=2)
+    whole = EmbeddingEngine.load(
+        spec_for(tiny_family["base"], tuning=Tuning(cpu_lanes=2, spread_small_batches=False)), cpu_threads=2)
+    spreading = EmbeddingEngine.load(spec_for(tiny_family["base"], tuning=Tuning(cpu_lanes=2)), cpu_threads=2)
     assert spreading.spread_small_batches and not whole.spread_small_batches
     np.testing.assert_allclose(spreading.embed(ids), whole.embed(ids), atol=1e-5)
     # A batch bigger than one pass per lane keeps its passes.
