@@ -260,8 +260,9 @@ class EmbeddingEngine:
         pass_tokens = self._pass_tokens(request_class)
         plan = self._plan(lengths, pass_tokens, adapters)
         # A small batch (a group of queries) in one or two uneven passes leaves a lane idle
-        # while the other finishes; a closed loop of clients tends to send one such batch at a time.
-        if self.spread_small_batches and self.lanes <= len(lengths):
+        # while the other finishes; a closed loop of clients tends to send one such batch at a
+        # time. The warm-up's passes keep the shapes it chose (compiled.py's first traces).
+        if self.spread_small_batches and self.lanes <= len(lengths) and not self._warming_up:
             spread = spread_pass_tokens(lengths, plan, self.lanes)
             if spread < pass_tokens:
                 plan = self._plan(lengths, spread, adapters)

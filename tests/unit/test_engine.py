@@ -163,7 +163,12 @@ def test_a_small_batch_spreads_evenly_over_the_lanes_with_the_same_vectors(tiny_
         spec_for(tiny_family["base"], tuning=Tuning(cpu_lanes=2, spread_small_batches=False)), cpu_threads=2)
     spreading = EmbeddingEngine.load(spec_for(tiny_family["base"], tuning=Tuning(cpu_lanes=2)), cpu_threads=2)
     assert spreading.spread_small_batches and not whole.spread_small_batches
+    pass_sizes, plan_passes = [], spreading._plan
+    spreading._plan = lambda lengths, max_tokens=None, adapters=None: (  # type: ignore[method-assign]
+        pass_sizes.append(max_tokens) or plan_passes(lengths, max_tokens, adapters))
     np.testing.assert_allclose(spreading.embed(ids), whole.embed(ids), atol=1e-5)
+    assert pass_sizes[-1] < spreading.micro_batch_tokens  # the batch was re-cut for the lanes
+    del spreading._plan
     # A batch bigger than one pass per lane keeps its passes.
     big = tokenizer.tokenize_texts(TEXTS * 200, truncate=True)
     assert spreading.embed_counted(big).padded_tokens == whole.embed_counted(big).padded_tokens
