@@ -2,6 +2,7 @@
 
     python -m bench.cpu_serving            # full run, ~6-8 min; writes bench/results/cpu_serving.*
     python -m bench.cpu_serving --quick    # smoke run, ~2-3 min; writes bench/.work/quick/
+    python -m bench.cpu_serving --systems served-haproxy,infinity --workloads search --rounds 5
 
 One after another, on the same seeded workloads (testkit/workloads.py: search, bulk, mixed):
 served (deploy/local.yaml on its own Ray instance, over HTTP), Infinity (installed on first use
@@ -9,7 +10,9 @@ into bench/.venv-infinity, the same model directory), and in-process (our engine
 texts in request-sized groups; at the served Embedder's thread count; batched: all clients'
 requests merged per call; sentence-transformers `encode`). Reports texts/s, tokens/s, p50/p99
 latency and failures per system × workload, the ratios served/in-process and served/Infinity,
-and CPU use per process. See bench/README.md.
+and CPU use per process. With --rounds N the HTTP systems take turns N times, each started afresh,
+and every ratio is the median of the N same-round ratios (this VM drifts by a quarter within
+minutes, so one pass cannot carry a ratio). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -224,6 +228,34 @@ def compute_ratios(systems: dict) -> dict:
     return out
 
 
+def median_rounds(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """Each HTTP system with, per workload, the round whose texts/s is the median (the lower
+    middle one of an even count), and that round's number."""
+    out: dict[str, dict] = {}
+    for key in dict.fromkeys(k for r in rounds for k in r):
+        entries = [r[key] for r in rounds if key in r]
+        out[key] = {**entries[0], "workloads": {}}
+        for name in dict.fromkeys(n for e in entries for n in e["workloads"]):
+            measured = sorted(((e["workloads"][name]["texts_per_s"] or 0.0, i) for i, e in enumerate(entries)
+                               if name in e["workloads"]))
+            _, i = measured[(len(measured) - 1) // 2]
+            out[key]["workloads"][name] = {**entries[i]["workloads"][name], "round": i + 1}
+    return out
+
+
+def median_ratios(rounds: list[dict[str, dict]], systems: dict) -> dict:
+    """Every ratio of compute_ratios, where the pair ran in the same rounds as the median of the
+    rounds' own ratios (an in-process system, measured once, pairs with each round)."""
+    per_round = [compute_ratios({**systems, **r}) for r in rounds] or [compute_ratios(systems)]
+    out: dict = {}
+    for name, pairs in per_round[0].items():
+        out[name] = {}
+        for pair in pairs:
+            values = [r[name][pair] for r in per_round if r[name][pair] is not None]
+            out[name][pair] = statistics.median(values) if values else None
+    return out
+
+
 def check_targets(ratios: dict) -> list[dict]:
     out = []
     for wl, key, goal in (("bulk", "served/Infinity", 1.0), ("bulk", "served/in-process engine", 0.9),
@@ -298,8 +330,18 @@ def write_markdown(path: Path, res: dict) -> None:
     lines += [f"*other load*: cores used by processes outside this benchmark during the phase; a phase with more than "
               f"{DISTURBED_CORES} was measured once more when the run's retry budget allowed, and the less disturbed "
               "measurement is shown.", ""]
+    rounds = res.get("rounds", [])
+    if len(rounds) > 1:
+        lines += ["## Rounds", "", f"The HTTP systems took turns {len(rounds)} times, each started afresh; the results "
+                  "table shows each system's median round, and every ratio below is the median of the rounds' own "
+                  "ratios. texts/s per round:", "",
+                  *md_table(["system", "workload", *(f"round {k + 1}" for k in range(len(rounds)))], [
+                      [key, name, *(_num(r.get(key, {}).get(name)) for r in rounds)]
+                      for key in dict.fromkeys(k for r in rounds for k in r)
+                      for name in dict.fromkeys(n for r in rounds for n in r.get(key, {}))])]
     cols = [c for c in next(iter(res["ratios"].values())) if any(r.get(c) is not None for r in res["ratios"].values())]
-    lines += ["## Ratios (texts/s)", "", *md_table(["workload", *cols], [
+    median_of = f", median of {len(rounds)} rounds" if len(rounds) > 1 else ""
+    lines += [f"## Ratios (texts/s{median_of})", "", *md_table(["workload", *cols], [
         [name, *(_num(r.get(c), "{:.2f}×") for c in cols)] for name, r in res["ratios"].items()]),
         "Targets (issue #3; the HAProxy one: issue #21):", ""]
     lines += [f"- {t['workload']}: {t['ratio']} ≥ {t['target']:.2f}× → {_num(t['value'], '{:.2f}×')} "
@@ -412,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="run our service, Infinity and the in-process engine in this dtype (default: the config's, "
                         "float32 on CPU); sentence-transformers stays float32, the reference")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the HTTP systems this many times in turn, each started afresh; ratios are the median of "
+                        "the rounds' own ratios, the results table shows each system's median round")
     p.add_argument("--render", metavar="JSON", default=None,
                    help="only rewrite the markdown and plots from an earlier run's cpu_serving.json")
     args = p.parse_args(argv)
@@ -457,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     docs = list(workloads["bulk"].request(0).texts)
     probes = [workloads["search"].request(0).texts[0], docs[0], docs[1], max(docs, key=len)]  # the last > 256 tokens
     vectors_by_system: dict[str, np.ndarray] = {}
-    systems: dict[str, dict] = {}
+    systems: dict[str, dict] = {}  # the in-process systems, then each HTTP system's median round
+    rounds: list[dict[str, dict]] = []  # the HTTP systems, per round
     extra_served = {"truncate": True}  # documents run past 256 tokens: cut them, as Infinity does
     caveats = [
         "The load generator (asyncio + aiohttp, one process) runs on the same 2 cores as the server it measures, "
@@ -473,8 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         "they are a 400); Infinity truncates by default. Both receive `encoding_format: base64`.",
     ]
 
-    def http_system(key: str, system, label: str, info: dict, extra: dict) -> None:
-        entry = systems[key] = {"label": label, "workloads": {}, "info": info}
+    def http_system(into: dict, key: str, system, label: str, info: dict, extra: dict) -> None:
+        entry = into[key] = {"label": label, "workloads": {}, "info": info}
         try:
             log(f"starting {key} ...")
             entry["info"].update(system.start())
@@ -497,20 +543,26 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001
                 inf_install = {"error": f"{type(exc).__name__}: {exc}"}
                 log(f"Infinity install failed: {exc}")
-        for key, front in SERVED.items():
-            if key in systems_wanted:
-                variant = WORK / "cpu_serving" / f"{key}.yaml"
-                variant.parent.mkdir(parents=True, exist_ok=True)
-                variant.write_text(yaml.safe_dump(front(yaml.safe_load(config.read_text())), sort_keys=False))
-                http_system(key, ServedSystem(variant), LABELS[key], {"config": str(variant.relative_to(REPO))},
-                            extra_served)
-        if "infinity" in systems_wanted:
-            label = LABELS["infinity"].format(version=(inf_install.get("versions") or {}).get("infinity-emb", "0.0.78"))
-            if "error" in inf_install:
-                systems["infinity"] = {"label": label, "workloads": {}, "info": inf_install,
-                                       "error": inf_install["error"]}
-            else:
-                http_system("infinity", infinity, label, dict(inf_install), {})
+        for k in range(args.rounds):
+            if args.rounds > 1:
+                log(f"round {k + 1} of {args.rounds}")
+            this_round: dict[str, dict] = {}
+            rounds.append(this_round)
+            for key, front in SERVED.items():
+                if key in systems_wanted:
+                    variant = WORK / "cpu_serving" / f"{key}.yaml"
+                    variant.parent.mkdir(parents=True, exist_ok=True)
+                    variant.write_text(yaml.safe_dump(front(yaml.safe_load(config.read_text())), sort_keys=False))
+                    http_system(this_round, key, ServedSystem(variant), LABELS[key],
+                                {"config": str(variant.relative_to(REPO))}, extra_served)
+            if "infinity" in systems_wanted:
+                version = (inf_install.get("versions") or {}).get("infinity-emb", "0.0.78")
+                label = LABELS["infinity"].format(version=version)
+                if "error" in inf_install:
+                    this_round["infinity"] = {"label": label, "workloads": {}, "info": inf_install,
+                                              "error": inf_install["error"]}
+                else:
+                    http_system(this_round, "infinity", infinity, label, dict(inf_install), {})
         if "inprocess" in systems_wanted:
             import torch
 
@@ -538,13 +590,16 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted: writing what was measured")
 
     ref = vectors_by_system.get("sentence-transformers")
-    ratios = compute_ratios(systems)
+    systems = {**median_rounds(rounds), **systems}
+    ratios = median_ratios(rounds, systems)
     res = {
         "started_utc": started_utc, "total_s": time.time() - t_start, "quick": args.quick,
         "command": " ".join(["python -m bench.cpu_serving", *(sys.argv[1:] if argv is None else argv)]),
         "machine": m, "git": git_commit(),
         "settings": {**settings.__dict__, "request_caps": REQUEST_CAPS, "config": args.config},
         "dtype": args.dtype, "systems": systems, "ratios": ratios, "targets": check_targets(ratios),
+        "rounds": [{key: {name: w["texts_per_s"] for name, w in entry["workloads"].items()} for key, entry in r.items()}
+                   for r in rounds],
         "workloads": {n: {"name": n, "concurrency": workloads[n].concurrency, "description": workloads[n].description}
                       for n in names},
         "correctness": {k: cos_rows(v, ref) for k, v in vectors_by_system.items()

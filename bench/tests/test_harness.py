@@ -63,3 +63,23 @@ def test_clients_reach_the_ingress_port_under_direct_ingress_alone_and_the_proxy
         proxied = ServeDeploySchema.model_validate(front(harness.read_config()))
         harness.set_client_port(proxied, 45678)
         assert proxied.http_options.port == 45678 and proxied.http_options.host == "127.0.0.1"
+
+
+def test_cpu_serving_rounds_report_each_systems_median_round_and_the_median_of_same_round_ratios():
+    from bench.cpu_serving import median_ratios, median_rounds
+
+    def entry(**tps):
+        return {"label": "x", "info": {}, "workloads": {name: {"texts_per_s": v} for name, v in tps.items()}}
+
+    # Served beats Infinity by 1.5x, 1.0x and 1.2x; each system's median rate comes from another
+    # round (served: 3, Infinity: 1), so the ratio of the medians (132/100) is not the median ratio.
+    rounds = [{"served-haproxy": entry(search=150.0), "infinity": entry(search=100.0)},
+              {"served-haproxy": entry(search=60.0), "infinity": entry(search=60.0)},
+              {"served-haproxy": entry(search=132.0), "infinity": entry(search=110.0)}]
+    systems = {**median_rounds(rounds), "engine": entry(search=200.0)}
+    assert systems["served-haproxy"]["workloads"]["search"] == {"texts_per_s": 132.0, "round": 3}
+    assert systems["infinity"]["workloads"]["search"] == {"texts_per_s": 100.0, "round": 1}
+    ratios = median_ratios(rounds, systems)["search"]
+    assert ratios["served (HAProxy)/Infinity"] == pytest.approx(1.2)
+    assert ratios["Infinity/in-process engine"] == pytest.approx(0.5)  # each round's Infinity over the one engine run
+    assert ratios["served/Infinity"] is None
