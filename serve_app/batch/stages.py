@@ -7,8 +7,6 @@ pass through both untouched, so that the sink can write them to the errors file.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -77,15 +75,11 @@ class Embed:
     """One engine per actor, threads sized as the service's Embedder replica sizes them."""
 
     def __init__(self, spec: dict):
-        import torch
 
         from serve_app.engine.embedder import EmbeddingEngine
 
         self.spec = ModelSpec.model_validate(spec)
-        # Ray sets OMP_NUM_THREADS from the actor's num_cpus, as for a replica.
-        threads = max(1, self.spec.tuning.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
-        torch.set_num_threads(threads)
-        self.engine = EmbeddingEngine.load(self.spec, cpu_threads=threads)
+        self.engine = EmbeddingEngine.load_in_worker([self.spec])
         self.engine.warm_up()
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from ray import serve
 
 from serve_app.deployments.autoscaling import BACKLOG_REQUESTS, BACKLOG_TOKENS
@@ -69,11 +68,7 @@ class Embedder:
         drop_batch_size_warning()  # our batch sizes count tokens: see serve_logging
         self.specs = {spec.name: spec for spec in map(ModelSpec.model_validate, specs)}
         self.spec = next(iter(self.specs.values()))  # the settings they share
-        # Ray sets OMP_NUM_THREADS from the replica's num_cpus; match torch to it so that
-        # replicas sharing a machine don't oversubscribe its cores.
-        threads = max(1, self.spec.tuning.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
-        torch.set_num_threads(threads)
-        self.engine = EmbeddingEngine.load_models(list(self.specs.values()), cpu_threads=threads)
+        self.engine = EmbeddingEngine.load_in_worker(list(self.specs.values()))
         # Per request class, by default one batch in flight per CPU lane: the lanes take the
         # next batch's passes while a batch's last pass, its replies and the next batch's
         # assembly finish, and two small batches (one pass each) run side by side. The engine's

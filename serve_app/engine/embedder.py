@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -186,10 +187,21 @@ class EmbeddingEngine:
         return cls.load_models([spec], cpu_threads)
 
     @classmethod
+    def load_in_worker(cls, specs: Sequence[ModelSpec]) -> EmbeddingEngine:
+        """load_models in a Ray worker (a Serve replica, a batch job's actor), on the cores it
+        reserved: tuning.cpu_threads, else OMP_NUM_THREADS, which Ray sets from the worker's
+        num_cpus. Set process-wide, so that workers sharing a machine don't oversubscribe it."""
+        specs = list(specs)
+        threads = max(1, specs[0].tuning.cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
+        torch.set_num_threads(threads)
+        return cls.load_models(specs, threads)
+
+    @classmethod
     def load_models(cls, specs: Sequence[ModelSpec], cpu_threads: int | None = None) -> EmbeddingEngine:
         """One model, or several over one base (spec.share_base): the base loads once, and the
         models' adapters stay unmerged beside it. A lone model's adapter is merged into the
-        weights unless it says merge_adapter: false (spec.merges_adapter)."""
+        weights unless it says merge_adapter: false (spec.merges_adapter). CPU threads:
+        `cpu_threads`, else tuning.cpu_threads, else torch's current count."""
         specs = list(specs)
         check_shareable(specs)
         spec = specs[0]  # the settings all of them share
@@ -212,7 +224,8 @@ class EmbeddingEngine:
         tuning = spec.tuning
         micro, batch_pass = pass_sizes(spec, on_gpu=device.startswith("cuda"))
         engine = cls(
-            model, device, resolved[spec.name].pooling, spec.normalize, micro, cpu_threads, tuning.cpu_lanes,
+            model, device, resolved[spec.name].pooling, spec.normalize, micro, cpu_threads or tuning.cpu_threads,
+            tuning.cpu_lanes,
             batch_pass, tuning.batch_share, choose_pack_above_padding(spec, model, device),
             names if unmerged else None, choose_compile(spec, device), resolved[spec.name].max_input_tokens,
             spread_small_batches=tuning.spread_small_batches,

@@ -44,7 +44,7 @@ def fault_spec(path) -> ModelSpec:
 @pytest.fixture(scope="module")
 def engine(tiny_family):
     spec = fault_spec(tiny_family["base"])
-    return load_input_tokenizer(spec), EmbeddingEngine.load(spec, cpu_threads=1)  # as the deployment reads tuning
+    return load_input_tokenizer(spec), EmbeddingEngine.load(spec)
 
 
 def test_a_pass_out_of_memory_is_rerun_in_halves_and_a_row_that_never_fits_fails_alone(engine, base_reference):
