@@ -243,17 +243,25 @@ def median_rounds(rounds: list[dict[str, dict]]) -> dict[str, dict]:
     return out
 
 
-def median_ratios(rounds: list[dict[str, dict]], systems: dict) -> dict:
-    """Every ratio of compute_ratios, where the pair ran in the same rounds as the median of the
-    rounds' own ratios (an in-process system, measured once, pairs with each round)."""
-    per_round = [compute_ratios({**systems, **r}) for r in rounds] or [compute_ratios(systems)]
+def round_ratios(rounds: list[dict[str, dict]], systems: dict) -> list[dict]:
+    """compute_ratios of each round's HTTP systems (an in-process system, measured once, pairs
+    with every round)."""
+    return [compute_ratios({**systems, **r}) for r in rounds] or [compute_ratios(systems)]
+
+
+def median_ratios(per_round: list[dict]) -> dict:
+    """Every ratio as the median of the rounds' own values of it (None where no round has one)."""
     out: dict = {}
     for name, pairs in per_round[0].items():
-        out[name] = {}
-        for pair in pairs:
-            values = [r[name][pair] for r in per_round if r[name][pair] is not None]
-            out[name][pair] = statistics.median(values) if values else None
+        values = {pair: [r[name][pair] for r in per_round if r[name][pair] is not None] for pair in pairs}
+        out[name] = {pair: statistics.median(v) if v else None for pair, v in values.items()}
     return out
+
+
+def texts_per_s_rounds(res: dict) -> list[dict[str, dict]]:
+    """The report's per-round texts/s (res["rounds"]) in compute_ratios' shape."""
+    return [{key: {"workloads": {name: {"texts_per_s": v} for name, v in by_workload.items()}}
+             for key, by_workload in r.items()} for r in res.get("rounds", [])]
 
 
 def check_targets(ratios: dict) -> list[dict]:
@@ -339,6 +347,12 @@ def write_markdown(path: Path, res: dict) -> None:
                       [key, name, *(_num(r.get(key, {}).get(name)) for r in rounds)]
                       for key in dict.fromkeys(k for r in rounds for k in r)
                       for name in dict.fromkeys(n for r in rounds for n in r.get(key, {}))])]
+        per_round = round_ratios(texts_per_s_rounds(res), systems)
+        lines += ["The ratios, round by round:", "", *md_table(
+            ["ratio", "workload", *(f"round {k + 1}" for k in range(len(rounds)))],
+            [[pair, name, *(_num(r[name][pair], "{:.2f}×") for r in per_round)]
+             for name in per_round[0] for pair in per_round[0][name]
+             if any(r[name][pair] is not None for r in per_round)])]
     cols = [c for c in next(iter(res["ratios"].values())) if any(r.get(c) is not None for r in res["ratios"].values())]
     median_of = f", median of {len(rounds)} rounds" if len(rounds) > 1 else ""
     lines += [f"## Ratios (texts/s{median_of})", "", *md_table(["workload", *cols], [
@@ -591,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ref = vectors_by_system.get("sentence-transformers")
     systems = {**median_rounds(rounds), **systems}
-    ratios = median_ratios(rounds, systems)
+    ratios = median_ratios(round_ratios(rounds, systems))
     res = {
         "started_utc": started_utc, "total_s": time.time() - t_start, "quick": args.quick,
         "command": " ".join(["python -m bench.cpu_serving", *(sys.argv[1:] if argv is None else argv)]),

@@ -66,7 +66,7 @@ def test_clients_reach_the_ingress_port_under_direct_ingress_alone_and_the_proxy
 
 
 def test_cpu_serving_rounds_report_each_systems_median_round_and_the_median_of_same_round_ratios():
-    from bench.cpu_serving import median_ratios, median_rounds
+    from bench.cpu_serving import median_ratios, median_rounds, round_ratios
 
     def entry(**tps):
         return {"label": "x", "info": {}, "workloads": {name: {"texts_per_s": v} for name, v in tps.items()}}
@@ -79,7 +79,7 @@ def test_cpu_serving_rounds_report_each_systems_median_round_and_the_median_of_s
     systems = {**median_rounds(rounds), "engine": entry(search=200.0)}
     assert systems["served-haproxy"]["workloads"]["search"] == {"texts_per_s": 132.0, "round": 3}
     assert systems["infinity"]["workloads"]["search"] == {"texts_per_s": 100.0, "round": 1}
-    ratios = median_ratios(rounds, systems)["search"]
+    ratios = median_ratios(round_ratios(rounds, systems))["search"]
     assert ratios["served (HAProxy)/Infinity"] == pytest.approx(1.2)
     assert ratios["Infinity/in-process engine"] == pytest.approx(0.5)  # each round's Infinity over the one engine run
     assert ratios["served/Infinity"] is None
