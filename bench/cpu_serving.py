@@ -258,12 +258,6 @@ def median_ratios(per_round: list[dict]) -> dict:
     return out
 
 
-def texts_per_s_rounds(res: dict) -> list[dict[str, dict]]:
-    """The report's per-round texts/s (res["rounds"]) in compute_ratios' shape."""
-    return [{key: {"workloads": {name: {"texts_per_s": v} for name, v in by_workload.items()}}
-             for key, by_workload in r.items()} for r in res.get("rounds", [])]
-
-
 def check_targets(ratios: dict) -> list[dict]:
     out = []
     for wl, key, goal in (("bulk", "served/Infinity", 1.0), ("bulk", "served/in-process engine", 0.9),
@@ -347,7 +341,7 @@ def write_markdown(path: Path, res: dict) -> None:
                       [key, name, *(_num(r.get(key, {}).get(name)) for r in rounds)]
                       for key in dict.fromkeys(k for r in rounds for k in r)
                       for name in dict.fromkeys(n for r in rounds for n in r.get(key, {}))])]
-        per_round = round_ratios(texts_per_s_rounds(res), systems)
+        per_round = res["round_ratios"]
         lines += ["The ratios, round by round:", "", *md_table(
             ["ratio", "workload", *(f"round {k + 1}" for k in range(len(rounds)))],
             [[pair, name, *(_num(r[name][pair], "{:.2f}×") for r in per_round)]
@@ -557,26 +551,29 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001
                 inf_install = {"error": f"{type(exc).__name__}: {exc}"}
                 log(f"Infinity install failed: {exc}")
+        variants = {}
+        for key, front in SERVED.items():
+            if key in systems_wanted:
+                variant = variants[key] = WORK / "cpu_serving" / f"{key}.yaml"
+                variant.parent.mkdir(parents=True, exist_ok=True)
+                variant.write_text(yaml.safe_dump(front(yaml.safe_load(config.read_text())), sort_keys=False))
+        if "infinity" in systems_wanted:
+            inf_label = LABELS["infinity"].format(
+                version=(inf_install.get("versions") or {}).get("infinity-emb", "0.0.78"))
         for k in range(args.rounds):
             if args.rounds > 1:
                 log(f"round {k + 1} of {args.rounds}")
             this_round: dict[str, dict] = {}
             rounds.append(this_round)
-            for key, front in SERVED.items():
-                if key in systems_wanted:
-                    variant = WORK / "cpu_serving" / f"{key}.yaml"
-                    variant.parent.mkdir(parents=True, exist_ok=True)
-                    variant.write_text(yaml.safe_dump(front(yaml.safe_load(config.read_text())), sort_keys=False))
-                    http_system(this_round, key, ServedSystem(variant), LABELS[key],
-                                {"config": str(variant.relative_to(REPO))}, extra_served)
+            for key, variant in variants.items():
+                http_system(this_round, key, ServedSystem(variant), LABELS[key],
+                            {"config": str(variant.relative_to(REPO))}, extra_served)
             if "infinity" in systems_wanted:
-                version = (inf_install.get("versions") or {}).get("infinity-emb", "0.0.78")
-                label = LABELS["infinity"].format(version=version)
                 if "error" in inf_install:
-                    this_round["infinity"] = {"label": label, "workloads": {}, "info": inf_install,
+                    this_round["infinity"] = {"label": inf_label, "workloads": {}, "info": inf_install,
                                               "error": inf_install["error"]}
                 else:
-                    http_system(this_round, "infinity", infinity, label, dict(inf_install), {})
+                    http_system(this_round, "infinity", infinity, inf_label, dict(inf_install), {})
         if "inprocess" in systems_wanted:
             import torch
 
@@ -605,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ref = vectors_by_system.get("sentence-transformers")
     systems = {**median_rounds(rounds), **systems}
-    ratios = median_ratios(round_ratios(rounds, systems))
+    per_round = round_ratios(rounds, systems)
+    ratios = median_ratios(per_round)
     res = {
         "started_utc": started_utc, "total_s": time.time() - t_start, "quick": args.quick,
         "command": " ".join(["python -m bench.cpu_serving", *(sys.argv[1:] if argv is None else argv)]),
@@ -614,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype, "systems": systems, "ratios": ratios, "targets": check_targets(ratios),
         "rounds": [{key: {name: w["texts_per_s"] for name, w in entry["workloads"].items()} for key, entry in r.items()}
                    for r in rounds],
+        "round_ratios": per_round,
         "workloads": {n: {"name": n, "concurrency": workloads[n].concurrency, "description": workloads[n].description}
                       for n in names},
         "correctness": {k: cos_rows(v, ref) for k, v in vectors_by_system.items()

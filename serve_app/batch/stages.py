@@ -75,7 +75,6 @@ class Embed:
     """One engine per actor, threads sized as the service's Embedder replica sizes them."""
 
     def __init__(self, spec: dict):
-
         from serve_app.engine.embedder import EmbeddingEngine
 
         self.spec = ModelSpec.model_validate(spec)
